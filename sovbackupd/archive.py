@@ -1,0 +1,407 @@
+"""Streaming tar archives: written once and atomically, with checksums, read back to verify.
+
+The writer streams each member straight from its source through the compressor into
+``<archive>.partial``, hashing every member and the stored bytes on the way, so memory
+stays flat whatever the data size. The archive takes its final name only after the data
+is fsynced and its sidecars are in place; a run that dies leaves only ``*.partial``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import IO, BinaryIO, Literal, Self
+
+import isal.igzip_threaded
+import zstandard
+
+from sovbackupd.errors import ArchiveError, DiskSpaceError
+from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest
+from sovbackupd.sources.base import Member, SourceReport
+
+Compression = Literal["gzip", "zstd", "none"]
+CHUNK_BYTES = 1 << 20
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+GZIP_LEVEL = 2  # isal's level 2 is about zlib -4 in ratio at several times its speed
+ZSTD_LEVEL = 3  # zstd's own default, as `tar --zstd` uses
+PARTIAL_SUFFIX = ".partial"
+SIDECAR_SUFFIX = ".sha256"
+MANIFEST_SUFFIX = ".manifest.json"
+ProgressCallback = Callable[[int], None]
+
+
+def _threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames inside *directory* durable."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write *data* to *path* (mode 0600) through a temp name, fsync and rename."""
+    temporary = path.with_name(path.name + PARTIAL_SUFFIX)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+class _HashingFile(io.RawIOBase):
+    """The stored file: counts and hashes every byte on its way to disk."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]  # RawIOBase types the buffer as Buffer
+        written = self._handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return written if written is not None else len(data)
+
+
+def _compressor(raw: _HashingFile, compression: Compression) -> IO[bytes]:
+    match compression:
+        case "gzip":
+            stream: IO[bytes] = isal.igzip_threaded.open(
+                raw, "wb", compresslevel=GZIP_LEVEL, threads=_threads()
+            )
+            return stream
+        case "zstd":
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=_threads())
+            writer: IO[bytes] = compressor.stream_writer(raw, closefd=False)
+            return writer
+        case "none":
+            return io.BufferedWriter(raw, buffer_size=CHUNK_BYTES)
+
+
+def _tar_header(name: str, size: int, member: Member) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE}[
+        member.kind
+    ]
+    info.size = size
+    info.mode = member.mode
+    info.mtime = member.mtime
+    info.uid = member.uid
+    info.gid = member.gid
+    info.linkname = member.linkname
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+class Writer:
+    """Write one archive to ``<path>.partial`` and commit it to *path*.
+
+    Use as a context manager: leaving it without :meth:`commit` (an error, a signal)
+    removes the partial file, so nothing half-written is ever left under a final name.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        compression: Compression,
+        top: str,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        """Prepare to write the archive *path* whose members sit below *top*/."""
+        self.path = path
+        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self._compression = compression
+        self._top = top
+        self._on_progress = on_progress
+        self._done = 0
+        self._committed = False
+        self.entries: list[FileEntry] = []
+
+    def __enter__(self) -> Self:
+        """Create the partial file (0600) and start the stream with the top directory."""
+        descriptor = os.open(
+            self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        self._file = os.fdopen(descriptor, "wb", buffering=CHUNK_BYTES)
+        self._raw = _HashingFile(self._file)
+        self._stream = _compressor(self._raw, self._compression)
+        self._tar_bytes = 0
+        self._write(_tar_header(self._top, 0, Member(self._top, "dir", None, 0o700, time.time())))
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Remove the partial file unless the archive was committed."""
+        if self._committed:
+            return
+        for closer in (self._stream.close, self._file.close):
+            try:
+                closer()
+            except OSError:
+                pass  # the archive is being discarded: its close errors change nothing
+        self.partial.unlink(missing_ok=True)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            self._stream.write(data)
+        except OSError as error:
+            raise _disk_error(error, self.partial) from error
+        self._tar_bytes += len(data)
+
+    def _pad(self, size: int) -> None:
+        if remainder := size % BLOCK:
+            self._write(b"\0" * (BLOCK - remainder))
+
+    def add(self, member: Member, report: SourceReport) -> None:
+        """Stream *member* into the archive; record it, or note in *report* why not."""
+        name = f"{self._top}/{member.arcname}"
+        if member.kind != "file":
+            self._write(_tar_header(name, 0, member))
+            self._record(member, 0, None)
+            return
+        if member.opener is None:
+            raise ArchiveError(f"member {member.arcname} has no content")
+        try:
+            handle = member.opener()
+        except FileNotFoundError:
+            report.warnings.append(f"{member.origin}: vanished before it could be read")
+            return
+        except OSError as error:
+            raise ArchiveError(f"cannot read {member.origin}: {error.strerror}") from error
+        with handle:
+            before = os.fstat(handle.fileno())
+            size = before.st_size
+            self._write(_tar_header(name, size, member))
+            digest = hashlib.sha256()
+            remaining = size
+            while remaining > 0:
+                chunk = handle.read(min(remaining, CHUNK_BYTES))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                self._write(chunk)
+                remaining -= len(chunk)
+                self._done += len(chunk)
+                if self._on_progress is not None:
+                    self._on_progress(self._done)
+            if remaining:
+                # The file shrank while read: the header promised *size* bytes.
+                zeros = b"\0" * min(remaining, CHUNK_BYTES)
+                while remaining > 0:
+                    piece = zeros[: min(remaining, len(zeros))]
+                    digest.update(piece)
+                    self._write(piece)
+                    remaining -= len(piece)
+                report.warnings.append(f"{member.origin}: shrank while read, padded with zeros")
+            else:
+                after = os.fstat(handle.fileno())
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    report.warnings.append(f"{member.origin}: changed while read")
+        self._pad(size)
+        self._record(member, size, digest.hexdigest())
+
+    def _record(self, member: Member, size: int, sha256: str | None) -> None:
+        self.entries.append(
+            FileEntry(
+                path=member.arcname,
+                type=member.kind,
+                origin=member.origin,
+                size=size,
+                mode=member.mode,
+                mtime=member.mtime,
+                uid=member.uid,
+                gid=member.gid,
+                sha256=sha256,
+                link=member.linkname or None,
+            )
+        )
+
+    def add_bytes(self, arcname: str, data: bytes, mtime: float) -> None:
+        """Add generated content (backup_info.txt, manifest.json) as a 0600 file."""
+        header = _tar_header(
+            f"{self._top}/{arcname}", len(data), Member(arcname, "file", None, 0o600, mtime)
+        )
+        self._write(header)
+        self._write(data)
+        self._pad(len(data))
+
+    def commit(self, manifest: Manifest) -> str:
+        """Finish the stream, write the sidecars, then rename into place; return the sha256."""
+        try:
+            self._write(b"\0" * (2 * BLOCK))
+            # Like tar, fill the last record: readers that read whole records expect it.
+            if remainder := self._tar_bytes % RECORD:
+                self._write(b"\0" * (RECORD - remainder))
+            self._stream.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as error:
+            raise _disk_error(error, self.partial) from error
+        sha256 = self._raw.digest.hexdigest()
+        try:
+            write_atomically(sidecar_path(self.path), f"{sha256}  {self.path.name}\n".encode())
+            write_atomically(manifest_path(self.path), manifest.to_json())
+            self.partial.replace(self.path)
+            fsync_dir(self.path.parent)
+        except OSError as error:
+            sidecar_path(self.path).unlink(missing_ok=True)
+            manifest_path(self.path).unlink(missing_ok=True)
+            raise _disk_error(error, self.partial) from error
+        self._committed = True
+        return sha256
+
+
+def _disk_error(error: OSError, path: Path) -> ArchiveError:
+    if error.errno in (28, 122):  # ENOSPC, EDQUOT
+        return DiskSpaceError(f"no space left on {path.parent} while writing {path.name}")
+    return ArchiveError(f"cannot write {path}: {error.strerror or error}")
+
+
+def sidecar_path(archive: Path) -> Path:
+    """Return the ``sha256sum -c`` sidecar of *archive*."""
+    return archive.with_name(archive.name + SIDECAR_SUFFIX)
+
+
+def manifest_path(archive: Path) -> Path:
+    """Return the manifest copy kept beside *archive*."""
+    name = archive.name
+    for suffix in (".gpg", ".gz", ".zst", ".tar"):
+        name = name.removesuffix(suffix)
+    return archive.with_name(name + MANIFEST_SUFFIX)
+
+
+def compression_of(archive: Path) -> Compression:
+    """Tell the compression of *archive* from its file name."""
+    if archive.name.endswith(".tar.gz"):
+        return "gzip"
+    if archive.name.endswith(".tar.zst"):
+        return "zstd"
+    if archive.name.endswith(".tar"):
+        return "none"
+    raise ArchiveError(f"{archive.name} is not a .tar, .tar.gz or .tar.zst archive")
+
+
+@contextmanager
+def open_stream(archive: Path) -> Iterator[IO[bytes]]:
+    """Open *archive* and yield its decompressed tar stream."""
+    compression = compression_of(archive)
+    with archive.open("rb") as handle:
+        match compression:
+            case "gzip":
+                stream: IO[bytes] = isal.igzip_threaded.open(handle, "rb", threads=1)
+            case "zstd":
+                stream = zstandard.ZstdDecompressor().stream_reader(handle, closefd=False)
+            case "none":
+                stream = handle
+        with stream:
+            yield stream
+
+
+def read_sidecar(archive: Path) -> str:
+    """Return the sha256 the sidecar records for *archive*."""
+    try:
+        text = sidecar_path(archive).read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise ArchiveError(f"{archive.name}: checksum sidecar is missing") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ArchiveError(f"{archive.name}: checksum sidecar is unreadable") from error
+    digest, _, name = text.strip().partition("  ")
+    if name != archive.name or len(digest) != 64:
+        raise ArchiveError(f"{archive.name}: checksum sidecar is malformed")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    """Return the sha256 of the file at *path*."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(archive: Path) -> None:
+    """Compare *archive* with its sidecar; raise ArchiveError when they differ."""
+    expected = read_sidecar(archive)
+    if file_sha256(archive) != expected:
+        raise ArchiveError(f"{archive.name}: checksum mismatch, the archive is damaged")
+
+
+def _member_digest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
+    digest = hashlib.sha256()
+    extracted = tar.extractfile(info)
+    if extracted is None:
+        raise ArchiveError(f"member {info.name} cannot be read")
+    while chunk := extracted.read(CHUNK_BYTES):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+_KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
+
+
+def verify_members(archive: Path, top: str) -> Manifest:
+    """Read every member of *archive* and check it against the manifest inside.
+
+    Return that manifest. Raise ArchiveError on the first difference: a missing, extra or
+    changed member, or a stream that does not decompress.
+    """
+    found: dict[str, tuple[str, int, int, str | None, str]] = {}
+    manifest_bytes: bytes | None = None
+    try:
+        with open_stream(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                if info.name == top:
+                    continue
+                if not info.name.startswith(f"{top}/"):
+                    raise ArchiveError(f"{archive.name}: member {info.name!r} is outside {top}/")
+                relative = info.name[len(top) + 1 :]
+                if relative == MANIFEST_NAME:
+                    extracted = tar.extractfile(info)
+                    manifest_bytes = extracted.read() if extracted else None
+                    continue
+                kind = _KINDS.get(info.type, "other")
+                digest = _member_digest(tar, info) if kind == "file" else None
+                found[relative] = (kind, info.size, stat.S_IMODE(info.mode), digest, info.linkname)
+    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as error:
+        raise ArchiveError(f"{archive.name}: unreadable archive: {error}") from error
+    if manifest_bytes is None:
+        raise ArchiveError(f"{archive.name}: no {MANIFEST_NAME} inside")
+    manifest = Manifest.model_validate_json(manifest_bytes)
+    for entry in manifest.files:
+        actual = found.pop(entry.path, None)
+        expected = (entry.type, entry.size, entry.mode, entry.sha256, entry.link or "")
+        if actual is None:
+            raise ArchiveError(f"{archive.name}: {entry.path} is missing from the archive")
+        if actual != expected:
+            raise ArchiveError(f"{archive.name}: {entry.path} differs from the manifest")
+    unexpected = sorted(set(found) - {INFO_NAME})
+    if unexpected:
+        raise ArchiveError(f"{archive.name}: {unexpected[0]} is not in the manifest")
+    return manifest

@@ -1,0 +1,194 @@
+"""One backup run: sources -> archive -> checksums, under the directory's lock.
+
+The CLI and the daemon both call :func:`run`: there is one code path for a backup,
+whoever starts it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from sovbackupd import __version__, archive, sources
+from sovbackupd.config.models import Policy
+from sovbackupd.errors import SovbackupdError
+from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, Manifest, SourceResult
+from sovbackupd.sources import Estimate, SourceReport
+from sovbackupd.store import Store, check_free_space, human_size
+
+log = structlog.get_logger("sovbackupd.backup")
+MANUAL_TIER = "manual"
+SPACE_MARGIN_BYTES = 1 << 20  # manifest, sidecars and tar padding beyond the estimate
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """A committed backup."""
+
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    duration_seconds: float
+    manifest: Manifest
+
+    @property
+    def warnings(self) -> list[str]:
+        """Return every warning the sources reported."""
+        return [warning for source in self.manifest.sources for warning in source.warnings]
+
+
+def describe(manifest: Manifest, archive_name: str) -> str:
+    """Return backup_info.txt: the backup explained to a person holding only the archive."""
+    files = [entry for entry in manifest.files if entry.type == "file"]
+    lines = [
+        "SovereignCore backup made by sovbackupd",
+        "",
+        f"Name:     {manifest.id}",
+        f"Created:  {manifest.created.isoformat()}",
+        f"Finished: {manifest.finished.isoformat()}",
+        f"Host:     {manifest.host}",
+        f"Tiers:    {', '.join(manifest.tiers)}",
+        f"Tool:     sovbackupd {manifest.tool_version}",
+        f"Files:    {len(files)}, {human_size(sum(entry.size for entry in files))} before "
+        f"compression ({manifest.compression})",
+        "",
+        "Sources:",
+    ]
+    for source in manifest.sources:
+        details = ", ".join(
+            f"{key}={value}" for key, value in source.details.items() if value not in ({}, [])
+        )
+        lines.append(f"  {source.name:<8} {details or 'ok'}")
+        lines.extend(f"    warning: {warning}" for warning in source.warnings)
+    lines += [
+        "",
+        "Restore:",
+        f"  sovbackupd restore {manifest.id}",
+        f"  or by hand: tar -xf {archive_name}, then copy {manifest.id}/redis_dump.rdb,",
+        f"  {manifest.id}/<database>.db and {manifest.id}/config/* into place.",
+        "",
+        f"Every file's size, mode and sha256 are in {MANIFEST_NAME}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _preflight(built: Sequence[sources.Source]) -> Estimate:
+    total = Estimate(0)
+    for source in built:
+        total += source.preflight()
+    return total
+
+
+def run(
+    policy: Policy,
+    tiers: Sequence[str] = (MANUAL_TIER,),
+    on_progress: archive.ProgressCallback | None = None,
+    on_estimate: archive.ProgressCallback | None = None,
+) -> BackupResult:
+    """Back up every source of *policy* into one new archive labelled with *tiers*.
+
+    Raise a SovbackupdError subclass on failure; then no new archive, sidecar or temp
+    file is left behind.
+    """
+    started = time.monotonic()
+    try:
+        result = _run(policy, tiers, on_progress, on_estimate, started)
+    except SovbackupdError as error:
+        log.info(
+            "backup.finished",
+            result="failure",
+            tiers=list(tiers),
+            error=str(error),
+            duration_seconds=round(time.monotonic() - started, 3),
+        )
+        raise
+    log.info(
+        "backup.finished",
+        result="success",
+        backup=result.name,
+        tiers=list(tiers),
+        size=result.size,
+        duration_seconds=round(result.duration_seconds, 3),
+        warnings=len(result.warnings),
+    )
+    return result
+
+
+def _run(
+    policy: Policy,
+    tiers: Sequence[str],
+    on_progress: archive.ProgressCallback | None,
+    on_estimate: archive.ProgressCallback | None,
+    started: float,
+) -> BackupResult:
+    store = Store(policy.backup_dir, policy.name_prefix)
+    with store.lock():
+        for leftover in store.clean_leftovers():
+            log.info("store.leftover_removed", path=str(leftover))
+        built = sources.build_all(policy.sources)
+        estimate = _preflight(built)
+        check_free_space(
+            policy.backup_dir,
+            estimate.archived_bytes + estimate.staged_bytes + SPACE_MARGIN_BYTES,
+        )
+        if on_estimate is not None:
+            on_estimate(estimate.archived_bytes)
+        name, created = store.free_name(datetime.now(UTC))
+        bound = log.bind(backup=name, tiers=list(tiers))
+        bound.info("backup.started", estimated_bytes=estimate.archived_bytes)
+        path = policy.backup_dir / f"{name}{policy.archive_suffix}"
+        staging = store.staging(name)
+        try:
+            with archive.Writer(path, policy.compression, name, on_progress) as writer:
+                reports = []
+                for source in built:
+                    report = SourceReport(source.component, source.name)
+                    with closing(source.members(staging, report)) as members:
+                        for member in members:
+                            writer.add(member, report)
+                    reports.append(report)
+                    bound.info("source.captured", source=source.name, warnings=len(report.warnings))
+                manifest = Manifest(
+                    id=name,
+                    created=created,
+                    finished=datetime.now(UTC),
+                    tiers=list(tiers),
+                    host=socket.gethostname(),
+                    tool_version=__version__,
+                    compression=policy.compression,
+                    sources=[
+                        SourceResult(
+                            component=report.component,
+                            name=report.name,
+                            details=report.details,
+                            warnings=report.warnings,
+                        )
+                        for report in reports
+                    ],
+                    files=writer.entries,
+                )
+                now = time.time()
+                writer.add_bytes(INFO_NAME, describe(manifest, path.name).encode(), now)
+                writer.add_bytes(MANIFEST_NAME, manifest.to_json(), now)
+                sha256 = writer.commit(manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not any(staging.parent.iterdir()):
+                staging.parent.rmdir()
+    return BackupResult(
+        name=name,
+        path=path,
+        size=path.stat().st_size,
+        sha256=sha256,
+        duration_seconds=time.monotonic() - started,
+        manifest=manifest,
+    )

@@ -1,0 +1,156 @@
+"""The command line: argument parsing, and one call into the core per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from sovbackupd import __version__, backup, config, verify
+from sovbackupd import logging as sovlogging
+from sovbackupd.config.models import TIER_NAMES, Policy
+from sovbackupd.errors import ConfigError, ExitCode, SovbackupdError
+from sovbackupd.progress import ProgressBar
+from sovbackupd.store import Store, StoredBackup, human_size
+
+Command = Callable[[argparse.Namespace, Policy], int]
+
+
+def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
+    tiers = arguments.tier or [backup.MANUAL_TIER]
+    progress = ProgressBar(sys.stderr)
+    try:
+        result = backup.run(policy, tiers, on_progress=progress, on_estimate=progress.set_total)
+    finally:
+        progress.finish()
+    print(result.name)
+    for warning in result.warnings:
+        print(f"sovbackupd: warning: {warning}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _summary(stored: StoredBackup) -> dict[str, object]:
+    manifest = stored.manifest()
+    return {
+        "name": stored.name,
+        "path": str(stored.path),
+        "created": stored.created.isoformat(),
+        "size": stored.size,
+        "tiers": manifest.tiers if manifest else [],
+        "compression": manifest.compression if manifest else None,
+        "files": sum(entry.type == "file" for entry in manifest.files) if manifest else None,
+        "warnings": sum(len(source.warnings) for source in manifest.sources) if manifest else None,
+    }
+
+
+def _list(arguments: argparse.Namespace, policy: Policy) -> int:
+    stored = Store(policy.backup_dir, policy.name_prefix).backups()
+    rows = [_summary(item) for item in reversed(stored)]
+    if arguments.json:
+        print(json.dumps(rows, indent=1))
+        return ExitCode.OK
+    if not rows:
+        print(f"no backups in {policy.backup_dir}", file=sys.stderr)
+        return ExitCode.OK
+    print(f"{'NAME':<40} {'CREATED':<25} {'TIERS':<16} {'SIZE':>10} {'FILES':>7}")
+    for item, row in zip(reversed(stored), rows, strict=True):
+        created = item.created.astimezone(policy.zone).isoformat()
+        tiers = ",".join(row["tiers"]) or "?"  # type: ignore[arg-type]  # a list[str] built above
+        files = "?" if row["files"] is None else row["files"]
+        print(f"{item.name:<40} {created:<25} {tiers:<16} {human_size(item.size):>10} {files:>7}")
+    return ExitCode.OK
+
+
+def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
+    store = Store(policy.backup_dir, policy.name_prefix)
+    if arguments.all:
+        targets = store.backups()
+    elif arguments.name:
+        targets = [store.find(arguments.name)]
+    else:
+        targets = [store.latest()]
+    verdicts = [verify.check(item, arguments.deep) for item in targets]
+    if arguments.json:
+        print(json.dumps([asdict(verdict) for verdict in verdicts], indent=1))
+    else:
+        for verdict in verdicts:
+            if verdict.ok:
+                print(f"{verdict.name}: ok{' (deep)' if verdict.deep else ''}")
+            else:
+                print(f"sovbackupd: error: {verdict.problem}", file=sys.stderr)
+    return ExitCode.OK if all(verdict.ok for verdict in verdicts) else ExitCode.FAILURE
+
+
+def _check_config(arguments: argparse.Namespace, policy: Policy) -> int:
+    del arguments
+    print(config.render(policy), end="")
+    return ExitCode.OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sovbackupd", description="Backups of a SovereignCore server."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"policy file (default: ${config.loader.CONFIG_ENV} or {config.loader.DEFAULT_PATH})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="version", version=f"sovbackupd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backup_parser = commands.add_parser("backup", help="make one backup now")
+    backup_parser.add_argument(
+        "--tier",
+        action="append",
+        choices=[*TIER_NAMES, backup.MANUAL_TIER],
+        help="label the backup with this tier (repeatable; default: manual)",
+    )
+    backup_parser.set_defaults(handler=_backup)
+
+    list_parser = commands.add_parser("list", help="list the backups, newest first")
+    list_parser.add_argument("--json", action="store_true", help="print JSON")
+    list_parser.set_defaults(handler=_list)
+
+    verify_parser = commands.add_parser("verify", help="check backups against their checksums")
+    which = verify_parser.add_mutually_exclusive_group()
+    which.add_argument("name", nargs="?", help="the backup to verify")
+    which.add_argument("--latest", action="store_true", help="the newest backup (default)")
+    which.add_argument("--all", action="store_true", help="every backup")
+    verify_parser.add_argument(
+        "--deep", action="store_true", help="also check every member against the manifest"
+    )
+    verify_parser.add_argument("--json", action="store_true", help="print JSON")
+    verify_parser.set_defaults(handler=_verify)
+
+    check_parser = commands.add_parser(
+        "check-config", help="validate the policy and print it as it takes effect"
+    )
+    check_parser.set_defaults(handler=_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    arguments = _parser().parse_args(argv)
+    sovlogging.configure(sys.stderr, logging.INFO if arguments.verbose else logging.WARNING)
+    handler: Command = arguments.handler
+    try:
+        policy = config.load(arguments.config or config.default_path())
+        return handler(arguments, policy)
+    except ConfigError as error:
+        for problem in error.problems or (str(error),):
+            print(f"sovbackupd: config error: {problem}", file=sys.stderr)
+        return error.exit_code
+    except SovbackupdError as error:
+        print(f"sovbackupd: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("sovbackupd: interrupted", file=sys.stderr)
+        return 130

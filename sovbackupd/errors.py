@@ -1,0 +1,60 @@
+"""The exception family and the exit-code table.
+
+Every failure that an operator can cause or fix (a bad policy, an unreachable Redis, a
+full disk) is a :class:`SovbackupdError`: the CLI prints its message as one line on
+stderr and exits with its code, never with a traceback. Anything else is a bug.
+"""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, from sysexits.h where one fits."""
+
+    OK = 0
+    FAILURE = 1  # a backup, a source or a verification failed
+    USAGE = 2  # bad command-line arguments (argparse's own code)
+    CANT_CREATE = 73  # EX_CANTCREAT: the backup directory cannot take the archive
+    TEMPFAIL = 75  # EX_TEMPFAIL: another writer holds the lock; try again later
+    CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keys on this
+
+
+class SovbackupdError(Exception):
+    """An expected failure with a one-line message for the operator."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+
+class ConfigError(SovbackupdError):
+    """The policy file is missing, unreadable or invalid."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
+        """Carry the headline *message* and every individual problem found."""
+        super().__init__(message)
+        self.problems = problems
+
+
+class SourceError(SovbackupdError):
+    """A source (Redis, SQLite, a file or directory) could not be captured."""
+
+
+class ArchiveError(SovbackupdError):
+    """An archive could not be written, read or verified."""
+
+
+class DiskSpaceError(SovbackupdError):
+    """The backup directory does not have room for the backup."""
+
+    exit_code = ExitCode.CANT_CREATE
+
+
+class LockedError(SovbackupdError):
+    """Another sovbackupd process is writing to the same backup directory."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
+class NotFoundError(SovbackupdError):
+    """A named backup does not exist."""

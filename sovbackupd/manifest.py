@@ -1,0 +1,59 @@
+"""The manifest stored inside every archive (and beside it): what was captured, and how."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INFO_NAME = "backup_info.txt"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Frozen):
+    """One archive member: where it sits in the archive and where it came from."""
+
+    path: str = Field(description="Path inside the archive, below the top directory.")
+    type: Literal["file", "dir", "symlink"]
+    origin: str | None = Field(description="Absolute path it was captured from.")
+    size: int = Field(description="Bytes archived (0 for directories and symlinks).")
+    mode: int = Field(description="Permission bits, as an integer (0o644 = 420).")
+    mtime: float
+    uid: int
+    gid: int
+    sha256: str | None = Field(default=None, description="Of the archived bytes; files only.")
+    link: str | None = Field(default=None, description="Target of a symlink.")
+
+
+class SourceResult(_Frozen):
+    """What one source reported."""
+
+    component: Literal["redis", "sqlite", "config", "data"]
+    name: str
+    details: dict[str, Any]
+    warnings: list[str]
+
+
+class Manifest(_Frozen):
+    """Everything needed to verify and restore a backup without guessing."""
+
+    format_version: int = FORMAT_VERSION
+    id: str = Field(description="The backup name, also the archive's top directory.")
+    created: datetime = Field(description="When the backup started (UTC).")
+    finished: datetime
+    tiers: list[str]
+    host: str
+    tool_version: str
+    compression: Literal["gzip", "zstd", "none"]
+    sources: list[SourceResult]
+    files: list[FileEntry]
+
+    def to_json(self) -> bytes:
+        """Serialise for the archive and the sidecar."""
+        return self.model_dump_json(indent=1).encode() + b"\n"

@@ -1,0 +1,190 @@
+"""Configuration files and data directories, walked and streamed as they are."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+from sovbackupd.config.models import SourcePath
+from sovbackupd.errors import SourceError
+from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
+
+# Room each member takes besides its data: a header block, a PAX block, padding.
+MEMBER_OVERHEAD_BYTES = 2048
+
+
+def open_nofollow(path: str) -> BinaryIO:
+    """Open *path* for reading without following a symlink that replaced it meanwhile."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.fdopen(descriptor, "rb")
+
+
+def _opener(path: str) -> Callable[[], BinaryIO]:
+    return partial(open_nofollow, path)
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """One directory tree, walked in a stable order with the excludes applied."""
+
+    root: Path
+    exclude: tuple[str, ...]
+
+    def excluded(self, name: str, relative: str) -> bool:
+        return any(
+            fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(relative, pattern)
+            for pattern in self.exclude
+        )
+
+    def entries(self, report: SourceReport | None) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Yield (relative path, path, lstat) below the root, parents before children."""
+        pending = [""]
+        while pending:
+            relative_dir = pending.pop()
+            directory = self.root / relative_dir if relative_dir else self.root
+            try:
+                with os.scandir(directory) as scan:
+                    names = sorted(entry.name for entry in scan)
+            except FileNotFoundError:
+                if report is not None:
+                    report.warnings.append(f"{directory}: vanished while being read")
+                continue
+            except OSError as error:
+                raise SourceError(f"cannot read directory {directory}: {error.strerror}") from error
+            subdirs = []
+            for name in names:
+                relative = f"{relative_dir}/{name}" if relative_dir else name
+                if self.excluded(name, relative):
+                    continue
+                path = directory / name
+                try:
+                    status = path.lstat()
+                except FileNotFoundError:
+                    if report is not None:
+                        report.warnings.append(f"{path}: vanished while being read")
+                    continue
+                yield relative, path, status
+                if stat.S_ISDIR(status.st_mode):
+                    subdirs.append(relative)
+            pending.extend(reversed(subdirs))
+
+
+class FilesSource:
+    """Configuration files (under ``config/``) or data directories (under their basename).
+
+    Config files are archived by content: a symlinked ``.env`` is archived as the file it
+    points to, as ``cp`` would. Inside data directories, symlinks stay symlinks, FIFOs,
+    sockets and devices are skipped with a warning, and excludes apply.
+    """
+
+    def __init__(
+        self, component: Component, entries: list[SourcePath], exclude: list[str]
+    ) -> None:
+        """Back up *entries*: config files when *component* is "config", else directories."""
+        self._component = component
+        self._entries = entries
+        self._exclude = tuple(exclude)
+
+    @property
+    def component(self) -> Component:
+        """Return "config" or "data"."""
+        return self._component
+
+    @property
+    def name(self) -> str:
+        """Return "config" or "dirs"."""
+        return "config" if self._component == "config" else "dirs"
+
+    def _what(self) -> str:
+        return "config file" if self._component == "config" else "directory"
+
+    def _present(self, entry: SourcePath) -> os.stat_result | None:
+        """Return the stat of *entry*, None when it is optional and missing."""
+        try:
+            status = entry.path.stat()
+        except FileNotFoundError:
+            if entry.optional:
+                return None
+            raise SourceError(
+                f"{self._what()} {entry.path} does not exist (sources.{self.name}); "
+                "mark it 'optional: true' if that is expected"
+            ) from None
+        except OSError as error:
+            raise SourceError(f"cannot stat {entry.path}: {error.strerror}") from error
+        wanted_dir = self._component == "data"
+        if stat.S_ISDIR(status.st_mode) != wanted_dir:
+            raise SourceError(
+                f"{entry.path} is {'not ' if wanted_dir else ''}a directory "
+                f"(sources.{self.name} takes {'directories' if wanted_dir else 'files'})"
+            )
+        if not wanted_dir and not stat.S_ISREG(status.st_mode):
+            raise SourceError(f"config file {entry.path} is not a regular file")
+        return status
+
+    def preflight(self) -> Estimate:
+        """Check every configured path exists and sum the sizes below them."""
+        total = 0
+        for entry in self._entries:
+            status = self._present(entry)
+            if status is None:
+                continue
+            total += MEMBER_OVERHEAD_BYTES
+            if self._component == "config":
+                total += status.st_size
+                continue
+            walk = _Walk(entry.path, self._exclude)
+            for _, _, child in walk.entries(None):
+                total += MEMBER_OVERHEAD_BYTES
+                if stat.S_ISREG(child.st_mode):
+                    total += child.st_size
+        return Estimate(archived_bytes=total)
+
+    def members(self, staging: Path, report: SourceReport) -> Iterator[Member]:
+        """Yield each config file, or each directory tree, in a stable order."""
+        del staging  # files are streamed straight from where they live
+        missing: list[str] = []
+        if self._component == "config":
+            yield Member("config", "dir", None, 0o700, time.time())
+        for entry in self._entries:
+            status = self._present(entry)
+            if status is None:
+                missing.append(str(entry.path))
+                report.warnings.append(f"{entry.path}: optional and missing, not archived")
+                continue
+            if self._component == "config":
+                yield Member.from_stat(
+                    f"config/{entry.path.name}", entry.path, status, _opener(str(entry.path))
+                )
+            else:
+                yield from self._tree(entry.path, status, report)
+        report.details["missing_optional"] = missing
+
+    def _tree(self, root: Path, status: os.stat_result, report: SourceReport) -> Iterator[Member]:
+        yield Member.from_stat(root.name, root, status)
+        skipped: list[str] = []
+        walk = _Walk(root, self._exclude)
+        for relative, path, child in walk.entries(report):
+            arcname = f"{root.name}/{relative}"
+            mode = child.st_mode
+            if stat.S_ISDIR(mode):
+                yield Member.from_stat(arcname, path, child)
+            elif stat.S_ISREG(mode):
+                yield Member.from_stat(arcname, path, child, _opener(str(path)))
+            elif stat.S_ISLNK(mode):
+                try:
+                    target = os.readlink(path)
+                except FileNotFoundError:
+                    report.warnings.append(f"{path}: vanished while being read")
+                    continue
+                yield Member.from_stat(arcname, path, child, linkname=target)
+            else:
+                skipped.append(str(path))
+                report.warnings.append(f"{path}: special file (FIFO, socket or device) skipped")
+        report.details.setdefault("skipped_special", []).extend(skipped)

@@ -1,0 +1,198 @@
+"""The local backup directory: names, listing, the writers' lock, and leftovers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from sovbackupd.archive import MANIFEST_SUFFIX, PARTIAL_SUFFIX, SIDECAR_SUFFIX, manifest_path
+from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
+from sovbackupd.manifest import Manifest
+
+LOCK_NAME = ".sovbackupd.lock"
+STAGING_NAME = ".staging"
+TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+ARCHIVE_SUFFIX_PATTERN = r"\.tar(?:\.gz|\.zst)?(?:\.gpg)?"
+
+
+@dataclass(frozen=True)
+class StoredBackup:
+    """An archive under its final name in the backup directory."""
+
+    name: str
+    path: Path
+    created: datetime
+    size: int
+
+    def manifest(self) -> Manifest | None:
+        """Return the manifest kept beside the archive, None when missing or unreadable."""
+        try:
+            return Manifest.model_validate_json(manifest_path(self.path).read_bytes())
+        except (OSError, ValidationError):
+            return None
+
+
+def backup_name(prefix: str, moment: datetime) -> str:
+    """Return the archive name for a backup started at *moment*."""
+    return f"{prefix}_{moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)}"
+
+
+class Store:
+    """The backup directory of one policy, and the files in it that sovbackupd owns.
+
+    Only names matching ``<prefix>_YYYYMMDD_HHMMSS`` plus an archive suffix (and their
+    sidecars and ``.partial`` temp files) are ever listed, cleaned or deleted.
+    """
+
+    def __init__(self, directory: Path, prefix: str) -> None:
+        """Manage the backups named *prefix*_... in *directory*."""
+        self.directory = directory
+        self.prefix = prefix
+        stamp = r"(?P<stamp>\d{8}_\d{6})"
+        self._archive = re.compile(
+            rf"^(?P<name>{re.escape(prefix)}_{stamp})(?P<suffix>{ARCHIVE_SUFFIX_PATTERN})$"
+        )
+        self._owned = re.compile(
+            rf"^{re.escape(prefix)}_{stamp}(?:{ARCHIVE_SUFFIX_PATTERN}(?:{re.escape(SIDECAR_SUFFIX)})?"
+            rf"|{re.escape(MANIFEST_SUFFIX)})(?:{re.escape(PARTIAL_SUFFIX)})?$"
+        )
+
+    def ensure(self) -> None:
+        """Create the directory (0700) if needed and tighten its mode."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.directory.chmod(0o700)
+        except OSError as error:
+            raise SovbackupdError(
+                f"backup_dir {self.directory} cannot be created: {error.strerror}"
+            ) from error
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory's writer lock, shared by the daemon and the CLI.
+
+        Raise LockedError at once when another process holds it.
+        """
+        self.ensure()
+        path = self.directory / LOCK_NAME
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                raise LockedError(
+                    f"another sovbackupd (pid {holder or 'unknown'}) is writing to "
+                    f"{self.directory}; try again when it is done"
+                ) from None
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(descriptor)
+
+    def staging(self, name: str) -> Path:
+        """Create and return a private staging directory for backup *name*."""
+        path = self.directory / STAGING_NAME / name
+        path.mkdir(mode=0o700, parents=True)
+        return path
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what a killed run left: partial files, staging, orphaned sidecars.
+
+        Call only while holding the lock. Return what was removed.
+        """
+        removed: list[Path] = []
+        finals = {backup.path.name for backup in self.backups()}
+        bases = {manifest_path(self.directory / name).name for name in finals}
+        for entry in self.directory.iterdir():
+            if not self._owned.match(entry.name):
+                continue
+            orphan_sidecar = entry.name.endswith(SIDECAR_SUFFIX) and (
+                entry.name.removesuffix(SIDECAR_SUFFIX) not in finals
+            )
+            orphan_manifest = entry.name.endswith(MANIFEST_SUFFIX) and entry.name not in bases
+            if entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest:
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+        staging = self.directory / STAGING_NAME
+        if staging.exists():
+            shutil.rmtree(staging)
+            removed.append(staging)
+        return removed
+
+    def backups(self) -> list[StoredBackup]:
+        """Return the archives in the directory, oldest first."""
+        found = []
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            raise SovbackupdError(
+                f"backup_dir {self.directory} cannot be read: {error.strerror}"
+            ) from error
+        for entry in entries:
+            match = self._archive.match(entry.name)
+            if match is None:
+                continue
+            created = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue  # deleted by a concurrent prune
+            found.append(StoredBackup(match["name"], entry, created, size))
+        return sorted(found, key=lambda backup: (backup.created, backup.name))
+
+    def find(self, name: str) -> StoredBackup:
+        """Return the backup called *name* (with or without its suffix)."""
+        for backup in self.backups():
+            if name in (backup.name, backup.path.name):
+                return backup
+        raise NotFoundError(f"no backup named {name!r} in {self.directory}")
+
+    def latest(self) -> StoredBackup:
+        """Return the newest backup."""
+        backups = self.backups()
+        if not backups:
+            raise NotFoundError(f"no backups in {self.directory}")
+        return backups[-1]
+
+    def free_name(self, moment: datetime) -> tuple[str, datetime]:
+        """Return a name no backup has, waiting for the next second if *moment*'s is taken."""
+        taken = {backup.name for backup in self.backups()}
+        name = backup_name(self.prefix, moment)
+        while name in taken:
+            time.sleep(1.0 - (time.time() % 1.0) + 0.001)
+            moment = datetime.now(UTC)
+            name = backup_name(self.prefix, moment)
+        return name, moment
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse a backup that the disk holding *directory* cannot take."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"not enough space in {directory}: the backup needs up to {human_size(needed)} "
+            f"and {human_size(free)} is free"
+        )
+
+
+def human_size(size: float) -> str:
+    """Format *size* bytes for people (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"

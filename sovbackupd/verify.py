@@ -1,0 +1,37 @@
+"""Verification of stored backups: the sidecar checksum, and deeply every member."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sovbackupd import archive
+from sovbackupd.errors import ArchiveError
+from sovbackupd.store import StoredBackup
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of verifying one backup."""
+
+    name: str
+    ok: bool
+    deep: bool
+    problem: str | None = None
+
+
+def check(backup: StoredBackup, deep: bool) -> Verdict:
+    """Verify *backup*: its sidecar checksum, and with *deep* every member.
+
+    Deep verification decompresses the whole archive, hashes every member and compares it
+    with the manifest inside, and that manifest with the copy kept beside the archive.
+    """
+    try:
+        archive.verify_checksum(backup.path)
+        if deep:
+            inside = archive.verify_members(backup.path, backup.name)
+            beside = backup.manifest()
+            if beside is not None and beside != inside:
+                raise ArchiveError(f"{backup.path.name}: the manifest beside it differs")
+    except ArchiveError as error:
+        return Verdict(backup.name, ok=False, deep=deep, problem=str(error))
+    return Verdict(backup.name, ok=True, deep=deep)
