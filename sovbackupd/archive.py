@@ -8,6 +8,7 @@ is fsynced and its sidecars are in place; a run that dies leaves only ``*.partia
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, BinaryIO, Literal, Self
+from typing import IO, BinaryIO, Literal, Self, cast
 
 import isal.igzip_threaded
 import zstandard
@@ -88,16 +89,16 @@ class _HashingFile(io.RawIOBase):
 def _compressor(raw: _HashingFile, compression: Compression) -> IO[bytes]:
     match compression:
         case "gzip":
-            stream: IO[bytes] = isal.igzip_threaded.open(
+            stream: IO[bytes] = isal.igzip_threaded.open(  # type: ignore[no-untyped-call]  # isal leaves open() untyped
                 raw, "wb", compresslevel=GZIP_LEVEL, threads=_threads()
             )
             return stream
         case "zstd":
             compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=_threads())
-            writer: IO[bytes] = compressor.stream_writer(raw, closefd=False)
+            writer: IO[bytes] = compressor.stream_writer(cast(IO[bytes], raw), closefd=False)
             return writer
         case "none":
-            return io.BufferedWriter(raw, buffer_size=CHUNK_BYTES)
+            return cast(IO[bytes], raw)  # the file below is buffered already
 
 
 def _tar_header(name: str, size: int, member: Member) -> bytes:
@@ -160,10 +161,9 @@ class Writer:
         if self._committed:
             return
         for closer in (self._stream.close, self._file.close):
-            try:
+            # The archive is being discarded: errors closing it change nothing.
+            with contextlib.suppress(OSError):
                 closer()
-            except OSError:
-                pass  # the archive is being discarded: its close errors change nothing
         self.partial.unlink(missing_ok=True)
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -277,7 +277,7 @@ class Writer:
         return sha256
 
 
-def _disk_error(error: OSError, path: Path) -> ArchiveError:
+def _disk_error(error: OSError, path: Path) -> ArchiveError | DiskSpaceError:
     if error.errno in (28, 122):  # ENOSPC, EDQUOT
         return DiskSpaceError(f"no space left on {path.parent} while writing {path.name}")
     return ArchiveError(f"cannot write {path}: {error.strerror or error}")
@@ -314,7 +314,7 @@ def open_stream(archive: Path) -> Iterator[IO[bytes]]:
     with archive.open("rb") as handle:
         match compression:
             case "gzip":
-                stream: IO[bytes] = isal.igzip_threaded.open(handle, "rb", threads=1)
+                stream: IO[bytes] = isal.igzip_threaded.open(handle, "rb", threads=1)  # type: ignore[no-untyped-call]  # isal leaves open() untyped
             case "zstd":
                 stream = zstandard.ZstdDecompressor().stream_reader(handle, closefd=False)
             case "none":

@@ -27,11 +27,11 @@ def check(backup: StoredBackup, deep: bool) -> Verdict:
     """
     try:
         archive.verify_checksum(backup.path)
-        if deep:
-            inside = archive.verify_members(backup.path, backup.name)
-            beside = backup.manifest()
-            if beside is not None and beside != inside:
-                raise ArchiveError(f"{backup.path.name}: the manifest beside it differs")
+        inside = archive.verify_members(backup.path, backup.name) if deep else None
     except ArchiveError as error:
         return Verdict(backup.name, ok=False, deep=deep, problem=str(error))
+    beside = backup.manifest()
+    if inside is not None and beside is not None and beside != inside:
+        problem = f"{backup.path.name}: the manifest beside it differs from the one inside"
+        return Verdict(backup.name, ok=False, deep=deep, problem=problem)
     return Verdict(backup.name, ok=True, deep=deep)

@@ -70,11 +70,11 @@ def _readable_location(location: Location, data: object) -> Location:
         if isinstance(current, dict) and part in current:
             current = current[part]
         elif isinstance(current, list) and isinstance(part, int) and part < len(current):
-            current = current[part]
+            current = current[part]  # noqa: SIM114 (merged with the dict branch, mypy cannot narrow the index)
         elif position == len(location) - 1 and isinstance(current, dict):
             current = None  # a missing or unknown key: still worth naming
         else:
-            continue
+            continue  # a union branch's name, not a key of the document
         kept.append(part)
     return tuple(kept)
 
@@ -144,7 +144,9 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Policy:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as error:
-        raise ConfigError(f"policy file {path} not found (set --config or ${CONFIG_ENV})") from error
+        raise ConfigError(
+            f"policy file {path} not found (set --config or ${CONFIG_ENV})"
+        ) from error
     except OSError as error:
         raise ConfigError(f"policy file {path} cannot be read: {error.strerror}") from error
     except UnicodeDecodeError as error:

@@ -240,8 +240,7 @@ class Policy(_Model):
     sources: Sources = Field(description="What to back up.")
     tiers: Tiers = Field(
         default_factory=Tiers,
-        description="Schedules and GFS keep counts. Environment: RETENTION_DAYS sets "
-        "daily.keep.",
+        description="Schedules and GFS keep counts. Environment: RETENTION_DAYS sets daily.keep.",
     )
 
     @property

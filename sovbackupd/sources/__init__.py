@@ -18,7 +18,11 @@ def build_source(kind: SourceKind, config: Sources) -> Source | None:
         case "redis":
             return RedisSource(config.redis) if config.redis is not None else None
         case "sqlite":
-            return SqliteSource(config.sqlite, config.sqlite_timeout_seconds) if config.sqlite else None
+            return (
+                SqliteSource(config.sqlite, config.sqlite_timeout_seconds)
+                if config.sqlite
+                else None
+            )
         case "config":
             return FilesSource("config", config.config, config.exclude) if config.config else None
         case "dirs":

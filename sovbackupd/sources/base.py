@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
@@ -102,7 +102,7 @@ class Source(Protocol):
         """Check that the source can be captured and estimate its size."""
         ...
 
-    def members(self, staging: Path, report: SourceReport) -> Iterator[Member]:
+    def members(self, staging: Path, report: SourceReport) -> Generator[Member]:
         """Capture the source and yield its archive members."""
         ...
 

@@ -6,7 +6,7 @@ import fnmatch
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -84,9 +84,7 @@ class FilesSource:
     sockets and devices are skipped with a warning, and excludes apply.
     """
 
-    def __init__(
-        self, component: Component, entries: list[SourcePath], exclude: list[str]
-    ) -> None:
+    def __init__(self, component: Component, entries: list[SourcePath], exclude: list[str]) -> None:
         """Back up *entries*: config files when *component* is "config", else directories."""
         self._component = component
         self._entries = entries
@@ -146,7 +144,7 @@ class FilesSource:
                     total += child.st_size
         return Estimate(archived_bytes=total)
 
-    def members(self, staging: Path, report: SourceReport) -> Iterator[Member]:
+    def members(self, staging: Path, report: SourceReport) -> Generator[Member]:
         """Yield each config file, or each directory tree, in a stable order."""
         del staging  # files are streamed straight from where they live
         missing: list[str] = []
@@ -166,7 +164,7 @@ class FilesSource:
                 yield from self._tree(entry.path, status, report)
         report.details["missing_optional"] = missing
 
-    def _tree(self, root: Path, status: os.stat_result, report: SourceReport) -> Iterator[Member]:
+    def _tree(self, root: Path, status: os.stat_result, report: SourceReport) -> Generator[Member]:
         yield Member.from_stat(root.name, root, status)
         skipped: list[str] = []
         walk = _Walk(root, self._exclude)
@@ -179,7 +177,7 @@ class FilesSource:
                 yield Member.from_stat(arcname, path, child, _opener(str(path)))
             elif stat.S_ISLNK(mode):
                 try:
-                    target = os.readlink(path)
+                    target = str(path.readlink())
                 except FileNotFoundError:
                     report.warnings.append(f"{path}: vanished while being read")
                     continue

@@ -7,8 +7,9 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -76,7 +77,8 @@ def _check(command: list[str], what: str, **kwargs: Any) -> bytes:  # noqa: ANN4
     if result.returncode != 0:
         last = (result.stdout + result.stderr).strip().splitlines()[-1:] or [b"(no output)"]
         raise SourceError(f"{command[0]} rejects {what}: {last[0].decode(errors='replace')}")
-    return result.stdout
+    output: bytes = result.stdout
+    return output
 
 
 class RedisSource:
@@ -126,9 +128,11 @@ class RedisSource:
 
     def _call(self, client: redis.Redis, *command: str) -> Any:  # noqa: ANN401 (redis replies are untyped)
         try:
-            return client.execute_command(*command)
+            return client.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         except redis.AuthenticationError as error:
-            raise SourceError(f"redis at {self._where()} refused the credentials: {error}") from None
+            raise SourceError(
+                f"redis at {self._where()} refused the credentials: {error}"
+            ) from None
         except redis.ConnectionError as error:
             raise SourceError(f"redis at {self._where()} is unreachable: {error}") from None
         except redis.RedisError as error:
@@ -211,7 +215,7 @@ class RedisSource:
         if match := _KEYS_READ.search(output):
             report.details["keys_in_rdb"] = int(match.group(1))
 
-    def members(self, staging: Path, report: SourceReport) -> Iterator[Member]:
+    def members(self, staging: Path, report: SourceReport) -> Generator[Member]:
         """Snapshot Redis, yield its RDB and, when configured, its AOF."""
         with self._client() as client:
             requested_at = time.time()
@@ -241,7 +245,7 @@ class RedisSource:
         if self._config.aof_dir is not None:
             yield from self._aof(self._config.aof_dir, staging, report)
 
-    def _aof(self, aof_dir: Path, staging: Path, report: SourceReport) -> Iterator[Member]:
+    def _aof(self, aof_dir: Path, staging: Path, report: SourceReport) -> Generator[Member]:
         manifests = sorted(aof_dir.glob("*.manifest"))
         staged_dir = staging / "aof"
         staged_dir.mkdir()
@@ -276,7 +280,7 @@ class RedisSource:
                     arcname,
                     live,
                     staged.stat(),
-                    lambda path=str(staged): open_nofollow(path),
+                    partial(open_nofollow, str(staged)),
                 )
         finally:
             shutil.rmtree(staged_dir, ignore_errors=True)

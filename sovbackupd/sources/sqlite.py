@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
+from functools import partial
 from pathlib import Path
 
 from sovbackupd.config.models import SourcePath
@@ -111,7 +112,7 @@ class SqliteSource:
             target.close()
             source.close()
 
-    def members(self, staging: Path, report: SourceReport) -> Iterator[Member]:
+    def members(self, staging: Path, report: SourceReport) -> Generator[Member]:
         """Copy, check and yield each database under its basename."""
         databases: dict[str, object] = {}
         report.details["databases"] = databases
@@ -127,7 +128,7 @@ class SqliteSource:
                     entry.path.name,
                     entry.path,
                     entry.path.stat(),
-                    lambda path=str(copy): open_nofollow(path),
+                    partial(open_nofollow, str(copy)),
                 )
             finally:
                 copy.unlink(missing_ok=True)
