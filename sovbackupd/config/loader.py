@@ -70,7 +70,7 @@ def _readable_location(location: Location, data: object) -> Location:
         if isinstance(current, dict) and part in current:
             current = current[part]
         elif isinstance(current, list) and isinstance(part, int) and part < len(current):
-            current = current[part]  # noqa: SIM114 (merged with the dict branch, mypy cannot narrow the index)
+            current = current[part]
         elif position == len(location) - 1 and isinstance(current, dict):
             current = None  # a missing or unknown key: still worth naming
         else:
