@@ -62,15 +62,23 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list
     return problems
 
 
+def _child(container: object, key: str | int) -> tuple[bool, object]:
+    """Return whether *container* has *key*, and the value there."""
+    if isinstance(container, dict):
+        return key in container, container.get(key)
+    if isinstance(container, list) and isinstance(key, int) and 0 <= key < len(container):
+        return True, container[key]
+    return False, None
+
+
 def _readable_location(location: Location, data: object) -> Location:
     """Drop pydantic's union-branch names from *location*, keeping real keys and indexes."""
     kept: list[str | int] = []
     current = data
     for position, part in enumerate(location):
-        if isinstance(current, dict) and part in current:
-            current = current[part]
-        elif isinstance(current, list) and isinstance(part, int) and part < len(current):
-            current = current[part]
+        present, child = _child(current, part)
+        if present:
+            current = child
         elif position == len(location) - 1 and isinstance(current, dict):
             current = None  # a missing or unknown key: still worth naming
         else:
