@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from sovbackupd import __version__, backup, config, verify
+from sovbackupd import __version__, backup, config, demo, verify
 from sovbackupd import logging as sovlogging
 from sovbackupd.config.models import TIER_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode, SovbackupdError
@@ -91,6 +92,12 @@ def _check_config(arguments: argparse.Namespace, policy: Policy) -> int:
     return ExitCode.OK
 
 
+def _demo(arguments: argparse.Namespace) -> int:
+    root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
+    demo.run(root.resolve(), print)
+    return ExitCode.OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovbackupd", description="Backups of a SovereignCore server."
@@ -133,6 +140,14 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate the policy and print it as it takes effect"
     )
     check_parser.set_defaults(handler=_check_config)
+
+    demo_parser = commands.add_parser(
+        "demo", help="back up a sandbox server with the example policy (needs redis-server)"
+    )
+    demo_parser.add_argument(
+        "--dir", type=Path, help="where to lay out the sandbox (default: a new temp dir)"
+    )
+    demo_parser.set_defaults(handler=None, standalone=_demo)
     return parser
 
 
@@ -140,8 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     arguments = _parser().parse_args(argv)
     sovlogging.configure(sys.stderr, logging.INFO if arguments.verbose else logging.WARNING)
-    handler: Command = arguments.handler
+    handler: Command | None = arguments.handler
     try:
+        if handler is None:
+            standalone: Callable[[argparse.Namespace], int] = arguments.standalone
+            return standalone(arguments)
         policy = config.load(arguments.config or config.default_path())
         return handler(arguments, policy)
     except ConfigError as error:

@@ -42,9 +42,14 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list
     """Apply the seed's environment variables to *data*; return the problems found."""
     problems: list[str] = []
     if backup_dir := environ.get("BACKUP_DIR"):
-        data["backup_dir"] = backup_dir
+        if Path(backup_dir).is_absolute():
+            data["backup_dir"] = backup_dir
+        else:  # validated here so the problem names the variable, not a policy line
+            problems.append(
+                f"BACKUP_DIR (environment): must be an absolute path, not {backup_dir!r}"
+            )
     if (retention_days := environ.get("RETENTION_DAYS")) is not None:
-        if retention_days.isdigit():
+        if retention_days.isascii() and retention_days.isdigit():  # str.isdigit takes "²"
             tiers = data.setdefault("tiers", {})
             if isinstance(tiers, dict):
                 daily = tiers.get("daily") or {"schedule": SEED_DAILY_SCHEDULE}

@@ -128,7 +128,7 @@ class FilesSource:
 
     def preflight(self) -> Estimate:
         """Check every configured path exists and sum the sizes below them."""
-        total = 0
+        total = MEMBER_OVERHEAD_BYTES if self._component == "config" else 0  # config/ itself
         for entry in self._entries:
             status = self._present(entry)
             if status is None:

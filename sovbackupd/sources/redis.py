@@ -143,17 +143,22 @@ class RedisSource:
         return info
 
     def preflight(self) -> Estimate:
-        """Check Redis answers PING; estimate from the current RDB and AOF sizes."""
+        """Check Redis answers; estimate the RDB from the dataset's size, and the AOF's.
+
+        An RDB is rarely larger than the memory the server uses, so ``used_memory`` (or
+        the current RDB, if larger) bounds what the new snapshot adds.
+        """
         with self._client() as client:
             self._call(client, "PING")
-        archived = MEMBER_OVERHEAD_BYTES
+            memory = self._call(client, "INFO", "memory")
+        archived = MEMBER_OVERHEAD_BYTES + int(memory.get("used_memory", 0))
         if self._config.rdb_path.exists():
-            archived += self._config.rdb_path.stat().st_size
+            archived = max(archived, MEMBER_OVERHEAD_BYTES + self._config.rdb_path.stat().st_size)
         staged = 0
         if self._config.aof_dir is not None:
             if not self._config.aof_dir.is_dir():
                 raise SourceError(f"redis aof_dir {self._config.aof_dir} is not a directory")
-            staged = sum(
+            staged = MEMBER_OVERHEAD_BYTES + sum(
                 entry.stat().st_size + MEMBER_OVERHEAD_BYTES
                 for entry in self._config.aof_dir.iterdir()
                 if entry.is_file()

@@ -13,6 +13,8 @@ from sovbackupd.errors import SourceError
 from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 from sovbackupd.sources.files import MEMBER_OVERHEAD_BYTES, open_nofollow
 
+WAL_FILES = ("-wal", "-shm")
+
 
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
@@ -21,9 +23,11 @@ def _quote(identifier: str) -> str:
 def inspect(database: Path) -> dict[str, object]:
     """Check *database* with ``PRAGMA integrity_check``; return its page and row counts.
 
-    Raise SourceError when the check finds anything wrong.
+    Raise SourceError when the check finds anything wrong. The connection is read-write
+    (but never creates the file) so that, being the last one, it folds a WAL back into
+    the database file on close and removes the ``-wal`` and ``-shm`` files.
     """
-    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    connection = sqlite3.connect(f"file:{database}?mode=rw", uri=True)
     try:
         problems = [row[0] for row in connection.execute("PRAGMA integrity_check")]
         if problems != ["ok"]:
@@ -84,7 +88,7 @@ class SqliteSource:
         for entry in self._entries:
             if self._exists(entry):
                 size = entry.path.stat().st_size
-                wal = entry.path.with_name(entry.path.name + "-wal")
+                wal = entry.path.with_name(entry.path.name + WAL_FILES[0])
                 if wal.exists():
                     size += wal.stat().st_size
                 total += size + MEMBER_OVERHEAD_BYTES
@@ -131,4 +135,5 @@ class SqliteSource:
                     partial(open_nofollow, str(copy)),
                 )
             finally:
-                copy.unlink(missing_ok=True)
+                for leftover in (copy, *(copy.with_name(copy.name + end) for end in WAL_FILES)):
+                    leftover.unlink(missing_ok=True)

@@ -1,0 +1,207 @@
+"""The example policy and the configuration reference, both generated from the models.
+
+``python -m sovbackupd.config.reference`` rewrites ``config/policy.example.yaml`` and
+``docs/configuration.md``; a test fails when the committed files drift from the models.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, TypeAdapter
+
+from sovbackupd.config.models import Policy, SourcePath
+
+APP = "/opt/sovereigncore"
+
+EXAMPLE = Policy.model_validate(
+    {
+        "backup_dir": "/var/backups/sovereigncore",
+        "sources": {
+            "redis": {
+                "url": "redis://127.0.0.1:6379/0",
+                "username": "backup",
+                "password_file": "/etc/sovbackupd/redis-password",
+                "rdb_path": "/var/lib/redis/dump.rdb",
+            },
+            "sqlite": [f"{APP}/sovereign_rekor.db"],
+            "config": [
+                f"{APP}/.env",
+                f"{APP}/redis.conf",
+                {"path": f"{APP}/users.acl", "optional": True},
+                {"path": f"{APP}/prometheus.yml", "optional": True},
+                {"path": f"{APP}/alertmanager.yml", "optional": True},
+                {"path": f"{APP}/alerts.yml", "optional": True},
+                {"path": f"{APP}/docker-compose.yml", "optional": True},
+                {"path": f"{APP}/gunicorn.conf.py", "optional": True},
+            ],
+            "dirs": [f"{APP}/data", f"{APP}/mcp_data", f"{APP}/memory"],
+            "exclude": ["*.tmp", "*.swp"],
+        },
+        "tiers": {
+            "hourly": {"schedule": "0 * * * *", "keep": 24},
+            "daily": {"schedule": "0 2 * * *", "keep": 30},
+            "weekly": {"schedule": "0 3 * * 0", "keep": 12},
+            "monthly": {"schedule": "0 4 1 * *", "keep": 12},
+            "yearly": {"keep": 7},
+        },
+    }
+)
+
+HEADER = """\
+# sovbackupd policy: what to back up, where, when, and for how long.
+# Generated from the models in sovbackupd/config/models.py; docs/configuration.md has
+# the same reference. Validate a change with: sovbackupd --config FILE check-config
+"""
+
+
+def _scalar(value: Any) -> str:  # noqa: ANN401 (any YAML scalar or flow collection)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401 (mirrors the JSON dump of a model)
+    """Shorten ``{path: X, optional: false}`` to ``X``, as a person would write it."""
+    if isinstance(value, dict):
+        if set(value) == {"path", "optional"} and not value["optional"]:
+            return value["path"]
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _emit(model: BaseModel, indent: int, lines: list[str], explained: set[str]) -> None:
+    pad = " " * indent
+    dumped = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        key = f"{type(model).__name__}.{name}"
+        if field.description and key not in explained:
+            explained.add(key)
+            lines.append(f"{pad}# {field.description}")
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _emit(value, indent + 2, lines, explained)
+        elif isinstance(value, list) and value:
+            lines.append(f"{pad}{name}:")
+            lines.extend(f"{pad}  - {_scalar(_plain(item))}" for item in dumped[name])
+        elif value is None and name in _TIER_NAMES:
+            continue
+        else:
+            lines.append(f"{pad}{name}: {_scalar(dumped[name])}")
+
+
+_TIER_NAMES = frozenset(("hourly", "daily", "weekly", "monthly", "yearly"))
+
+
+def example_yaml() -> str:
+    """Return the commented example policy."""
+    lines = [HEADER.rstrip("\n")]
+    _emit(EXAMPLE, 0, lines, set())
+    return "\n".join(lines) + "\n"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = [
+            candidate
+            for candidate in getattr(annotation, "__args__", (annotation,))
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel)
+        ]
+        if field.is_required():
+            default = "required"
+        elif nested:
+            default = "see below"
+        else:
+            value = field.get_default(call_default_factory=True, validated_data={})
+            default = _scalar(TypeAdapter(cast(Any, annotation)).dump_python(value, mode="json"))
+        kind = _type_name(annotation)
+        rows.append(f"| `{key}` | {kind} | `{default}` | {field.description or ''} |")
+        for submodel in nested:
+            rows.extend(_rows(submodel, f"{key}."))
+    return rows
+
+
+def _type_name(annotation: Any) -> str:  # noqa: ANN401 (any typing annotation)
+    """Name a field's type in words, for people (``list of path``, ``integer or null``)."""
+    origin, arguments = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(arguments[0])
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(argument) for argument in arguments)
+    if origin is list:
+        return f"list of {_type_name(arguments[0])}"
+    if origin is Literal:
+        return " or ".join(f"'{argument}'" for argument in arguments)
+    if annotation is SourcePath:
+        return "path or {path, optional}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return _WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+_WORDS: dict[Any, str] = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    Path: "path",
+    type(None): "null",
+}
+
+
+def reference_markdown() -> str:
+    """Return docs/configuration.md: every policy key, its type, default and meaning."""
+    lines = [
+        "# Policy reference",
+        "",
+        "Generated from `sovbackupd/config/models.py` by "
+        "`python -m sovbackupd.config.reference`; do not edit by hand.",
+        "",
+        "The policy is YAML, by default `/etc/sovbackupd/policy.yaml` (or `--config`, or "
+        "`$SOVBACKUPD_CONFIG`). Unknown keys are errors. Every problem is reported at "
+        "once with its key path and line, and the command exits 78.",
+        "",
+        "Environment variables from the seed's scripts override the file: `BACKUP_DIR` "
+        "sets `backup_dir`, `RETENTION_DAYS` sets `tiers.daily.keep` (adding a daily "
+        "tier at `0 2 * * *` when the policy has none). `REMOTE_BACKUP_PATH` is refused "
+        "until remote copies ship.",
+        "",
+        "A source path is a string, or `{path: ..., optional: true}` for one that may be missing.",
+        "",
+        "| key | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+        *_rows(Policy, ""),
+        "",
+        "## Example",
+        "",
+        "```yaml",
+        example_yaml().rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+GENERATED = {
+    Path("config/policy.example.yaml"): example_yaml,
+    Path("docs/configuration.md"): reference_markdown,
+}
+
+
+def main(root: Path) -> None:
+    """Rewrite the generated files below the repository *root*."""
+    for relative, generate in GENERATED.items():
+        (root / relative).write_text(generate())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path())

@@ -1,0 +1,1 @@
+"""Unit tests: fast, no network, real files and real SQLite."""
