@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 
 from sovbackupd import __version__, backup, config, demo, verify
 from sovbackupd import logging as sovlogging
@@ -151,9 +153,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: unwind, so that context managers remove partial files."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    del frame
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     arguments = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     sovlogging.configure(sys.stderr, logging.INFO if arguments.verbose else logging.WARNING)
     handler: Command | None = arguments.handler
     try:
@@ -169,6 +181,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SovbackupdError as error:
         print(f"sovbackupd: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("sovbackupd: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated):
+        print("sovbackupd: interrupted; nothing was left half-written", file=sys.stderr)
         return 130

@@ -53,7 +53,8 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list
             tiers = data.setdefault("tiers", {})
             if isinstance(tiers, dict):
                 daily = tiers.get("daily") or {"schedule": SEED_DAILY_SCHEDULE}
-                tiers["daily"] = {**daily, "keep": int(retention_days)}
+                if isinstance(daily, dict):  # anything else is reported by validation
+                    tiers["daily"] = {**daily, "keep": int(retention_days)}
         else:
             problems.append(
                 f"RETENTION_DAYS (environment): must be a whole number of days, "
