@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
+import shutil
 import stat
+import struct
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,9 +27,10 @@ from typing import IO, BinaryIO, Literal, Self, cast
 
 import isal.igzip_threaded
 import zstandard
+from pydantic import ValidationError
 
 from sovbackupd.errors import ArchiveError, DiskSpaceError
-from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest
+from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest, write_manifest
 from sovbackupd.sources.base import Member, SourceReport
 
 Compression = Literal["gzip", "zstd", "none"]
@@ -53,19 +58,24 @@ def fsync_dir(directory: Path) -> None:
         os.close(descriptor)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write *data* to *path* (mode 0600) through a temp name, fsync and rename."""
+def copy_atomically(source: IO[bytes], path: Path) -> None:
+    """Copy *source* to *path* (mode 0600) through a temp name, fsync and rename."""
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
+            shutil.copyfileobj(source, handle, CHUNK_BYTES)
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write *data* to *path* (mode 0600) through a temp name, fsync and rename."""
+    copy_atomically(io.BytesIO(data), path)
 
 
 class _HashingFile(io.RawIOBase):
@@ -101,18 +111,93 @@ def _compressor(raw: _HashingFile, compression: Compression) -> IO[bytes]:
             return cast(IO[bytes], raw)  # the file below is buffered already
 
 
+_TYPEFLAGS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE}
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+_USTAR_LIMIT = 8**11  # the largest size or mtime an 11-digit octal field holds
+_ID_LIMIT = 8**7
+
+
+def _split_name(name: bytes) -> tuple[bytes, bytes] | None:
+    """Split *name* into ustar's (prefix, name) fields, or None when it cannot fit."""
+    if len(name) <= 100:
+        return b"", name
+    cut = name.find(b"/", len(name) - 101)
+    if cut <= 0 or cut > 155:
+        return None
+    return name[:cut], name[cut + 1 :]
+
+
 def _tar_header(name: str, size: int, member: Member) -> bytes:
+    """Return the tar header of *member*: plain ustar when it fits, else pax.
+
+    A ustar header is built directly because tarfile's costs tens of microseconds per
+    member, which dominates a tree of small files. Its mtime is whole seconds; the exact
+    mtime is in the manifest, which restore uses.
+    """
+    encoded = name.encode("utf-8", "surrogateescape")
+    link = member.linkname.encode("utf-8", "surrogateescape")
+    mtime = int(member.mtime)
+    fields = _split_name(encoded)
+    if (
+        fields is None
+        or len(link) > 100
+        or not 0 <= mtime < _USTAR_LIMIT
+        or size >= _USTAR_LIMIT
+        or not (0 <= member.uid < _ID_LIMIT and 0 <= member.gid < _ID_LIMIT)
+    ):
+        return _pax_header(name, size, member)
+    prefix, short = fields
+    header = bytearray(
+        _USTAR.pack(
+            short,
+            b"%07o\0" % member.mode,
+            b"%07o\0" % member.uid,
+            b"%07o\0" % member.gid,
+            b"%011o\0" % size,
+            b"%011o\0" % mtime,
+            b" " * 8,
+            _TYPEFLAGS[member.kind],
+            link,
+            tarfile.POSIX_MAGIC[:6],
+            tarfile.POSIX_MAGIC[6:],
+            b"",
+            b"",
+            b"",
+            b"",
+            prefix,
+        )
+    )
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _pax_header(name: str, size: int, member: Member) -> bytes:
     info = tarfile.TarInfo(name)
-    info.type = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE}[
-        member.kind
-    ]
+    info.type = _TYPEFLAGS[member.kind]
     info.size = size
     info.mode = member.mode
-    info.mtime = member.mtime
+    info.mtime = int(member.mtime)
     info.uid = member.uid
     info.gid = member.gid
     info.linkname = member.linkname
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _entry_line(member: Member, size: int, sha256: str | None) -> bytes:
+    """Serialise one manifest entry (a FileEntry) as a compact JSON line."""
+    entry = {
+        "path": member.arcname,
+        "type": member.kind,
+        "origin": member.origin,
+        "size": size,
+        "mode": member.mode,
+        "mtime": member.mtime,
+        "uid": member.uid,
+        "gid": member.gid,
+        "sha256": sha256,
+        "link": member.linkname or None,
+    }
+    return json.dumps(entry, separators=(",", ":")).encode("utf-8", "surrogateescape") + b"\n"
 
 
 class Writer:
@@ -137,7 +222,8 @@ class Writer:
         self._on_progress = on_progress
         self._done = 0
         self._committed = False
-        self.entries: list[FileEntry] = []
+        self.file_count = 0
+        self.file_bytes = 0
 
     def __enter__(self) -> Self:
         """Create the partial file (0600) and start the stream with the top directory."""
@@ -147,6 +233,9 @@ class Writer:
         self._file = os.fdopen(descriptor, "wb", buffering=CHUNK_BYTES)
         self._raw = _HashingFile(self._file)
         self._stream = _compressor(self._raw, self._compression)
+        # Manifest entries wait in an unnamed temp file beside the archive, so that memory
+        # stays flat however many files there are, and nothing is left if the run dies.
+        self._spool = tempfile.TemporaryFile(dir=self.path.parent)
         self._tar_bytes = 0
         self._write(_tar_header(self._top, 0, Member(self._top, "dir", None, 0o700, time.time())))
         return self
@@ -160,7 +249,7 @@ class Writer:
         """Remove the partial file unless the archive was committed."""
         if self._committed:
             return
-        for closer in (self._stream.close, self._file.close):
+        for closer in (self._stream.close, self._file.close, self._spool.close):
             # The archive is being discarded: errors closing it change nothing.
             with contextlib.suppress(OSError):
                 closer()
@@ -226,23 +315,25 @@ class Writer:
         self._record(member, size, digest.hexdigest())
 
     def _record(self, member: Member, size: int, sha256: str | None) -> None:
-        self.entries.append(
-            FileEntry(
-                path=member.arcname,
-                type=member.kind,
-                origin=member.origin,
-                size=size,
-                mode=member.mode,
-                mtime=member.mtime,
-                uid=member.uid,
-                gid=member.gid,
-                sha256=sha256,
-                link=member.linkname or None,
-            )
-        )
+        try:
+            self._spool.write(_entry_line(member, size, sha256))
+        except OSError as error:
+            raise _disk_error(error, self.partial) from error
+        if member.kind == "file":
+            self.file_count += 1
+            self.file_bytes += size
+
+    @property
+    def entries(self) -> list[FileEntry]:
+        """Return the manifest entries recorded so far (reads them back from the spool)."""
+        self._spool.flush()
+        self._spool.seek(0)
+        entries = [FileEntry.model_validate_json(line) for line in self._spool]
+        self._spool.seek(0, os.SEEK_END)
+        return entries
 
     def add_bytes(self, arcname: str, data: bytes, mtime: float) -> None:
-        """Add generated content (backup_info.txt, manifest.json) as a 0600 file."""
+        """Add generated content (backup_info.txt) as a 0600 file."""
         header = _tar_header(
             f"{self._top}/{arcname}", len(data), Member(arcname, "file", None, 0o600, mtime)
         )
@@ -250,8 +341,48 @@ class Writer:
         self._write(data)
         self._pad(len(data))
 
-    def commit(self, manifest: Manifest) -> str:
-        """Finish the stream, write the sidecars, then rename into place; return the sha256."""
+    def _add_manifest(self, head: Manifest, manifest: IO[bytes]) -> None:
+        """Write *head* plus every recorded entry to *manifest*, then archive it last."""
+        self._spool.flush()
+        self._spool.seek(0)
+        write_manifest(head, self._spool, manifest)
+        size = manifest.tell()
+        manifest.seek(0)
+        member = Member(MANIFEST_NAME, "file", None, 0o600, time.time())
+        self._write(_tar_header(f"{self._top}/{MANIFEST_NAME}", size, member))
+        while chunk := manifest.read(CHUNK_BYTES):
+            self._write(chunk)
+        self._pad(size)
+
+    def commit(self, head: Manifest) -> str:
+        """Archive the manifest, finish the stream, then put the archive in place.
+
+        The manifest is *head* plus every recorded entry. The sidecars are written before
+        the rename, so an archive under its final name always has them. Return the
+        archive's sha256.
+        """
+        with tempfile.TemporaryFile(dir=self.path.parent) as manifest:
+            try:
+                self._add_manifest(head, manifest)
+            except OSError as error:
+                raise _disk_error(error, self.partial) from error
+            sha256 = self._finish()
+            try:
+                write_atomically(sidecar_path(self.path), f"{sha256}  {self.path.name}\n".encode())
+                manifest.seek(0)
+                copy_atomically(manifest, manifest_path(self.path))
+                self.partial.replace(self.path)
+                fsync_dir(self.path.parent)
+            except OSError as error:
+                sidecar_path(self.path).unlink(missing_ok=True)
+                manifest_path(self.path).unlink(missing_ok=True)
+                raise _disk_error(error, self.partial) from error
+        self._spool.close()
+        self._committed = True
+        return sha256
+
+    def _finish(self) -> str:
+        """End the tar stream, flush and fsync the file; return its sha256."""
         try:
             self._write(b"\0" * (2 * BLOCK))
             # Like tar, fill the last record: readers that read whole records expect it.
@@ -263,18 +394,7 @@ class Writer:
             self._file.close()
         except OSError as error:
             raise _disk_error(error, self.partial) from error
-        sha256 = self._raw.digest.hexdigest()
-        try:
-            write_atomically(sidecar_path(self.path), f"{sha256}  {self.path.name}\n".encode())
-            write_atomically(manifest_path(self.path), manifest.to_json())
-            self.partial.replace(self.path)
-            fsync_dir(self.path.parent)
-        except OSError as error:
-            sidecar_path(self.path).unlink(missing_ok=True)
-            manifest_path(self.path).unlink(missing_ok=True)
-            raise _disk_error(error, self.partial) from error
-        self._committed = True
-        return sha256
+        return self._raw.digest.hexdigest()
 
 
 def _disk_error(error: OSError, path: Path) -> ArchiveError | DiskSpaceError:
@@ -379,7 +499,7 @@ def verify_members(archive: Path, top: str) -> Manifest:
             for info in tar:
                 if info.name == top:
                     continue
-                if not info.name.startswith(f"{top}/"):
+                if not info.name.startswith(f"{top}/") or ".." in info.name.split("/"):
                     raise ArchiveError(f"{archive.name}: member {info.name!r} is outside {top}/")
                 relative = info.name[len(top) + 1 :]
                 if relative == MANIFEST_NAME:
@@ -393,7 +513,10 @@ def verify_members(archive: Path, top: str) -> Manifest:
         raise ArchiveError(f"{archive.name}: unreadable archive: {error}") from error
     if manifest_bytes is None:
         raise ArchiveError(f"{archive.name}: no {MANIFEST_NAME} inside")
-    manifest = Manifest.model_validate_json(manifest_bytes)
+    try:
+        manifest = Manifest.model_validate_json(manifest_bytes)
+    except ValidationError as error:
+        raise ArchiveError(f"{archive.name}: {MANIFEST_NAME} inside is not valid") from error
     for entry in manifest.files:
         actual = found.pop(entry.path, None)
         expected = (entry.type, entry.size, entry.mode, entry.sha256, entry.link or "")

@@ -38,7 +38,7 @@ class BackupResult:
     size: int
     sha256: str
     duration_seconds: float
-    manifest: Manifest
+    manifest: Manifest  # without its files: they can be many; read them from the archive
 
     @property
     def warnings(self) -> list[str]:
@@ -46,9 +46,8 @@ class BackupResult:
         return [warning for source in self.manifest.sources for warning in source.warnings]
 
 
-def describe(manifest: Manifest, archive_name: str) -> str:
+def describe(manifest: Manifest, archive_name: str, file_count: int, file_bytes: int) -> str:
     """Return backup_info.txt: the backup explained to a person holding only the archive."""
-    files = [entry for entry in manifest.files if entry.type == "file"]
     lines = [
         "SovereignCore backup made by sovbackupd",
         "",
@@ -58,8 +57,8 @@ def describe(manifest: Manifest, archive_name: str) -> str:
         f"Host:     {manifest.host}",
         f"Tiers:    {', '.join(manifest.tiers)}",
         f"Tool:     sovbackupd {manifest.tool_version}",
-        f"Files:    {len(files)}, {human_size(sum(entry.size for entry in files))} before "
-        f"compression ({manifest.compression})",
+        f"Files:    {file_count}, {human_size(file_bytes)} before compression "
+        f"({manifest.compression})",
         "",
         "Sources:",
     ]
@@ -157,7 +156,7 @@ def _run(
                             writer.add(member, report)
                     reports.append(report)
                     bound.info("source.captured", source=source.name, warnings=len(report.warnings))
-                manifest = Manifest(
+                head = Manifest(
                     id=name,
                     created=created,
                     finished=datetime.now(UTC),
@@ -174,12 +173,12 @@ def _run(
                         )
                         for report in reports
                     ],
-                    files=writer.entries,
+                    file_count=writer.file_count,
+                    file_bytes=writer.file_bytes,
                 )
-                now = time.time()
-                writer.add_bytes(INFO_NAME, describe(manifest, path.name).encode(), now)
-                writer.add_bytes(MANIFEST_NAME, manifest.to_json(), now)
-                sha256 = writer.commit(manifest)
+                info = describe(head, path.name, writer.file_count, writer.file_bytes)
+                writer.add_bytes(INFO_NAME, info.encode(), time.time())
+                sha256 = writer.commit(head)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if not any(staging.parent.iterdir()):
@@ -190,5 +189,5 @@ def _run(
         size=path.stat().st_size,
         sha256=sha256,
         duration_seconds=time.monotonic() - started,
-        manifest=manifest,
+        manifest=head,
     )

@@ -27,7 +27,12 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
     tiers = arguments.tier or [backup.MANUAL_TIER]
     progress = ProgressBar(sys.stderr)
     try:
-        result = backup.run(policy, tiers, on_progress=progress, on_estimate=progress.set_total)
+        result = backup.run(
+            policy,
+            tiers,
+            on_progress=progress if progress.enabled else None,
+            on_estimate=progress.set_total,
+        )
     finally:
         progress.finish()
     print(result.name)

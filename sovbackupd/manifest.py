@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,8 +54,22 @@ class Manifest(_Frozen):
     tool_version: str
     compression: Literal["gzip", "zstd", "none"]
     sources: list[SourceResult]
-    files: list[FileEntry]
+    file_count: int = Field(description="Regular files archived.")
+    file_bytes: int = Field(description="Their bytes before compression.")
+    files: list[FileEntry] = Field(
+        default_factory=list, description="Every member but manifest.json itself."
+    )
 
-    def to_json(self) -> bytes:
-        """Serialise for the archive and the sidecar."""
-        return self.model_dump_json(indent=1).encode() + b"\n"
+
+def write_manifest(head: Manifest, entry_lines: Iterable[bytes], out: IO[bytes]) -> None:
+    """Write the manifest JSON: *head*'s fields, then ``files`` from *entry_lines*.
+
+    Each line is one FileEntry as compact JSON; they are streamed, never held together.
+    """
+    fields = json.dumps(head.model_dump(mode="json", exclude={"files"}), indent=1)
+    out.write(fields.removesuffix("\n}").encode() + b',\n "files": [')
+    separator = b"\n  "
+    for line in entry_lines:
+        out.write(separator + line.rstrip(b"\n"))
+        separator = b",\n  "
+    out.write(b"\n ]\n}\n")

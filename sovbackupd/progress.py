@@ -17,7 +17,7 @@ class ProgressBar:
     def __init__(self, stream: TextIO) -> None:
         """Draw on *stream*, only if it is a terminal."""
         self._stream = stream
-        self._enabled = stream.isatty()
+        self.enabled = stream.isatty()
         self._total = 0
         self._drawn_at = 0.0
 
@@ -27,8 +27,10 @@ class ProgressBar:
 
     def __call__(self, done: int) -> None:
         """Redraw for *done* bytes, at most every REFRESH_SECONDS."""
+        if not self.enabled:
+            return
         now = time.monotonic()
-        if not self._enabled or now - self._drawn_at < REFRESH_SECONDS:
+        if now - self._drawn_at < REFRESH_SECONDS:
             return
         self._drawn_at = now
         fraction = min(done / self._total, 1.0) if self._total else 0.0
@@ -40,6 +42,6 @@ class ProgressBar:
 
     def finish(self) -> None:
         """Clear the line."""
-        if self._enabled and self._drawn_at:
+        if self.enabled and self._drawn_at:
             self._stream.write("\r" + " " * (WIDTH + 24) + "\r")
             self._stream.flush()

@@ -40,6 +40,8 @@ def _day_of_week(field: str) -> str:
         elif "-" in span:
             first_text, last_text = span.split("-", 1)
             first, last = _cron_day(first_text), _cron_day(last_text)
+            if first_text == "7":  # 7-7 is Sunday alone, 7-1 runs backwards
+                first = 7
             if last_text == "7":
                 last = 7
         else:

@@ -110,7 +110,7 @@ def _line_of(location: Location, lines: dict[Location, int]) -> int | None:
 def _problems(
     error: ValidationError, data: object, lines: dict[Location, int], source: str
 ) -> list[str]:
-    problems = []
+    problems: list[tuple[int, str]] = []
     for detail in error.errors():
         location = _readable_location(tuple(detail["loc"]), data)
         if detail["type"] == "extra_forbidden":
@@ -121,8 +121,8 @@ def _problems(
             message = detail["msg"].removeprefix("Value error, ")
         line = _line_of(location, lines)
         where = f"{source}:{line}" if line is not None else source
-        problems.append(f"{where}: {_dotted(location)}: {message}")
-    return problems
+        problems.append((line or 0, f"{where}: {_dotted(location)}: {message}"))
+    return [text for _, text in sorted(problems, key=lambda problem: problem[0])]
 
 
 def parse(text: str, source: str, environ: Mapping[str, str]) -> Policy:

@@ -36,7 +36,7 @@ class Member:
     def from_stat(
         cls,
         arcname: str,
-        origin: Path,
+        origin: Path | str,
         status: os.stat_result,
         opener: Callable[[], BinaryIO] | None = None,
         linkname: str = "",

@@ -23,7 +23,7 @@ MEMBER_OVERHEAD_BYTES = 2048
 def open_nofollow(path: str) -> BinaryIO:
     """Open *path* for reading without following a symlink that replaced it meanwhile."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    return os.fdopen(descriptor, "rb")
+    return os.fdopen(descriptor, "rb", buffering=0)  # reads are large; skip a buffer copy
 
 
 def _opener(path: str) -> Callable[[], BinaryIO]:
@@ -43,15 +43,20 @@ class _Walk:
             for pattern in self.exclude
         )
 
-    def entries(self, report: SourceReport | None) -> Iterator[tuple[str, Path, os.stat_result]]:
-        """Yield (relative path, path, lstat) below the root, parents before children."""
+    def entries(self, report: SourceReport | None) -> Iterator[tuple[str, str, os.stat_result]]:
+        """Yield (relative path, path, lstat) below the root, parents before children.
+
+        Paths stay strings from os.scandir: pathlib's parsing would cost more than the
+        lstat itself on a tree of small files.
+        """
         pending = [""]
+        root = str(self.root)
         while pending:
             relative_dir = pending.pop()
-            directory = self.root / relative_dir if relative_dir else self.root
+            directory = f"{root}/{relative_dir}" if relative_dir else root
             try:
                 with os.scandir(directory) as scan:
-                    names = sorted(entry.name for entry in scan)
+                    found = sorted(scan, key=lambda entry: entry.name)
             except FileNotFoundError:
                 if report is not None:
                     report.warnings.append(f"{directory}: vanished while being read")
@@ -59,18 +64,17 @@ class _Walk:
             except OSError as error:
                 raise SourceError(f"cannot read directory {directory}: {error.strerror}") from error
             subdirs = []
-            for name in names:
-                relative = f"{relative_dir}/{name}" if relative_dir else name
-                if self.excluded(name, relative):
+            for entry in found:
+                relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
+                if self.exclude and self.excluded(entry.name, relative):
                     continue
-                path = directory / name
                 try:
-                    status = path.lstat()
+                    status = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     if report is not None:
-                        report.warnings.append(f"{path}: vanished while being read")
+                        report.warnings.append(f"{entry.path}: vanished while being read")
                     continue
-                yield relative, path, status
+                yield relative, entry.path, status
                 if stat.S_ISDIR(status.st_mode):
                     subdirs.append(relative)
             pending.extend(reversed(subdirs))
@@ -157,8 +161,11 @@ class FilesSource:
                 report.warnings.append(f"{entry.path}: optional and missing, not archived")
                 continue
             if self._component == "config":
+                # Resolved: a symlinked config file is archived by content, and the
+                # opener refuses to follow a symlink.
+                target = str(entry.path.resolve())
                 yield Member.from_stat(
-                    f"config/{entry.path.name}", entry.path, status, _opener(str(entry.path))
+                    f"config/{entry.path.name}", entry.path, status, _opener(target)
                 )
             else:
                 yield from self._tree(entry.path, status, report)
@@ -174,15 +181,15 @@ class FilesSource:
             if stat.S_ISDIR(mode):
                 yield Member.from_stat(arcname, path, child)
             elif stat.S_ISREG(mode):
-                yield Member.from_stat(arcname, path, child, _opener(str(path)))
+                yield Member.from_stat(arcname, path, child, _opener(path))
             elif stat.S_ISLNK(mode):
                 try:
-                    target = str(path.readlink())
+                    target = os.readlink(path)  # noqa: PTH115 (string paths on purpose, see _Walk)
                 except FileNotFoundError:
                     report.warnings.append(f"{path}: vanished while being read")
                     continue
                 yield Member.from_stat(arcname, path, child, linkname=target)
             else:
-                skipped.append(str(path))
+                skipped.append(path)
                 report.warnings.append(f"{path}: special file (FIFO, socket or device) skipped")
         report.details.setdefault("skipped_special", []).extend(skipped)

@@ -27,9 +27,15 @@ def inspect(database: Path) -> dict[str, object]:
     (but never creates the file) so that, being the last one, it folds a WAL back into
     the database file on close and removes the ``-wal`` and ``-shm`` files.
     """
-    connection = sqlite3.connect(f"file:{database}?mode=rw", uri=True)
+    connection = sqlite3.connect(f"{database.absolute().as_uri()}?mode=rw", uri=True)
     try:
-        problems = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+        # A report row can span lines, and the error must stay on one line.
+        problems = [
+            line
+            for (row,) in connection.execute("PRAGMA integrity_check")
+            for line in str(row).splitlines()
+            if not line.startswith("*** ")  # "*** in database main ***" headings
+        ]
         if problems != ["ok"]:
             raise SourceError(
                 f"sqlite copy of {database.name} fails integrity_check: {'; '.join(problems[:3])}"
@@ -102,7 +108,9 @@ class SqliteSource:
             if time.monotonic() > deadline:
                 raise TimeoutError
 
-        source = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=self._timeout)
+        # as_uri() percent-encodes: a raw "#" or "?" in the path would cut it short.
+        uri = f"{database.absolute().as_uri()}?mode=ro"
+        source = sqlite3.connect(uri, uri=True, timeout=self._timeout)
         target = sqlite3.connect(copy)
         try:
             source.backup(target, pages=-1, progress=give_up_when_late)
@@ -127,7 +135,14 @@ class SqliteSource:
             copy = staging / f"sqlite-{entry.path.name}"
             try:
                 self._copy(entry.path, copy)
-                databases[str(entry.path)] = inspect(copy)
+                try:
+                    databases[str(entry.path)] = inspect(copy)
+                except sqlite3.DatabaseError as error:  # damage the check cannot even read
+                    raise SourceError(
+                        f"sqlite database {entry.path} fails integrity_check: {error}"
+                    ) from None
+                except SourceError as error:  # it names the copy; name the live file too
+                    raise SourceError(f"sqlite database {entry.path}: {error}") from None
                 yield Member.from_stat(
                     entry.path.name,
                     entry.path,
