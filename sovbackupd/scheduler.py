@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import tzinfo
 
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 
 _CRON_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -52,8 +54,12 @@ def _day_of_week(field: str) -> str:
     return ",".join(_CRON_DAY_NAMES[day] for day in sorted(days))
 
 
-def parse_cron(expression: str, timezone: tzinfo | str) -> CronTrigger:
-    """Return the trigger for a 5-field crontab line, or 6 fields with seconds first."""
+def parse_cron(expression: str, timezone: tzinfo | str) -> BaseTrigger:
+    """Return the trigger for a 5-field crontab line, or 6 fields with seconds first.
+
+    As in crontab, when both day-of-month and day-of-week are restricted the job runs on
+    days matching either (APScheduler alone would need both).
+    """
     fields = expression.split()
     if len(fields) == 5:
         seconds = "0"
@@ -63,4 +69,8 @@ def parse_cron(expression: str, timezone: tzinfo | str) -> CronTrigger:
         raise ValueError(f"cron expression {expression!r} needs 5 fields (or 6 with seconds)")
     values = dict(zip(_FIELDS, fields, strict=True))
     values["day_of_week"] = _day_of_week(values["day_of_week"])
+    if values["day"] != "*" and values["day_of_week"] != "*":
+        by_date = CronTrigger(second=seconds, timezone=timezone, **{**values, "day_of_week": "*"})
+        by_weekday = CronTrigger(second=seconds, timezone=timezone, **{**values, "day": "*"})
+        return OrTrigger([by_date, by_weekday])
     return CronTrigger(second=seconds, timezone=timezone, **values)

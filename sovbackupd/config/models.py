@@ -187,12 +187,14 @@ class Tier(_Model):
         "newest backup; 'unlimited' keeps every period.",
     )
 
-    @field_validator("keep")
+    @field_validator("keep", mode="before")
     @classmethod
-    def _keep_not_negative(cls, keep: int | str) -> int | str:
-        if isinstance(keep, int) and keep < 0:
-            raise ValueError("must be >= 0")
-        return keep
+    def _keep_count(cls, keep: object) -> object:
+        if keep == "unlimited" or (
+            isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0
+        ):
+            return keep
+        raise ValueError("must be a whole number >= 0 or 'unlimited'")
 
 
 class Tiers(_Model):

@@ -39,11 +39,13 @@ def complete_commands_length(stream: BinaryIO) -> int:
         if line.startswith(b"#"):  # a timestamp annotation (aof-timestamp-enabled)
             good = position
             continue
-        if not line.startswith(b"*"):
+        if not line.startswith(b"*") or not line[1:-2].isdigit():  # damage, not a command
             return good
         for _ in range(int(line[1:-2])):
             header = stream.readline()
-            if not header.startswith(b"$") or not header.endswith(b"\r\n"):
+            if not (header.startswith(b"$") and header.endswith(b"\r\n")):
+                return good
+            if not header[1:-2].isdigit():
                 return good
             length = int(header[1:-2]) + 2
             if len(stream.read(length)) < length:

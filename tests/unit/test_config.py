@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -90,13 +91,28 @@ def test_every_problem_is_reported_at_once_with_key_path_and_line() -> None:
           daily:
             keep: -1
             schedule: "0 2 * * *"
+          weekly: {schedule: "0 3 * * 0", keep: 12}
+        compression: bzip2
+        """
+    )
+    assert sorted(problems) == [
+        "policy.yaml:10: compression: Input should be 'gzip', 'zstd' or 'none'",
+        "policy.yaml:2: workers: Input should be greater than or equal to 1",
+        "policy.yaml:7: tiers.daily.keep: must be a whole number >= 0 or 'unlimited'",
+    ]
+
+
+def test_keep_that_is_neither_a_count_nor_unlimited_is_reported_on_its_line() -> None:
+    """`keep: many` is reported at tiers.<tier>.keep on its line."""
+    problems = problems_of(
+        """\
+        sources: {dirs: [/srv/data]}
+        tiers:
           weekly: {schedule: "0 3 * * 0", keep: many}
         """
     )
-    assert len(problems) == 3
-    assert problems[0] == "policy.yaml:2: workers: Input should be greater than or equal to 1"
-    assert problems[1] == "policy.yaml:7: tiers.daily.keep: must be >= 0"
-    assert problems[2].startswith("policy.yaml:9: tiers.weekly.keep: ")
+    assert problems
+    assert all(problem.startswith("policy.yaml:3: tiers.weekly.keep: ") for problem in problems)
 
 
 def test_headline_counts_the_problems_and_names_the_first() -> None:
@@ -282,9 +298,7 @@ def test_environment_problems_are_reported_with_policy_problems() -> None:
 def test_relative_backup_dir_from_the_environment_names_the_variable() -> None:
     """A relative BACKUP_DIR is blamed on the environment, not on a policy line."""
     problems = problems_of("backup_dir: /srv/backups\n" + MINIMAL, {"BACKUP_DIR": "backups"})
-    assert problems == (
-        "BACKUP_DIR (environment): must be an absolute path, not 'backups'",
-    )
+    assert problems == ("BACKUP_DIR (environment): must be an absolute path, not 'backups'",)
 
 
 def test_remote_backup_path_is_reported_as_unsupported() -> None:
@@ -325,7 +339,7 @@ def test_load_applies_the_given_environment(tmp_path: Path) -> None:
 def test_missing_policy_file_is_a_config_error(tmp_path: Path) -> None:
     """A missing policy file exits 78 (EX_CONFIG) with a message naming it."""
     path = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml not found") as caught:
+    with pytest.raises(ConfigError, match=re.escape("absent.yaml not found")) as caught:
         config.load(path, {})
     assert caught.value.exit_code == 78
 
@@ -381,3 +395,10 @@ def test_rendered_policy_parses_back_to_the_same_policy(text: str) -> None:
     policy = parse(text, {"RETENTION_DAYS": "9"})
     rendered = config.render(policy)
     assert config.parse(rendered, "rendered.yaml", {}) == policy
+
+
+def test_retention_days_with_a_malformed_daily_tier_reports_the_tier() -> None:
+    """RETENTION_DAYS beside a daily tier that is not a mapping gives a policy error."""
+    problems = problems_of(MINIMAL + 'tiers:\n  daily: "0 2 * * *"\n', {"RETENTION_DAYS": "7"})
+    assert len(problems) == 1
+    assert problems[0].startswith("policy.yaml:4: tiers.daily: ")

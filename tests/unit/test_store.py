@@ -1,0 +1,289 @@
+"""The backup directory: names, listing, leftovers and the writers' lock."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from sovbackupd.errors import LockedError, NotFoundError
+from sovbackupd.store import Store, backup_name
+
+PREFIX = "sovereigncore_backup"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """A store over an existing, empty backup directory."""
+    result = Store(tmp_path / "backups", PREFIX)
+    result.ensure()
+    return result
+
+
+def touch(directory: Path, *names: str) -> None:
+    for name in names:
+        (directory / name).write_bytes(b"x" * 10)
+
+
+def names_in(directory: Path) -> set[str]:
+    return {entry.name for entry in directory.iterdir()}
+
+
+def test_backup_name_is_prefix_and_utc_timestamp() -> None:
+    """Names are <prefix>_YYYYMMDD_HHMMSS in UTC, whatever zone the moment carries."""
+    assert (
+        backup_name(PREFIX, datetime(2026, 1, 2, 14, 0, 0, tzinfo=UTC))
+        == "sovereigncore_backup_20260102_140000"
+    )
+    plus_one = timezone(timedelta(hours=1))
+    assert (
+        backup_name(PREFIX, datetime(2026, 1, 2, 15, 0, 7, 999_999, tzinfo=plus_one))
+        == "sovereigncore_backup_20260102_140007"
+    )
+    minus_five = timezone(timedelta(hours=-5))
+    assert (
+        backup_name("x", datetime(2025, 12, 31, 22, 30, tzinfo=minus_five)) == "x_20260101_033000"
+    )
+
+
+def test_backups_lists_every_archive_suffix_oldest_first(store: Store) -> None:
+    """.tar.gz, .tar.zst, .tar and their .gpg forms are backups, listed by time."""
+    touch(
+        store.directory,
+        f"{PREFIX}_20260105_000000.tar.gz.gpg",
+        f"{PREFIX}_20260101_000000.tar.gz",
+        f"{PREFIX}_20260104_000000.tar",
+        f"{PREFIX}_20260102_000000.tar.zst",
+        f"{PREFIX}_20260103_000000.tar.zst.gpg",
+        f"{PREFIX}_20260106_000000.tar.gpg",
+    )
+    backups = store.backups()
+    assert [backup.path.name for backup in backups] == [
+        f"{PREFIX}_20260101_000000.tar.gz",
+        f"{PREFIX}_20260102_000000.tar.zst",
+        f"{PREFIX}_20260103_000000.tar.zst.gpg",
+        f"{PREFIX}_20260104_000000.tar",
+        f"{PREFIX}_20260105_000000.tar.gz.gpg",
+        f"{PREFIX}_20260106_000000.tar.gpg",
+    ]
+    assert backups[0].name == f"{PREFIX}_20260101_000000"
+    assert backups[0].created == datetime(2026, 1, 1, tzinfo=UTC)
+    assert backups[0].size == 10
+    assert backups[0].path == store.directory / f"{PREFIX}_20260101_000000.tar.gz"
+
+
+def test_backups_ignores_foreign_files_and_sidecars(store: Store) -> None:
+    """Only this prefix's complete archives are listed; notes, sidecars and temp files are not."""
+    touch(
+        store.directory,
+        f"{PREFIX}_20260101_000000.tar.gz",
+        f"{PREFIX}_20260101_000000.tar.gz.sha256",
+        f"{PREFIX}_20260101_000000.manifest.json",
+        f"{PREFIX}_20260102_000000.tar.gz.partial",
+        f"{PREFIX}_notes.txt",
+        f"{PREFIX}_20260103_000000.txt",
+        f"{PREFIX}_2026010_000000.tar.gz",
+        f"{PREFIX}_20260104_000000.tar.bz2",
+        f"{PREFIX}_20260104_000000.tar.gz.bak",
+        "other_backup_20260101_000000.tar.gz",
+        f"x{PREFIX}_20260101_000000.tar.gz",
+        "README",
+    )
+    (store.directory / f"{PREFIX}_20260105_000000.d").mkdir()
+    assert [backup.path.name for backup in store.backups()] == [f"{PREFIX}_20260101_000000.tar.gz"]
+
+
+def test_prefix_with_regex_characters_is_matched_literally(tmp_path: Path) -> None:
+    """A prefix such as a.b matches only itself, not axb."""
+    store = Store(tmp_path, "a.b")
+    touch(tmp_path, "a.b_20260101_000000.tar.gz", "axb_20260101_000000.tar.gz")
+    assert [backup.path.name for backup in store.backups()] == ["a.b_20260101_000000.tar.gz"]
+
+
+def test_backups_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
+    """A backup_dir that does not exist yet holds no backups."""
+    assert Store(tmp_path / "absent", PREFIX).backups() == []
+
+
+def test_find_and_latest_look_backups_up_by_name(store: Store) -> None:
+    """find() takes a name with or without suffix; latest() is the newest."""
+    touch(store.directory, f"{PREFIX}_20260101_000000.tar.gz", f"{PREFIX}_20260102_000000.tar")
+    assert store.find(f"{PREFIX}_20260101_000000").path.name.endswith(".tar.gz")
+    assert store.find(f"{PREFIX}_20260102_000000.tar").name == f"{PREFIX}_20260102_000000"
+    assert store.latest().name == f"{PREFIX}_20260102_000000"
+    with pytest.raises(NotFoundError, match="no backup named"):
+        store.find(f"{PREFIX}_20260103_000000")
+
+
+def test_latest_of_an_empty_directory_is_not_found(store: Store) -> None:
+    """latest() with no backups is a NotFoundError, not an IndexError."""
+    with pytest.raises(NotFoundError, match="no backups"):
+        store.latest()
+
+
+def test_clean_leftovers_removes_partials_staging_and_orphans(store: Store) -> None:
+    """Partial files, the staging directory and sidecars of missing archives are removed."""
+    complete = f"{PREFIX}_20260101_000000"
+    killed = f"{PREFIX}_20260102_000000"
+    touch(
+        store.directory,
+        f"{complete}.tar.gz",
+        f"{complete}.tar.gz.sha256",
+        f"{complete}.manifest.json",
+        f"{killed}.tar.gz.partial",
+        f"{killed}.tar.gz.sha256",
+        f"{killed}.tar.gz.sha256.partial",
+        f"{killed}.manifest.json",
+        f"{killed}.manifest.json.partial",
+        f"{PREFIX}_20260103_000000.tar.zst.gpg.sha256",
+    )
+    (store.directory / ".staging" / killed / "aof").mkdir(parents=True)
+    (store.directory / ".staging" / killed / "aof" / "appendonly.aof").write_bytes(b"*1\r\n")
+    removed = store.clean_leftovers()
+    assert names_in(store.directory) == {
+        f"{complete}.tar.gz",
+        f"{complete}.tar.gz.sha256",
+        f"{complete}.manifest.json",
+    }
+    assert {path.name for path in removed} == {
+        f"{killed}.tar.gz.partial",
+        f"{killed}.tar.gz.sha256",
+        f"{killed}.tar.gz.sha256.partial",
+        f"{killed}.manifest.json",
+        f"{killed}.manifest.json.partial",
+        f"{PREFIX}_20260103_000000.tar.zst.gpg.sha256",
+        ".staging",
+    }
+
+
+def test_clean_leftovers_never_touches_foreign_files_or_backups(store: Store) -> None:
+    """Files sovbackupd does not own, and complete backups of any kind, stay."""
+    kept = {
+        f"{PREFIX}_20260101_000000.tar.gz",
+        f"{PREFIX}_20260102_000000.tar.zst.gpg",
+        f"{PREFIX}_20260102_000000.tar.zst.gpg.sha256",
+        f"{PREFIX}_20260102_000000.manifest.json",
+        f"{PREFIX}_notes.txt",
+        f"{PREFIX}_notes.partial",
+        f"{PREFIX}_20260103_000000.txt.partial",
+        "other_20260104_000000.tar.gz.partial",
+        "other_20260104_000000.tar.gz.sha256",
+        "important.partial",
+        "manual-copy.sha256",
+    }
+    touch(store.directory, *kept)
+    (store.directory / "keep-me").mkdir()
+    assert store.clean_leftovers() == []
+    assert names_in(store.directory) == kept | {"keep-me"}
+
+
+def test_clean_leftovers_in_a_clean_directory_removes_nothing(store: Store) -> None:
+    """With nothing left over, nothing is removed and the lock file stays."""
+    with store.lock():
+        assert store.clean_leftovers() == []
+        assert names_in(store.directory) == {".sovbackupd.lock"}
+
+
+def test_ensure_creates_the_directory_private(tmp_path: Path) -> None:
+    """backup_dir is created 0700, parents included, and an existing one is tightened."""
+    directory = tmp_path / "deep" / "backups"
+    Store(directory, PREFIX).ensure()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    directory.chmod(0o755)
+    Store(directory, PREFIX).ensure()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_lock_creates_the_directory_private(tmp_path: Path) -> None:
+    """Taking the lock on a new backup_dir creates it 0700 with a 0600 lock file."""
+    store = Store(tmp_path / "backups", PREFIX)
+    with store.lock():
+        assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+        lock_file = store.directory / ".sovbackupd.lock"
+        assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
+
+
+def test_staging_is_private_and_per_backup(store: Store) -> None:
+    """staging() makes a 0700 directory for one backup under .staging."""
+    path = store.staging(f"{PREFIX}_20260101_000000")
+    assert path == store.directory / ".staging" / f"{PREFIX}_20260101_000000"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+HOLDER = textwrap.dedent(
+    """\
+    import sys
+    from pathlib import Path
+    from sovbackupd.store import Store
+
+    with Store(Path(sys.argv[1]), "sovereigncore_backup").lock():
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+@pytest.fixture
+def held_lock(store: Store) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the store's lock until the test ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store.directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdin is not None
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(
+    store: Store, held_lock: subprocess.Popen[str]
+) -> None:
+    """While another process holds the lock, taking it fails at once naming its pid."""
+    with pytest.raises(LockedError, match=rf"\(pid {held_lock.pid}\)") as caught, store.lock():
+        pytest.fail("the lock was taken twice")
+    assert caught.value.exit_code == 75
+    assert str(store.directory) in str(caught.value)
+
+
+def test_lock_is_free_again_once_the_holder_exits(
+    store: Store, held_lock: subprocess.Popen[str]
+) -> None:
+    """A holder that exits (or dies) releases the lock; the pid it left is replaced."""
+    assert held_lock.stdin is not None
+    held_lock.stdin.close()
+    held_lock.wait(timeout=10)
+    with store.lock():
+        lock_file = store.directory / ".sovbackupd.lock"
+        assert lock_file.read_text() == f"{os.getpid()}\n"
+
+
+def test_free_name_returns_the_moments_name_when_free(store: Store) -> None:
+    """An untaken moment gives its own name and the moment itself."""
+    moment = datetime(2026, 1, 2, 14, 0, 0, tzinfo=UTC)
+    assert store.free_name(moment) == (f"{PREFIX}_20260102_140000", moment)
+
+
+def test_free_name_does_not_reuse_a_taken_name(store: Store) -> None:
+    """When a backup already has this second's name, a later second is used."""
+    moment = datetime.now(UTC)
+    taken = backup_name(PREFIX, moment)
+    touch(store.directory, f"{taken}.tar.zst.gpg")
+    name, named_at = store.free_name(moment)
+    assert name != taken
+    assert name == backup_name(PREFIX, named_at)
+    assert named_at > moment
+    assert name > taken
