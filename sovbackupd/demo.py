@@ -8,74 +8,30 @@ example policy onto it, and runs the real commands on it: backup, verify, list.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from sovbackupd import backup, verify
+from sovbackupd import backup, redis_server, verify
 from sovbackupd.config import reference, render
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import SovbackupdError
 from sovbackupd.store import Store, human_size
 
-REDIS_START_SECONDS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
 
 @contextmanager
-def _redis_server(directory: Path) -> Iterator[tuple[int, Path]]:
-    """Run a throwaway redis-server with RDB persistence in *directory*."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SovbackupdError("the demo needs redis-server (Debian: apt-get install redis-server)")
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--save",
-            "3600 1",
-            "--logfile",
-            str(directory / "redis.log"),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+def _redis_server(directory: Path) -> Iterator[int]:
+    """Run a throwaway redis-server with RDB persistence and some keys; yield its port."""
+    server = redis_server.start(directory, "--save", "3600 1")
     try:
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + REDIS_START_SECONDS
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise SovbackupdError("the demo's redis-server did not start") from None
-                time.sleep(0.05)
+        client = server.client()
         client.mset({f"session:{number}": f"user {number}" for number in range(1000)})
         client.hset("config:features", mapping={"mcp": "on", "memory": "on"})
-        yield port, directory / "dump.rdb"
+        yield server.port
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def _lay_out(root: Path) -> None:
@@ -129,7 +85,7 @@ def run(root: Path, say: Any) -> None:  # noqa: ANN401 (a print-like callable)
     _lay_out(root)
     redis_dir = root / "var" / "lib" / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    with _redis_server(redis_dir) as (port, _):
+    with _redis_server(redis_dir) as port:
         policy = _rerooted(root, port)
         say(f"sandbox server under {root} (redis-server on 127.0.0.1:{port})")
         say(f"policy: the shipped example, re-rooted under {root}")

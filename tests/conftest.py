@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 
-REDIS_START_SECONDS = 10
-
-
-def free_port() -> int:
-    """Return a TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from sovbackupd import redis_server as redis_process
+from sovbackupd.errors import SovbackupdError
 
 
 def require_tool(name: str) -> str:
@@ -37,80 +27,18 @@ def require_tool(name: str) -> str:
     return path
 
 
-@dataclass
-class RedisServer:
-    """A redis-server owned by one test, with persistence on, in its own directory."""
-
-    directory: Path
-    port: int
-    process: subprocess.Popen[bytes]
-    password: str | None = None
-    extra: list[str] = field(default_factory=list)
-
-    @property
-    def rdb_path(self) -> Path:
-        return self.directory / "dump.rdb"
-
-    @property
-    def aof_dir(self) -> Path:
-        return self.directory / "appendonlydir"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, db=db, password=self.password, socket_timeout=10
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+RedisServer = redis_process.RedisProcess
+free_port = redis_process.free_port
 
 
 def start_redis(directory: Path, *extra: str, password: str | None = None) -> RedisServer:
-    """Start redis-server in *directory* on a free port and wait until it answers."""
-    binary = require_tool("redis-server")
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(directory),
-        "--save",
-        "3600 1",
-        "--daemonize",
-        "no",
-        "--logfile",
-        str(directory / "redis.log"),
-        *extra,
-    ]
-    if password is not None:
-        argv += ["--requirepass", password]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(directory, port, process, password, list(extra))
-    deadline = time.monotonic() + REDIS_START_SECONDS
-    while True:
-        try:
-            server.client().ping()
-        except redis.RedisError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                log = (directory / "redis.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"redis-server did not start: {log}")
-            time.sleep(0.05)
-        else:
-            return server
+    """Start redis-server in *directory* on a free port, RDB persistence on."""
+    require_tool("redis-server")
+    try:
+        return redis_process.start(directory, "--save", "3600 1", *extra, password=password)
+    except SovbackupdError as error:
+        log = (directory / "redis.log").read_text(errors="replace")[-2000:]
+        pytest.fail(f"{error}: {log}")
 
 
 @pytest.fixture
