@@ -9,7 +9,7 @@ from tests.conftest import run_cli
 
 
 def test_demo_backs_up_and_verifies_a_sandbox_server(tmp_path: Path) -> None:
-    """demo lays out a server, backs it up, verifies it, and leaves a usable policy."""
+    """The demo lays out a server, backs it up, verifies it, and leaves a usable policy."""
     result = run_cli("demo", "--dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "verified every member against the manifest" in result.stdout
