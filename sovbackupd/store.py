@@ -42,6 +42,20 @@ class StoredBackup:
             return None
 
 
+def _holder(descriptor: int) -> str:
+    """Describe the lock's holder: the pid it wrote, if that process still runs."""
+    text = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+    if not text.isdigit():
+        return "pid unknown"
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return "pid unknown"
+    except PermissionError:
+        pass  # it runs, as another user
+    return f"pid {text}"
+
+
 def backup_name(prefix: str, moment: datetime) -> str:
     """Return the archive name for a backup started at *moment*."""
     return f"{prefix}_{moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)}"
@@ -90,9 +104,8 @@ class Store:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
                 raise LockedError(
-                    f"another sovbackupd (pid {holder or 'unknown'}) is writing to "
+                    f"another sovbackupd ({_holder(descriptor)}) is writing to "
                     f"{self.directory}; try again when it is done"
                 ) from None
             os.ftruncate(descriptor, 0)

@@ -43,9 +43,9 @@ print(count, flush=True)
 
 def redis_snapshot(
     server: RedisServer, databases: tuple[int, ...] = (0, 3)
-) -> dict[int, dict[bytes, bytes]]:
+) -> dict[int, dict[bytes, bytes | None]]:
     """Return every key of *databases* with its DUMP serialisation."""
-    snapshot = {}
+    snapshot: dict[int, dict[bytes, bytes | None]] = {}
     for db in databases:
         client = server.client(db)
         snapshot[db] = {key: client.dump(key) for key in client.scan_iter(count=1000)}
@@ -237,7 +237,7 @@ def test_backup_in_other_compressions_is_listed_by_tar(
     suffix: str,
     list_flags: list[str],
 ) -> None:
-    """zstd and uncompressed archives verify and list with GNU tar."""
+    """Archives in zstd and uncompressed verify and list with GNU tar."""
     policy = write_policy(
         tmp_path / "policy.yaml", policy_data(sandbox, None, compression=compression)
     )
@@ -253,7 +253,7 @@ def test_backup_in_other_compressions_is_listed_by_tar(
 
 
 def test_list_shows_backups_newest_first_with_their_tiers(tmp_path: Path, sandbox: Sandbox) -> None:
-    """list --json reports each backup's name, tiers and size, newest first."""
+    """The list command reports each backup's name, tiers and size, newest first."""
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
     first = run_cli("backup", "--tier", "daily", config=policy).stdout.strip()
     second = run_cli("backup", "--tier", "hourly", "--tier", "daily", config=policy).stdout.strip()
@@ -268,7 +268,7 @@ def test_list_shows_backups_newest_first_with_their_tiers(tmp_path: Path, sandbo
 
 
 def test_verify_all_reports_the_damaged_backup_and_fails(tmp_path: Path, sandbox: Sandbox) -> None:
-    """verify --all names the archive whose bytes changed, and exits non-zero."""
+    """Verifying all backups names the one whose bytes changed, and exits non-zero."""
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
     good = run_cli("backup", config=policy).stdout.strip()
     bad = run_cli("backup", config=policy).stdout.strip()
