@@ -18,6 +18,7 @@ import stat
 import struct
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import isal.igzip_threaded
 import zstandard
 from pydantic import ValidationError
 
-from sovbackupd.errors import ArchiveError, DiskSpaceError
+from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest, write_manifest
 from sovbackupd.sources.base import Member, SourceReport
 
@@ -213,13 +214,19 @@ class Writer:
         compression: Compression,
         top: str,
         on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
-        """Prepare to write the archive *path* whose members sit below *top*/."""
+        """Prepare to write the archive *path* whose members sit below *top*/.
+
+        Setting *cancel* makes the next write raise AbortedError, which discards the
+        archive like any other error.
+        """
         self.path = path
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
         self._compression = compression
         self._top = top
         self._on_progress = on_progress
+        self._cancel = cancel
         self._done = 0
         self._committed = False
         self.file_count = 0
@@ -256,6 +263,8 @@ class Writer:
         self.partial.unlink(missing_ok=True)
 
     def _write(self, data: bytes | memoryview) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise AbortedError(f"backup aborted while writing {self.path.name}")
         try:
             self._stream.write(data)
         except OSError as error:

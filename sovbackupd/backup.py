@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import closing
@@ -92,6 +93,7 @@ def run(
     tiers: Sequence[str] = (MANUAL_TIER,),
     on_progress: archive.ProgressCallback | None = None,
     on_estimate: archive.ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
 ) -> BackupResult:
     """Back up every source of *policy* into one new archive labelled with *tiers*.
 
@@ -100,7 +102,14 @@ def run(
     """
     started = time.monotonic()
     try:
-        result = _run(policy, tiers, on_progress, on_estimate, started)
+        result = _run(
+            policy,
+            tiers,
+            on_progress=on_progress,
+            on_estimate=on_estimate,
+            cancel=cancel,
+            started=started,
+        )
     except SovbackupdError as error:
         log.info(
             "backup.finished",
@@ -125,8 +134,10 @@ def run(
 def _run(
     policy: Policy,
     tiers: Sequence[str],
+    *,
     on_progress: archive.ProgressCallback | None,
     on_estimate: archive.ProgressCallback | None,
+    cancel: threading.Event | None,
     started: float,
 ) -> BackupResult:
     store = Store(policy.backup_dir, policy.name_prefix)
@@ -147,7 +158,7 @@ def _run(
         path = policy.backup_dir / f"{name}{policy.archive_suffix}"
         staging = store.staging(name)
         try:
-            with archive.Writer(path, policy.compression, name, on_progress) as writer:
+            with archive.Writer(path, policy.compression, name, on_progress, cancel) as writer:
                 reports = []
                 for source in built:
                     report = SourceReport(source.component, source.name)

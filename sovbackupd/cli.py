@@ -42,7 +42,7 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
 
 
 def _summary(stored: StoredBackup) -> dict[str, object]:
-    manifest = stored.manifest()
+    manifest = stored.head()
     return {
         "name": stored.name,
         "path": str(stored.path),
@@ -50,7 +50,7 @@ def _summary(stored: StoredBackup) -> dict[str, object]:
         "size": stored.size,
         "tiers": manifest.tiers if manifest else [],
         "compression": manifest.compression if manifest else None,
-        "files": sum(entry.type == "file" for entry in manifest.files) if manifest else None,
+        "files": manifest.file_count if manifest else None,
         "warnings": sum(len(source.warnings) for source in manifest.sources) if manifest else None,
     }
 

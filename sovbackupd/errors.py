@@ -56,5 +56,9 @@ class LockedError(SovbackupdError):
     exit_code = ExitCode.TEMPFAIL
 
 
+class AbortedError(SovbackupdError):
+    """A running backup was stopped: shutdown past its grace, or its time bound."""
+
+
 class NotFoundError(SovbackupdError):
     """A named backup does not exist."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,15 @@ class StoredBackup:
             return Manifest.model_validate_json(manifest_path(self.path).read_bytes())
         except (OSError, ValidationError):
             return None
+
+    def head(self) -> Manifest | None:
+        """Return the manifest beside the archive without its file list (cheaper to read)."""
+        try:
+            data = json.loads(manifest_path(self.path).read_bytes())
+            data.pop("files", None)
+            return Manifest.model_validate(data)
+        except (OSError, ValueError, AttributeError):
+            return None  # ValidationError and JSONDecodeError are ValueErrors
 
 
 def _holder(descriptor: int) -> str:

@@ -219,6 +219,80 @@ def _timezone(name: str) -> str:
     return name
 
 
+Argv = Annotated[list[str], Field(min_length=1)]
+
+
+class Hooks(_Model):
+    """Commands run around each backup, as argv lists without a shell."""
+
+    before_backup: list[Argv] = Field(
+        default_factory=list,
+        description="Run in order before a backup; a failing one fails the backup.",
+    )
+    after_backup: list[Argv] = Field(
+        default_factory=list, description="Run in order after a successful backup."
+    )
+    on_failure: list[Argv] = Field(
+        default_factory=list, description="Run in order after a failed backup."
+    )
+    timeout_seconds: float = Field(
+        default=300.0, gt=0, description="Each hook is killed when it runs longer than this."
+    )
+
+
+NotifyEvent = Literal["success", "failure"]
+
+
+def _failures_only() -> list[NotifyEvent]:
+    return ["failure"]
+
+
+class Webhook(_Model):
+    """A URL that receives a JSON POST after backups (e.g. a healthchecks.io ping URL)."""
+
+    type: Literal["webhook"] = Field(description="The kind of notification.")
+    url: Annotated[str, Field(pattern=r"^https?://")] = Field(description="http(s) URL to POST to.")
+    on: list[NotifyEvent] = Field(
+        default_factory=_failures_only,
+        description="Which results are sent: success, failure.",
+    )
+    timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one attempt.")
+    retries: int = Field(default=3, ge=0, le=10, description="Attempts after the first.")
+
+
+class Metrics(_Model):
+    """The Prometheus endpoint of the daemon."""
+
+    listen: str | None = Field(
+        default="127.0.0.1:9877",
+        pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):[0-9]{1,5}$",
+        description="host:port for /metrics (loopback by default); null turns it off.",
+    )
+
+
+class Daemon(_Model):
+    """How the daemon runs its jobs."""
+
+    backup_timeout_seconds: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        description="A backup still running after this is aborted (no partial archive).",
+    )
+    shutdown_grace_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="On SIGTERM, how long a running backup may finish before it is aborted.",
+    )
+    misfire_grace_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A run missed by up to this much (busy, clock jump) still happens.",
+    )
+    disk_refresh_seconds: float = Field(
+        default=60.0, gt=0, description="How often disk free/total metrics are refreshed."
+    )
+
+
 class Policy(_Model):
     """A sovbackupd policy file."""
 
@@ -244,6 +318,12 @@ class Policy(_Model):
         default_factory=Tiers,
         description="Schedules and GFS keep counts. Environment: RETENTION_DAYS sets daily.keep.",
     )
+    hooks: Hooks = Field(default_factory=Hooks, description="Commands around each backup.")
+    notify: list[Webhook] = Field(
+        default_factory=list, description="Where to report backup results."
+    )
+    metrics: Metrics = Field(default_factory=Metrics, description="The /metrics endpoint.")
+    daemon: Daemon = Field(default_factory=Daemon, description="Timeouts of the daemon.")
 
     @property
     def zone(self) -> ZoneInfo:
