@@ -20,8 +20,8 @@ import structlog
 
 from sovbackupd import __version__, archive, sources
 from sovbackupd.config.models import Policy
-from sovbackupd.errors import SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, Manifest, SourceResult
+from sovbackupd.metrics import LOCAL, Metrics
 from sovbackupd.sources import Estimate, SourceReport
 from sovbackupd.store import Store, check_free_space, human_size
 
@@ -91,16 +91,21 @@ def _preflight(built: Sequence[sources.Source]) -> Estimate:
 def run(
     policy: Policy,
     tiers: Sequence[str] = (MANUAL_TIER,),
+    *,
     on_progress: archive.ProgressCallback | None = None,
     on_estimate: archive.ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    metrics: Metrics | None = None,
 ) -> BackupResult:
     """Back up every source of *policy* into one new archive labelled with *tiers*.
 
     Raise a SovbackupdError subclass on failure; then no new archive, sidecar or temp
-    file is left behind.
+    file is left behind. Setting *cancel* aborts the run the same way. *metrics*, when
+    given (the daemon's), records the attempt and its result.
     """
     started = time.monotonic()
+    if metrics is not None:
+        metrics.backup_started(tiers)
     try:
         result = _run(
             policy,
@@ -110,7 +115,9 @@ def run(
             cancel=cancel,
             started=started,
         )
-    except SovbackupdError as error:
+    except Exception as error:
+        if metrics is not None:
+            metrics.backup_failed()
         log.info(
             "backup.finished",
             result="failure",
@@ -119,6 +126,10 @@ def run(
             duration_seconds=round(time.monotonic() - started, 3),
         )
         raise
+    if metrics is not None:
+        metrics.backup_succeeded(result.manifest, result.size, result.duration_seconds)
+        metrics.set_stored(LOCAL, Store(policy.backup_dir, policy.name_prefix).backups())
+        metrics.refresh_disk(policy.backup_dir)
     log.info(
         "backup.finished",
         result="success",

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from sovbackupd import __version__, backup, config, demo, verify
+from sovbackupd import __version__, backup, config, daemon, demo, verify
 from sovbackupd import logging as sovlogging
 from sovbackupd.config.models import TIER_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode, SovbackupdError
@@ -99,6 +99,11 @@ def _check_config(arguments: argparse.Namespace, policy: Policy) -> int:
     return ExitCode.OK
 
 
+def _run(arguments: argparse.Namespace) -> int:
+    sovlogging.configure(sys.stdout, logging.DEBUG if arguments.verbose else logging.INFO)
+    return daemon.run(arguments.config or config.default_path())
+
+
 def _demo(arguments: argparse.Namespace) -> int:
     root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
     demo.run(root.resolve(), print)
@@ -118,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--version", action="version", version=f"sovbackupd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run_parser = commands.add_parser("run", help="run the daemon (systemd Type=notify)")
+    run_parser.set_defaults(handler=None, standalone=_run)
 
     backup_parser = commands.add_parser("backup", help="make one backup now")
     backup_parser.add_argument(

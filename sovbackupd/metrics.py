@@ -7,6 +7,7 @@ alert on a missing series never fires just because nothing happened yet.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -81,8 +82,10 @@ class Metrics:
             "When a test restore last passed (0: never).",
         )
         self.restore_test_last_result = gauge(
-            "restore_test_last_result", "1 if the last test restore passed, 0 if it failed."
+            "restore_test_last_result",
+            "1 if the last test restore passed, 0 if it failed, NaN before the first.",
         )
+        self.restore_test_last_result.set(math.nan)
         self.reload_success = gauge(
             "config_last_reload_success", "1 if the last policy (re)load was valid, else 0."
         )

@@ -1,12 +1,31 @@
-"""Cron parsing on APScheduler 3.x: the only module that imports apscheduler."""
+"""Schedules on APScheduler 3.x: the only module that imports apscheduler.
+
+One dispatcher job runs on the union of the tiers' cron triggers. Each time it fires it
+asks :func:`due_tiers` which tiers have a scheduled time they have not handled yet, and
+makes one backup labelled with all of them; then it asks again, so tiers that came due
+while a long backup ran are not lost. At start the same question, asked against the last
+successful backup of each tier on disk, is the catch-up of missed runs.
+"""
 
 from __future__ import annotations
 
-from datetime import tzinfo
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
 
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
+
+# Triggers start in the past so that they can name scheduled times before they were made.
+_SINCE = datetime(2000, 1, 1, tzinfo=UTC)
+_TICK = timedelta(microseconds=1)
+DISPATCHER = "dispatcher"
+CONTROL = "control"  # the executor of housekeeping jobs, never starved by long backups
 
 _CRON_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _FIELDS = ("minute", "hour", "day", "month", "day_of_week")
@@ -69,8 +88,145 @@ def parse_cron(expression: str, timezone: tzinfo | str) -> BaseTrigger:
         raise ValueError(f"cron expression {expression!r} needs 5 fields (or 6 with seconds)")
     values = dict(zip(_FIELDS, fields, strict=True))
     values["day_of_week"] = _day_of_week(values["day_of_week"])
+    common = {"second": seconds, "timezone": timezone, "start_date": _SINCE}
     if values["day"] != "*" and values["day_of_week"] != "*":
-        by_date = CronTrigger(second=seconds, timezone=timezone, **{**values, "day_of_week": "*"})
-        by_weekday = CronTrigger(second=seconds, timezone=timezone, **{**values, "day": "*"})
+        by_date = CronTrigger(**common, **{**values, "day_of_week": "*"})
+        by_weekday = CronTrigger(**common, **{**values, "day": "*"})
         return OrTrigger([by_date, by_weekday])
-    return CronTrigger(second=seconds, timezone=timezone, **values)
+    return CronTrigger(**common, **values)
+
+
+def due_tiers(
+    triggers: Mapping[str, BaseTrigger], handled: Mapping[str, datetime | None], now: datetime
+) -> list[str]:
+    """Return the tiers that have a scheduled time after the one they last handled.
+
+    *handled* maps a tier to when it last ran (at start: its last successful backup on
+    disk); a tier that never ran is due at once, so a new server gets its first backup
+    without waiting for the schedule.
+    """
+    due = []
+    for tier, trigger in triggers.items():
+        last = handled.get(tier)
+        if last is None:
+            due.append(tier)
+            continue
+        upcoming = trigger.get_next_fire_time(None, last + _TICK)
+        if upcoming is not None and upcoming <= now:
+            due.append(tier)
+    return due
+
+
+def tier_triggers(schedules: Mapping[str, str], timezone: tzinfo) -> dict[str, BaseTrigger]:
+    """Return the trigger of each tier from its cron *schedules*."""
+    return {tier: parse_cron(schedule, timezone) for tier, schedule in schedules.items()}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How the scheduler treats late and overlapping runs."""
+
+    workers: int
+    misfire_grace_seconds: float
+
+
+class Scheduler:
+    """Run *run_tiers* when tiers come due, plus housekeeping jobs."""
+
+    def __init__(self, run_tiers: Callable[[list[str]], None], timezone: tzinfo) -> None:
+        """Call *run_tiers* with the due tiers; schedule in *timezone*."""
+        self._run_tiers = run_tiers
+        self._timezone = timezone
+        self._lock = threading.Lock()
+        self._triggers: dict[str, BaseTrigger] = {}
+        self._handled: dict[str, datetime | None] = {}
+        self._scheduler: BackgroundScheduler | None = None
+
+    def start(
+        self,
+        schedules: Mapping[str, str],
+        last_success: Mapping[str, datetime | None],
+        timing: Timing,
+    ) -> None:
+        """Start with the tiers' cron *schedules*; catch up against *last_success*."""
+        self._scheduler = BackgroundScheduler(
+            timezone=self._timezone,
+            executors={
+                "default": ThreadPoolExecutor(timing.workers),
+                CONTROL: ThreadPoolExecutor(1),
+            },
+            job_defaults={
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": int(timing.misfire_grace_seconds),
+            },
+        )
+        with self._lock:
+            self._triggers = tier_triggers(schedules, self._timezone)
+            self._handled = {tier: last_success.get(tier) for tier in self._triggers}
+        self._scheduler.start()
+        self._add_dispatcher(run_now=True)
+
+    def _add_dispatcher(self, run_now: bool) -> None:
+        assert self._scheduler is not None  # noqa: S101 (start() was called)
+        if not self._triggers:
+            return
+        extra = {"next_run_time": datetime.now(self._timezone)} if run_now else {}
+        self._scheduler.add_job(
+            self._dispatch,
+            OrTrigger(list(self._triggers.values())),
+            id=DISPATCHER,
+            replace_existing=True,
+            **extra,
+        )
+
+    def reschedule(self, schedules: Mapping[str, str], timezone: tzinfo) -> None:
+        """Replace the tiers' schedules; a backup already running is not touched."""
+        with self._lock:
+            self._timezone = timezone
+            triggers = tier_triggers(schedules, timezone)
+            now = datetime.now(timezone)
+            # A tier keeps what it handled; a new tier starts from now, not from never.
+            self._handled = {tier: self._handled.get(tier, now) for tier in triggers}
+            self._triggers = triggers
+        assert self._scheduler is not None  # noqa: S101 (start() was called)
+        if self._triggers:
+            self._add_dispatcher(run_now=False)
+        elif self._scheduler.get_job(DISPATCHER) is not None:
+            self._scheduler.remove_job(DISPATCHER)
+
+    def _dispatch(self) -> None:
+        while True:
+            now = datetime.now(self._timezone)
+            with self._lock:
+                due = due_tiers(self._triggers, self._handled, now)
+                for tier in due:
+                    self._handled[tier] = now
+            if not due:
+                return
+            self._run_tiers(due)
+
+    def every(self, seconds: float, job: Callable[[], None], name: str) -> None:
+        """Run *job* every *seconds* on the housekeeping executor."""
+        assert self._scheduler is not None  # noqa: S101 (start() was called)
+        self._scheduler.add_job(
+            job, "interval", seconds=seconds, id=name, executor=CONTROL, replace_existing=True
+        )
+
+    def next_runs(self) -> dict[str, datetime | None]:
+        """Return when each tier is scheduled next."""
+        now = datetime.now(self._timezone)
+        with self._lock:
+            return {
+                tier: trigger.get_next_fire_time(None, now)
+                for tier, trigger in self._triggers.items()
+            }
+
+    def alive(self) -> bool:
+        """Tell whether the scheduler is running."""
+        return self._scheduler is not None and self._scheduler.state == STATE_RUNNING
+
+    def shutdown(self) -> None:
+        """Stop scheduling; a job already running goes on in its thread."""
+        if self._scheduler is not None and self.alive():
+            self._scheduler.shutdown(wait=False)

@@ -1,0 +1,239 @@
+"""The long-running daemon: lifecycle, signals, reload and watchdog.
+
+The only module that imports sdnotify. The main thread waits for signals and pings the
+watchdog; APScheduler's threads run the backups through :func:`sovbackupd.backup.run`,
+the same code path as ``sovbackupd backup``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+import sdnotify
+import structlog
+from prometheus_client import CollectorRegistry, start_http_server
+
+from sovbackupd import backup, config, scheduler
+from sovbackupd.config.models import Policy
+from sovbackupd.errors import ConfigError, SovbackupdError
+from sovbackupd.metrics import Metrics
+from sovbackupd.store import Store
+
+log = structlog.get_logger("sovbackupd.daemon")
+STATUS_SECONDS = 30.0  # how often STATUS= and next-run metrics are refreshed at the least
+HEARTBEAT_SECONDS = 5.0
+ABORT_WAIT_SECONDS = 60.0  # after cancelling a backup, how long its cleanup may take
+
+
+def _schedules(policy: Policy) -> dict[str, str]:
+    return {
+        name: tier.schedule
+        for name, tier in policy.tiers.configured().items()
+        if tier.schedule is not None
+    }
+
+
+def _last_success(policy: Policy) -> dict[str, datetime | None]:
+    """Return when each tier last succeeded, read from the archives on disk."""
+    last: dict[str, datetime | None] = {}
+    for stored in Store(policy.backup_dir, policy.name_prefix).backups():
+        head = stored.head()
+        for tier in head.tiers if head is not None else ():
+            last[tier] = head.finished if head is not None else None
+    return last
+
+
+def _listen_address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Daemon:
+    """One policy file, scheduled, observed and reloadable."""
+
+    def __init__(self, config_path: Path, policy: Policy, registry: CollectorRegistry) -> None:
+        """Serve *policy*, loaded from *config_path*, with metrics on *registry*."""
+        self._config_path = config_path
+        self._policy = policy
+        self._metrics = Metrics(registry)
+        self._registry = registry
+        self._notifier = sdnotify.SystemdNotifier()
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._reload_requested = False
+        self._idle = threading.Event()  # set while no backup runs
+        self._idle.set()
+        self._cancel: threading.Event | None = None
+        self._heartbeat = time.monotonic()
+        self._scheduler = scheduler.Scheduler(self._backup, policy.zone)
+
+    def _notify(self, *lines: str) -> None:
+        self._notifier.notify("\n".join(lines))
+
+    def _backup(self, tiers: list[str]) -> None:
+        """Run one backup of *tiers*, bounded by the policy's backup timeout."""
+        policy = self._policy  # a reload during the run does not change this run
+        cancel = threading.Event()
+        bound = threading.Timer(policy.daemon.backup_timeout_seconds, cancel.set)
+        bound.daemon = True
+        self._cancel = cancel
+        self._idle.clear()
+        bound.start()
+        try:
+            backup.run(policy, tiers, cancel=cancel, metrics=self._metrics)
+        except SovbackupdError:
+            pass  # backup.run logged backup.finished with the error and counted it
+        except Exception:
+            log.exception("backup.crashed", tiers=tiers)
+        finally:
+            bound.cancel()
+            self._cancel = None
+            self._idle.set()
+            self._wake.set()  # refresh STATUS= and the next-run metrics now
+
+    def _refresh(self) -> None:
+        """Update next-run metrics and STATUS=, and ping the watchdog if all is well."""
+        next_runs = self._scheduler.next_runs()
+        for tier, moment in next_runs.items():
+            self._metrics.next_run.labels(tier=tier).set(moment.timestamp() if moment else 0)
+        upcoming = sorted((moment, tier) for tier, moment in next_runs.items() if moment)
+        if not self._idle.is_set():
+            status = "backup running"
+        elif upcoming:
+            first = upcoming[0][0]
+            tiers = ",".join(tier for moment, tier in upcoming if moment == first)
+            status = f"next backup: {tiers} at {first.isoformat()}"
+        else:
+            status = "no tier is scheduled"
+        self._notify(f"STATUS={status}")
+
+    def _watchdog(self) -> None:
+        """Ping the watchdog only while the scheduler runs and its housekeeping thread beats."""
+        beating = time.monotonic() - self._heartbeat < 3 * HEARTBEAT_SECONDS
+        if self._scheduler.alive() and beating:
+            self._notify("WATCHDOG=1")
+        else:
+            log.error("daemon.unhealthy", scheduler_alive=self._scheduler.alive(), beating=beating)
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    def _housekeeping(self) -> None:
+        self._metrics.refresh_disk(self._policy.backup_dir)
+
+    def _reload(self) -> None:
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        try:
+            policy = config.load(self._config_path)
+        except ConfigError as error:
+            problems = list(error.problems or (str(error),))
+        else:
+            problems = []
+        if problems:
+            self._metrics.reloaded(success=False)
+            log.error("config.reload_failed", path=str(self._config_path), problems=problems)
+        else:
+            if policy.metrics.listen != self._policy.metrics.listen:
+                log.warning("config.restart_needed", key="metrics.listen")
+            self._policy = policy
+            self._scheduler.reschedule(_schedules(policy), policy.zone)
+            self._metrics.declare_tiers(_schedules(policy))
+            self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
+            self._metrics.reloaded(success=True)
+            log.info("config.reloaded", path=str(self._config_path))
+        self._notify("READY=1")
+        self._refresh()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop_requested = True
+        self._wake.set()
+
+    def serve(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit code."""
+        policy = self._policy
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        self._metrics.reloaded(success=True)
+        self._metrics.declare_tiers(_schedules(policy))
+        self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
+        self._metrics.refresh_disk(policy.backup_dir)
+        server = None
+        if policy.metrics.listen is not None:
+            host, port = _listen_address(policy.metrics.listen)
+            try:
+                server, _ = start_http_server(port, host, registry=self._registry)
+            except OSError as error:
+                raise SovbackupdError(
+                    f"cannot serve metrics on {policy.metrics.listen}: {error.strerror}"
+                ) from error
+        self._scheduler.start(
+            _schedules(policy),
+            _last_success(policy),
+            scheduler.Timing(policy.workers, policy.daemon.misfire_grace_seconds),
+        )
+        self._scheduler.every(HEARTBEAT_SECONDS, self._beat, "heartbeat")
+        self._scheduler.every(policy.daemon.disk_refresh_seconds, self._housekeeping, "disk")
+        log.info("daemon.started", config=str(self._config_path), metrics=policy.metrics.listen)
+        self._notify("READY=1")
+        self._refresh()
+        try:
+            self._loop()
+        finally:
+            self._notify("STOPPING=1")
+            log.info("daemon.stopping")
+            self._scheduler.shutdown()
+            self._finish_running_backup()
+            if server is not None:
+                server.shutdown()
+        log.info("daemon.stopped")
+        return 0
+
+    def _loop(self) -> None:
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        interval = STATUS_SECONDS
+        if watchdog_usec:
+            interval = min(interval, watchdog_usec / 2_000_000)
+        while not self._stop_requested:
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop_requested:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            else:
+                self._refresh()
+            if watchdog_usec:
+                self._watchdog()
+
+    def _finish_running_backup(self) -> None:
+        """Give a running backup its grace to finish, then abort it cleanly."""
+        grace = self._policy.daemon.shutdown_grace_seconds
+        if self._idle.is_set():
+            return
+        log.info("daemon.waiting_for_backup", grace_seconds=grace)
+        self._notify(f"STATUS=stopping: waiting {grace:g}s at most for the running backup")
+        if self._idle.wait(grace):
+            return
+        cancel = self._cancel
+        if cancel is not None:
+            log.warning("backup.aborting", reason="shutdown grace exceeded")
+            cancel.set()
+        self._idle.wait(ABORT_WAIT_SECONDS)
+
+
+def run(config_path: Path) -> int:
+    """Load the policy at *config_path* and serve it until stopped; return the exit code."""
+    policy = config.load(config_path)
+    return Daemon(config_path, policy, CollectorRegistry()).serve()
