@@ -49,6 +49,10 @@ EXAMPLE = Policy.model_validate(
             "monthly": {"schedule": "0 4 1 * *", "keep": 12},
             "yearly": {"keep": 7},
         },
+        "notify": [
+            {"type": "webhook", "url": "https://hc-ping.com/YOUR-UUID", "on": ["success"]},
+            {"type": "webhook", "url": "https://hc-ping.com/YOUR-UUID/fail", "on": ["failure"]},
+        ],
     }
 )
 

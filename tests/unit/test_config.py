@@ -402,3 +402,14 @@ def test_retention_days_with_a_malformed_daily_tier_reports_the_tier() -> None:
     problems = problems_of(MINIMAL + 'tiers:\n  daily: "0 2 * * *"\n', {"RETENTION_DAYS": "7"})
     assert len(problems) == 1
     assert problems[0].startswith("policy.yaml:4: tiers.daily: ")
+
+
+def test_notify_on_key_is_a_key_not_a_yaml_boolean() -> None:
+    """`on: [failure]` in a webhook is the key 'on' (YAML 1.2), not the boolean True."""
+    policy = config.parse(
+        "sources: {dirs: [/srv/data]}\n"
+        'notify: [{type: webhook, url: "https://hc.example/x", on: [success, failure]}]\n',
+        "policy.yaml",
+        {},
+    )
+    assert policy.notify[0].on == ["success", "failure"]
