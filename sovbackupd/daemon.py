@@ -148,8 +148,8 @@ class Daemon:
             self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
             self._metrics.reloaded(success=True)
             log.info("config.reloaded", path=str(self._config_path))
+        self._refresh()  # before READY=1: then STATUS= and next-run metrics show the new policy
         self._notify("READY=1")
-        self._refresh()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -185,8 +185,8 @@ class Daemon:
         self._scheduler.every(HEARTBEAT_SECONDS, self._beat, "heartbeat")
         self._scheduler.every(policy.daemon.disk_refresh_seconds, self._housekeeping, "disk")
         log.info("daemon.started", config=str(self._config_path), metrics=policy.metrics.listen)
+        self._refresh()  # before READY=1: then STATUS= and next-run metrics are already there
         self._notify("READY=1")
-        self._refresh()
         try:
             self._loop()
         finally:

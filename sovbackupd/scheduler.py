@@ -141,6 +141,7 @@ class Scheduler:
         self._triggers: dict[str, BaseTrigger] = {}
         self._handled: dict[str, datetime | None] = {}
         self._scheduler: BackgroundScheduler | None = None
+        self._stopped = False  # set by shutdown(): a dispatcher still looping starts nothing
 
     def start(
         self,
@@ -199,6 +200,8 @@ class Scheduler:
         while True:
             now = datetime.now(self._timezone)
             with self._lock:
+                if self._stopped:
+                    return
                 due = due_tiers(self._triggers, self._handled, now)
                 for tier in due:
                     self._handled[tier] = now
@@ -227,6 +230,8 @@ class Scheduler:
         return self._scheduler is not None and self._scheduler.state == STATE_RUNNING
 
     def shutdown(self) -> None:
-        """Stop scheduling; a job already running goes on in its thread."""
+        """Stop scheduling; a job already running goes on in its thread, starting no more."""
+        with self._lock:
+            self._stopped = True
         if self._scheduler is not None and self.alive():
             self._scheduler.shutdown(wait=False)

@@ -1,0 +1,223 @@
+"""Operator hooks: argv lists run around a backup, without a shell, each within a bound.
+
+Each hook runs in its own session (process group), with stdin on /dev/null and stdout
+and stderr combined into one pipe, of which only the last few kilobytes are kept: a hook
+may print gigabytes without costing memory or disk. At its bound the whole group gets
+SIGTERM, then SIGKILL after :data:`KILL_GRACE_SECONDS`, so a hook cannot leave a stray
+``sleep`` or ``pg_dump`` behind when it overruns. A hook that exits in time may leave
+background processes running on purpose; they are not killed, and their output is
+drained and discarded until they close it.
+
+A failing hook never raises: :func:`run` returns a :class:`HookResult` for it, and the
+caller decides (a failing ``before_backup`` hook fails the backup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+log = structlog.get_logger("sovbackupd.hooks")
+
+KILL_GRACE_SECONDS = 5.0
+"""After SIGTERM at the bound, how long the hook's process group has before SIGKILL."""
+OUTPUT_DRAIN_SECONDS = 1.0
+"""After a hook exits, how long to wait for output still held by its background children."""
+OUTPUT_TAIL_CHARS = 2000
+_TAIL_BYTES = OUTPUT_TAIL_CHARS * 4  # the most UTF-8 needs for that many characters
+_READ_BYTES = 64 * 1024
+_POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class HookResult:
+    """How one hook ended."""
+
+    argv: tuple[str, ...]
+    returncode: int | None  # None when it could not start or was killed at its bound
+    timed_out: bool
+    duration_seconds: float
+    output_tail: str  # the last OUTPUT_TAIL_CHARS of stdout and stderr combined, for logs
+    error: str | None = None  # why it could not start, e.g. "not found: /usr/bin/x"
+
+    @property
+    def ok(self) -> bool:
+        """Return whether the hook ran and exited 0."""
+        return self.returncode == 0
+
+
+class _TailReader:
+    """Read a pipe to its end on a thread, keeping only the last bytes."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._drain, name="hook-output", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        descriptor = self._stream.fileno()
+        try:
+            while chunk := os.read(descriptor, _READ_BYTES):
+                with self._lock:
+                    self._tail += chunk
+                    del self._tail[:-_TAIL_BYTES]
+        finally:
+            self._stream.close()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to *timeout* seconds for the end of the output."""
+        self._thread.join(timeout)
+
+    def text(self) -> str:
+        """Return the output kept so far, decoded, at most OUTPUT_TAIL_CHARS long."""
+        with self._lock:
+            kept = bytes(self._tail)
+        return kept.decode(errors="replace")[-OUTPUT_TAIL_CHARS:]
+
+
+def _group_has_live_members(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # kill() succeeds on zombies, and orphaned zombies linger where PID 1 does not reap
+    # (containers), so on Linux look for a member that still runs.
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command name: state, ppid, pgrp, ...
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] not in {"Z", "X"}:
+            return True
+    return False
+
+
+def _signal_group(group: int, signal_number: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal_number)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Terminate the process group led by *process*; SIGKILL it after the grace."""
+    group = process.pid  # start_new_session made the hook the leader of its own group
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        # Reap the leader first: while it is an unreaped zombie the group looks alive.
+        if process.poll() is not None and not _group_has_live_members(group):
+            return
+        time.sleep(_POLL_SECONDS)
+    _signal_group(group, signal.SIGKILL)
+    # Past SIGKILL only a process stuck in the kernel (D state) remains; do not hang on it.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(KILL_GRACE_SECONDS)
+
+
+def _start_error(argv: Sequence[str], error: OSError | ValueError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return f"not found: {argv[0]}"
+    if isinstance(error, PermissionError):
+        return f"not executable: {argv[0]}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot start {argv[0]}: {error.strerror}"
+    return f"cannot start {argv[0]}: {error}"
+
+
+def _run_one(argv: Sequence[str], timeout: float, environment: Mapping[str, str]) -> HookResult:
+    started = time.monotonic()
+    if not argv:
+        return HookResult((), None, False, 0.0, "", error="empty command")
+    try:
+        process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(environment),
+            start_new_session=True,
+        )
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in argv or env
+        return HookResult(
+            tuple(argv),
+            None,
+            False,
+            time.monotonic() - started,
+            "",
+            error=_start_error(argv, error),
+        )
+    assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
+    output = _TailReader(process.stdout)
+    returncode: int | None
+    try:
+        returncode = process.wait(timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        returncode, timed_out = None, True
+    output.wait(OUTPUT_DRAIN_SECONDS)
+    return HookResult(
+        tuple(argv),
+        returncode,
+        timed_out,
+        time.monotonic() - started,
+        output.text(),
+    )
+
+
+def run(
+    stage: str,
+    commands: Sequence[Sequence[str]],
+    timeout: float,
+    env: Mapping[str, str],
+    *,
+    stop_on_failure: bool,
+) -> list[HookResult]:
+    """Run each argv of *commands* in order, each killed after *timeout* seconds.
+
+    A hook sees this process's environment plus *env* and ``SOVBACKUPD_STAGE=stage``.
+    With *stop_on_failure* the first hook that fails (non-zero exit, killed, or not
+    startable) ends the run and the later ones are skipped; otherwise all run. Return one
+    result per hook that ran, in order; never raise for a hook's failure.
+    """
+    environment = {**os.environ, **env, "SOVBACKUPD_STAGE": stage}
+    results: list[HookResult] = []
+    for index, argv in enumerate(commands):
+        result = _run_one(argv, timeout, environment)
+        results.append(result)
+        fields = {
+            "stage": stage,
+            "argv": list(result.argv),
+            "returncode": result.returncode,
+            "timed_out": result.timed_out,
+            "duration_seconds": round(result.duration_seconds, 3),
+        }
+        if result.ok:
+            log.info("hook.finished", **fields)
+            continue
+        log.warning("hook.failed", **fields, error=result.error, output_tail=result.output_tail)
+        if stop_on_failure:
+            for skipped in commands[index + 1 :]:
+                log.info("hook.skipped", stage=stage, argv=list(skipped))
+            break
+    return results

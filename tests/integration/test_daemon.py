@@ -1,0 +1,910 @@
+"""The daemon as systemd runs it: a real process, a notify socket, /metrics and signals."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import yaml
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from sovbackupd import __version__
+from sovbackupd.redis_server import free_port
+from tests.conftest import (
+    RedisServer,
+    Sandbox,
+    backup_files,
+    policy_data,
+    run_cli,
+    write_policy,
+)
+
+WAIT_SECONDS = 20.0  # the longest any single expected thing may take to happen
+WATCHDOG_USEC = 1_000_000
+NEXT_RUN = "sovbackupd_next_run_timestamp_seconds"
+EVERY_2_SECONDS = "*/2 * * * * *"
+EVERY_4_SECONDS = "*/4 * * * * *"
+NEW_YEAR = "0 0 1 1 *"
+SLOW_DATA_FILES = 3
+SLOW_DATA_FILE_BYTES = 64 << 20
+ARCHIVE_STARTED_BYTES = 4 << 20
+
+# Every metric DESIGN.md names: its type and its label names.
+DESIGN_METRICS: dict[str, tuple[str, frozenset[str]]] = {
+    "last_success_timestamp_seconds": ("gauge", frozenset({"tier"})),
+    "last_attempt_timestamp_seconds": ("gauge", frozenset({"tier"})),
+    "last_backup_size_bytes": ("gauge", frozenset()),
+    "last_backup_duration_seconds": ("gauge", frozenset()),
+    "backup_duration_seconds": ("histogram", frozenset()),
+    "backups_total": ("counter", frozenset({"result"})),
+    "backup_in_progress": ("gauge", frozenset()),
+    "disk_free_bytes": ("gauge", frozenset({"path"})),
+    "disk_total_bytes": ("gauge", frozenset({"path"})),
+    "backups_stored": ("gauge", frozenset({"location"})),
+    "backups_stored_bytes": ("gauge", frozenset({"location"})),
+    "retention_deleted_total": ("counter", frozenset()),
+    "remote_last_success_timestamp_seconds": ("gauge", frozenset({"remote"})),
+    "remote_uploads_total": ("counter", frozenset({"remote", "result"})),
+    "restore_test_last_success_timestamp_seconds": ("gauge", frozenset()),
+    "restore_test_last_result": ("gauge", frozenset()),
+    "config_last_reload_success": ("gauge", frozenset()),
+    "config_last_reload_timestamp_seconds": ("gauge", frozenset()),
+    "next_run_timestamp_seconds": ("gauge", frozenset({"tier"})),
+    "build_info": ("gauge", frozenset({"version"})),
+}
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_SECONDS) -> None:
+    """Poll *condition* until it holds; fail naming *what* after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One sd_notify datagram: its KEY=VALUE lines and when it arrived."""
+
+    received: float
+    fields: dict[str, str]
+
+
+class NotifySocket:
+    """A bound AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(path))
+        self._socket.settimeout(0.1)
+        self._changed = threading.Condition()
+        self._messages: list[Notification] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        while not self._closed:
+            try:
+                datagram = self._socket.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            lines = datagram.decode().splitlines()
+            fields = dict(line.split("=", 1) for line in lines if "=" in line)
+            with self._changed:
+                self._messages.append(Notification(time.time(), fields))
+                self._changed.notify_all()
+
+    def messages(self, start: int = 0) -> list[Notification]:
+        """Return the datagrams received so far, from index *start*."""
+        with self._changed:
+            return self._messages[start:]
+
+    def mark(self) -> int:
+        """Return the index the next datagram will have."""
+        with self._changed:
+            return len(self._messages)
+
+    def wait_for(
+        self, predicate: Callable[[Notification], bool], what: str, start: int = 0
+    ) -> tuple[int, Notification]:
+        """Return the index and the first datagram from *start* on that satisfies *predicate*."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self._changed:
+            while True:
+                for index in range(start, len(self._messages)):
+                    if predicate(self._messages[index]):
+                        return index, self._messages[index]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    received = [message.fields for message in self._messages[start:]]
+                    pytest.fail(f"no sd_notify {what} arrived; got {received}")
+                self._changed.wait(remaining)
+
+    def close(self) -> None:
+        """Stop collecting and close the socket."""
+        self._closed = True
+        self._thread.join(5)
+        self._socket.close()
+
+
+def has(key: str, value: str | None = None) -> Callable[[Notification], bool]:
+    """Return a predicate: the datagram carries *key* (with *value*, when given)."""
+    return lambda message: key in message.fields and value in (None, message.fields[key])
+
+
+@dataclass
+class DaemonProcess:
+    """``sovbackupd run`` in a subprocess; its stdout JSON events collected by a thread."""
+
+    process: subprocess.Popen[str]
+    stderr_path: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False  # stdout reached its end: the daemon is gone, every event is in
+
+    def read_stdout(self) -> None:
+        """Collect every stdout line until the pipe closes, so that it never fills."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = {"event": "<not json>", "line": line}
+            with self.changed:
+                self.events.append(event)
+                self.changed.notify_all()
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def mark(self) -> int:
+        """Return the index the next event will have."""
+        with self.changed:
+            return len(self.events)
+
+    def named(self, name: str, start: int = 0, **fields: object) -> list[dict[str, Any]]:
+        """Return the events called *name* with *fields*, from index *start* on."""
+        with self.changed:
+            return [
+                event
+                for event in self.events[start:]
+                if event.get("event") == name
+                and all(event.get(key) == value for key, value in fields.items())
+            ]
+
+    def index_of(self, event: dict[str, Any]) -> int:
+        """Return the position of *event* in the log."""
+        with self.changed:
+            return next(index for index, seen in enumerate(self.events) if seen is event)
+
+    def wait_for(self, name: str, start: int = 0, **fields: object) -> dict[str, Any]:
+        """Return the first event called *name* with *fields* from *start* on; wait for it."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self.changed:
+            while True:
+                found = self.named(name, start, **fields)
+                if found:
+                    return found[0]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.closed:
+                    pytest.fail(
+                        f"no {name} {fields} event (daemon exit code {self.process.poll()}); "
+                        f"events: {[event.get('event') for event in self.events]}; "
+                        f"stderr: {self.stderr()[-2000:]}"
+                    )
+                self.changed.wait(min(remaining, 0.2))
+
+    def wait_for_backups(self, count: int, start: int = 0) -> list[dict[str, Any]]:
+        """Wait until *count* successful backups have finished since *start*; return them."""
+        while len(found := self.named("backup.finished", start, result="success")) < count:
+            self.wait_for("backup.finished", self.index_of(found[-1]) + 1 if found else start)
+        return found
+
+    def send(self, signum: int) -> None:
+        """Send *signum* to the daemon."""
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = WAIT_SECONDS) -> int:
+        """Wait for the daemon to exit; return its exit code."""
+        return self.process.wait(timeout)
+
+    def stderr(self) -> str:
+        """Return what the daemon wrote to stderr so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    """A systemd notify socket in tmp_path, collecting datagrams in a thread."""
+    listener = NotifySocket(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def start_daemon(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> Iterator[Callable[[Path], DaemonProcess]]:
+    """Start ``sovbackupd run`` under a fake systemd; stop every daemon afterwards."""
+    started: list[tuple[DaemonProcess, IO[str], threading.Thread]] = []
+
+    def start(policy: Path) -> DaemonProcess:
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in {"BACKUP_DIR", "RETENTION_DAYS", "REMOTE_BACKUP_PATH"}
+        }
+        environment |= {
+            "NOTIFY_SOCKET": str(notify_socket.path),
+            "WATCHDOG_USEC": str(WATCHDOG_USEC),
+            "PYTHONUNBUFFERED": "1",
+        }
+        stderr_path = tmp_path / f"daemon-{len(started)}.stderr"
+        stderr = stderr_path.open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sovbackupd", "--config", str(policy), "run"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=environment,
+        )
+        daemon = DaemonProcess(process, stderr_path)
+        reader = threading.Thread(target=daemon.read_stdout, daemon=True)
+        reader.start()
+        started.append((daemon, stderr, reader))
+        return daemon
+
+    yield start
+    for daemon, stderr, reader in started:
+        if daemon.process.poll() is None:
+            daemon.process.terminate()
+            try:
+                daemon.process.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
+        reader.join(5)
+        stderr.close()
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """One read of /metrics: the exposition text and its parsed families."""
+
+    taken: float
+    text: str
+    families: list[Metric]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Return the sample *name* whose labels are exactly *labels*."""
+        for family in self.families:
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        raise AssertionError(f"/metrics has no sample {name}{labels}")
+
+    def labels(self, name: str) -> list[dict[str, str]]:
+        """Return the label sets of every sample called *name*."""
+        return [
+            sample.labels
+            for family in self.families
+            for sample in family.samples
+            if sample.name == name
+        ]
+
+    def family(self, name: str) -> Metric:
+        """Return the family *name* (counters without their ``_total``)."""
+        return next(family for family in self.families if family.name == name)
+
+
+def scrape(listen: str) -> Scrape:
+    """Read and parse the daemon's /metrics."""
+    taken = time.time()
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return Scrape(taken, text, list(text_string_to_metric_families(text)))
+
+
+def scrape_when_up(listen: str) -> Scrape:
+    """Scrape /metrics, retrying while the endpoint is not listening yet."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        try:
+            return scrape(listen)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def settled_scrape(
+    daemon: DaemonProcess, listen: str, backup_dir: Path
+) -> tuple[Scrape, list[Path]]:
+    """Scrape right after a backup, with the archives on disk, while no backup runs."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        daemon.wait_for("backup.finished", daemon.mark())
+        first = scrape(listen)
+        archives = sorted(backup_dir.glob("*.tar.gz"))
+        second = scrape(listen)
+        quiet = first.value("sovbackupd_backup_in_progress") == 0
+        quiet &= second.value("sovbackupd_backup_in_progress") == 0
+        # The daemon refreshes next-run just after logging backup.finished: let it catch up.
+        next_runs = [sample.value for sample in first.family(NEXT_RUN).samples]
+        quiet &= bool(next_runs) and min(next_runs) > first.taken
+        counted = first.value("sovbackupd_backups_total", result="success")
+        if quiet and counted == second.value("sovbackupd_backups_total", result="success"):
+            return first, archives
+    pytest.fail("no quiet moment between backups to compare /metrics with the disk")
+
+
+def manifests(backup_dir: Path) -> list[dict[str, Any]]:
+    """Return the ``<name>.manifest.json`` beside each archive, oldest first."""
+    return [json.loads(path.read_text()) for path in sorted(backup_dir.glob("*.manifest.json"))]
+
+
+def timestamp(iso: str) -> float:
+    """Return the POSIX time of an ISO 8601 string."""
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def daemon_policy(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis: RedisServer | None,
+    tiers: dict[str, str],
+    name: str = "policy.yaml",
+    **overrides: Any,
+) -> tuple[Path, str]:
+    """Write a policy scheduling *tiers* with metrics on a free port; return it and the port."""
+    listen = f"127.0.0.1:{free_port()}"
+    data = policy_data(
+        sandbox,
+        redis,
+        tiers={tier: {"schedule": schedule, "keep": 100} for tier, schedule in tiers.items()},
+        metrics={"listen": listen},
+        **overrides,
+    )
+    return write_policy(tmp_path / name, data), listen
+
+
+def rewrite(policy: Path, **changes: Any) -> None:
+    """Change top-level keys of the policy file *policy* in place."""
+    data = yaml.safe_load(policy.read_text())
+    data.update(changes)
+    write_policy(policy, data)
+
+
+def far_from_now(hours: int = 12) -> datetime:
+    """Return a UTC moment *hours* away, for schedules that must not fire during a test."""
+    return datetime.now(UTC) + timedelta(hours=hours)
+
+
+def daily_far_away() -> str:
+    """Return a daily cron line whose next run is about 12 hours away."""
+    return f"0 {far_from_now().hour} * * *"
+
+
+def hourly_far_away() -> str:
+    """Return an hourly cron line whose next run is about 30 minutes away."""
+    return f"{(datetime.now(UTC).minute + 30) % 60} * * * *"
+
+
+@dataclass
+class SqliteLock:
+    """Another process holding an EXCLUSIVE transaction on a rollback-journal database."""
+
+    process: subprocess.Popen[str]
+
+    def release(self) -> None:
+        """End the transaction and let the process exit."""
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait(WAIT_SECONDS)
+
+
+LOCKER_SCRIPT = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+connection.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def lock_sqlite() -> Iterator[Callable[[Path], SqliteLock]]:
+    """Hold a database EXCLUSIVE from another process, so a backup waits inside SQLite."""
+    locks: list[SqliteLock] = []
+
+    def lock(database: Path) -> SqliteLock:
+        # In WAL mode an EXCLUSIVE transaction does not block readers; in rollback mode it does.
+        connection = sqlite3.connect(database)
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.close()
+        process = subprocess.Popen(
+            [sys.executable, "-c", LOCKER_SCRIPT, str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        held = SqliteLock(process)
+        locks.append(held)
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "locked"
+        return held
+
+    yield lock
+    for held in locks:
+        held.release()
+
+
+def verify(policy: Path, name: str) -> None:
+    """Check with the real CLI that backup *name* verifies (deeply)."""
+    result = run_cli("verify", name, "--deep", "--json", config=policy, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [verdict["ok"] for verdict in json.loads(result.stdout)] == [True]
+
+
+# 1. Readiness, watchdog, schedule and metrics.
+
+
+def test_daemon_notifies_ready_then_status_with_next_run_and_repeated_watchdog_pings(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """READY=1 comes first, STATUS= names the next tier and time, WATCHDOG=1 keeps coming."""
+    policy, _ = daemon_policy(
+        tmp_path, sandbox, None, {"hourly": EVERY_2_SECONDS, "daily": daily_far_away()}
+    )
+    daemon = start_daemon(policy)
+    ready_index, _ = notify_socket.wait_for(has("READY", "1"), "READY=1")
+    daemon.wait_for("daemon.started")
+    # Ready means scheduled and visible: STATUS= (and next-run metrics) come before READY=1.
+    assert any("STATUS" in message.fields for message in notify_socket.messages()[:ready_index])
+
+    pattern = re.compile(r"^next backup: (?P<tiers>[a-z,]+) at (?P<moment>\S+)$")
+    _, status = notify_socket.wait_for(
+        lambda message: bool(pattern.match(message.fields.get("STATUS", ""))),
+        "STATUS=next backup: ...",
+        ready_index,
+    )
+    match = pattern.match(status.fields["STATUS"])
+    assert match is not None
+    assert match["tiers"] == "hourly"
+    moment = datetime.fromisoformat(match["moment"])
+    assert moment.tzinfo is not None
+    assert status.received - 0.1 < moment.timestamp() <= status.received + 2
+    assert moment.second % 2 == 0
+    assert moment.microsecond == 0
+
+    pings = [ready_index]
+    while len(pings) <= 4:
+        index, _ = notify_socket.wait_for(has("WATCHDOG", "1"), "WATCHDOG=1", pings[-1] + 1)
+        pings.append(index)
+    pings = pings[1:]
+    times = [notify_socket.messages(index)[0].received for index in pings]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert max(gaps) < WATCHDOG_USEC / 1_000_000, f"watchdog pings {gaps} s apart"
+    assert daemon.process.poll() is None
+
+
+def test_tiers_run_on_their_seconds_schedule_and_share_one_backup_when_due_together(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis_server: RedisServer,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """Hourly every 2 s and daily every 4 s: every 4th second makes ONE backup of both."""
+    policy, _ = daemon_policy(
+        tmp_path, sandbox, redis_server, {"hourly": EVERY_2_SECONDS, "daily": EVERY_4_SECONDS}
+    )
+    daemon = start_daemon(policy)
+    first = daemon.wait_for_backups(1)[0]  # the catch-up at start: neither tier ever ran
+    assert first["tiers"] == ["hourly", "daily"]
+    after_catch_up = daemon.index_of(first) + 1
+
+    def scheduled() -> list[dict[str, Any]]:
+        return daemon.named("backup.finished", after_catch_up)
+
+    def both_kinds_seen() -> bool:
+        kinds = {tuple(event["tiers"]) for event in scheduled()}
+        return {("hourly",), ("hourly", "daily")} <= kinds and len(scheduled()) >= 3
+
+    wait_until(both_kinds_seen, "an hourly-only and an hourly+daily scheduled backup")
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+
+    assert all(event["result"] == "success" for event in daemon.named("backup.finished"))
+    listed = json.loads(run_cli("list", "--json", config=policy).stdout)
+    by_name = {row["name"]: row for row in listed}
+    scheduled_names = [event["backup"] for event in scheduled()]
+    assert set(by_name) == {first["backup"], *scheduled_names}
+    for name in scheduled_names:
+        created = datetime.fromisoformat(by_name[name]["created"])
+        assert created.second % 2 == 0, f"{name} did not start on an even second"
+        expected = ["hourly", "daily"] if created.second % 4 == 0 else ["hourly"]
+        assert by_name[name]["tiers"] == expected, name
+    assert not any(row["tiers"] == ["daily"] for row in listed)
+
+
+def test_metrics_expose_every_design_metric_with_values_matching_the_archives(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis_server: RedisServer,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """After scheduled backups /metrics carries every DESIGN.md metric, true to the disk."""
+    started = time.time()
+    policy, listen = daemon_policy(
+        tmp_path, sandbox, redis_server, {"hourly": EVERY_2_SECONDS, "daily": EVERY_4_SECONDS}
+    )
+    daemon = start_daemon(policy)
+    first = daemon.wait_for_backups(1)[0]
+
+    def both_kinds_seen() -> bool:
+        scheduled = daemon.named("backup.finished", daemon.index_of(first) + 1)
+        return {("hourly",), ("hourly", "daily")} <= {tuple(event["tiers"]) for event in scheduled}
+
+    wait_until(both_kinds_seen, "an hourly-only and an hourly+daily scheduled backup")
+    metrics, archives = settled_scrape(daemon, listen, sandbox.backup_dir)
+
+    prefix = "sovbackupd_"
+    for name, (kind, label_names) in DESIGN_METRICS.items():
+        assert f"# HELP {prefix}{name} " in metrics.text, name
+        assert f"\n# TYPE {prefix}{name} {kind}\n" in metrics.text, name
+        family = metrics.family(prefix + name.removesuffix("_total"))
+        assert family.type == kind, name
+        for sample in family.samples:
+            assert set(sample.labels) - {"le"} == label_names, (name, sample)
+    assert metrics.labels("sovbackupd_remote_last_success_timestamp_seconds") == []
+    assert metrics.labels("sovbackupd_remote_uploads_total") == []
+
+    heads = manifests(sandbox.backup_dir)
+    assert [head["id"] for head in heads] == [
+        path.name.removesuffix(".tar.gz") for path in archives
+    ]
+    count = len(archives)
+    assert metrics.value(f"{prefix}backups_total", result="success") == count
+    assert metrics.value(f"{prefix}backups_total", result="failure") == 0
+    assert metrics.value(f"{prefix}backup_in_progress") == 0
+    assert metrics.value(f"{prefix}backup_duration_seconds_count") == count
+    assert metrics.value(f"{prefix}backup_duration_seconds_sum") > 0
+    assert metrics.value(f"{prefix}backup_duration_seconds_bucket", le="+Inf") == count
+    newest = heads[-1]
+    assert metrics.value(f"{prefix}last_backup_size_bytes") == archives[-1].stat().st_size
+    assert metrics.value(f"{prefix}last_backup_duration_seconds") == pytest.approx(
+        timestamp(newest["finished"]) - timestamp(newest["created"]), abs=1e-3
+    )
+    for tier in ("hourly", "daily"):
+        last = [head for head in heads if tier in head["tiers"]][-1]
+        success = metrics.value(f"{prefix}last_success_timestamp_seconds", tier=tier)
+        assert success == pytest.approx(timestamp(last["finished"]), abs=1e-3), tier
+        attempt = metrics.value(f"{prefix}last_attempt_timestamp_seconds", tier=tier)
+        assert timestamp(last["created"]) - 5 < attempt <= timestamp(last["created"]), tier
+        next_run = metrics.value(f"{prefix}next_run_timestamp_seconds", tier=tier)
+        assert metrics.taken < next_run <= metrics.taken + (2 if tier == "hourly" else 4), tier
+    assert metrics.value(f"{prefix}backups_stored", location="local") == count
+    assert metrics.value(f"{prefix}backups_stored_bytes", location="local") == sum(
+        path.stat().st_size for path in archives
+    )
+    disk = shutil.disk_usage(sandbox.backup_dir)
+    path = str(sandbox.backup_dir)
+    assert metrics.value(f"{prefix}disk_total_bytes", path=path) == disk.total
+    assert 0 < metrics.value(f"{prefix}disk_free_bytes", path=path) <= disk.total
+    assert metrics.value(f"{prefix}retention_deleted_total") == 0
+    assert metrics.value(f"{prefix}restore_test_last_success_timestamp_seconds") == 0
+    assert math.isnan(metrics.value(f"{prefix}restore_test_last_result"))
+    assert metrics.value(f"{prefix}config_last_reload_success") == 1
+    reloaded = metrics.value(f"{prefix}config_last_reload_timestamp_seconds")
+    assert started <= reloaded <= timestamp(heads[0]["created"])
+    assert metrics.value(f"{prefix}build_info", version=__version__) == 1
+
+
+# 2. SIGHUP reloads.
+
+
+def test_sighup_with_a_new_schedule_moves_next_run_between_reloading_and_ready(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """A valid new schedule takes effect on SIGHUP, framed by RELOADING=1 and READY=1."""
+    policy, listen = daemon_policy(tmp_path, sandbox, None, {"daily": EVERY_4_SECONDS})
+    daemon = start_daemon(policy)
+    notify_socket.wait_for(has("READY", "1"), "READY=1")
+    before = scrape_when_up(listen)
+    next_run = before.value(NEXT_RUN, tier="daily")
+    assert before.taken - 1 < next_run <= before.taken + 4
+
+    rewrite(policy, tiers={"daily": {"schedule": NEW_YEAR, "keep": 100}})
+    mark, notified = daemon.mark(), notify_socket.mark()
+    sent_usec = time.monotonic_ns() // 1000
+    daemon.send(signal.SIGHUP)
+    daemon.wait_for("config.reloaded", mark)
+    reloading_index, reloading = notify_socket.wait_for(
+        has("RELOADING", "1"), "RELOADING=1", notified
+    )
+    assert sent_usec <= int(reloading.fields["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
+    ready_index, _ = notify_socket.wait_for(
+        has("READY", "1"), "READY=1 after RELOADING=1", reloading_index + 1
+    )
+    between = notify_socket.messages(reloading_index + 1)[: ready_index - reloading_index - 1]
+    assert any("STATUS" in message.fields for message in between), "no STATUS= before READY=1"
+
+    after = scrape(listen)
+    new_year = datetime(datetime.now(UTC).year + 1, 1, 1, tzinfo=UTC).timestamp()
+    assert after.value(NEXT_RUN, tier="daily") == new_year
+    assert after.value("sovbackupd_config_last_reload_success") == 1
+    reloaded = after.value("sovbackupd_config_last_reload_timestamp_seconds")
+    assert reloaded > before.value("sovbackupd_config_last_reload_timestamp_seconds")
+    assert daemon.named("config.reload_failed") == []
+
+
+def test_sighup_with_a_broken_policy_keeps_the_daemon_on_its_old_schedule(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """An invalid policy is logged and refused; backups go on landing every 2 s."""
+    policy, listen = daemon_policy(tmp_path, sandbox, None, {"hourly": EVERY_2_SECONDS})
+    daemon = start_daemon(policy)
+    daemon.wait_for_backups(1)
+
+    # Valid YAML that would stop the 2 s schedule, were it not refused for its unknown key.
+    rewrite(policy, tiers={"hourly": {"schedule": NEW_YEAR, "keep": 100}}, colour="blue")
+    mark, notified = daemon.mark(), notify_socket.mark()
+    daemon.send(signal.SIGHUP)
+    failed = daemon.wait_for("config.reload_failed", mark)
+    assert any("colour" in problem for problem in failed["problems"]), failed
+    assert failed["path"] == str(policy)
+    reloading_index, _ = notify_socket.wait_for(has("RELOADING", "1"), "RELOADING=1", notified)
+    notify_socket.wait_for(has("READY", "1"), "READY=1 after a failed reload", reloading_index + 1)
+
+    metrics = scrape(listen)
+    assert metrics.value("sovbackupd_config_last_reload_success") == 0
+    next_run = metrics.value(NEXT_RUN, tier="hourly")
+    assert next_run <= metrics.taken + 2
+    landed = daemon.wait_for_backups(2, daemon.index_of(failed) + 1)
+    assert [event["tiers"] for event in landed] == [["hourly"], ["hourly"]]
+    assert daemon.process.poll() is None
+    assert daemon.named("config.reloaded") == []
+
+
+def test_sighup_during_a_running_backup_lets_it_finish_successfully(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    lock_sqlite: Callable[[Path], SqliteLock],
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """A reload while a backup waits on a locked database does not disturb that backup."""
+    policy, listen = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"daily": daily_far_away()},
+        sources={"sqlite": [str(sandbox.database)], "sqlite_timeout_seconds": 60},
+    )
+    held = lock_sqlite(sandbox.database)
+    daemon = start_daemon(policy)
+    started = daemon.wait_for("backup.started")  # the catch-up: daily never ran
+
+    rewrite(policy, tiers={"daily": {"schedule": NEW_YEAR, "keep": 100}})
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    reloaded = daemon.wait_for("config.reloaded", mark)
+    assert daemon.named("backup.finished") == []
+    assert scrape(listen).value("sovbackupd_backup_in_progress") == 1
+
+    held.release()
+    finished = daemon.wait_for("backup.finished")
+    assert daemon.index_of(reloaded) < daemon.index_of(finished)
+    assert finished["result"] == "success", finished
+    assert finished["backup"] == started["backup"]
+    verify(policy, finished["backup"])
+    metrics = scrape(listen)
+    assert metrics.value("sovbackupd_backups_total", result="success") == 1
+    new_year = datetime(datetime.now(UTC).year + 1, 1, 1, tzinfo=UTC).timestamp()
+    assert metrics.value(NEXT_RUN, tier="daily") == new_year
+
+
+# 3. SIGTERM.
+
+
+def test_sigterm_lets_a_running_backup_finish_within_the_grace_then_exits_0(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    lock_sqlite: Callable[[Path], SqliteLock],
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """STOPPING=1 at once; the backup completes and verifies; nothing else starts."""
+    policy, _ = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"hourly": EVERY_2_SECONDS},
+        sources={"sqlite": [str(sandbox.database)], "sqlite_timeout_seconds": 60},
+        daemon={"shutdown_grace_seconds": 60},
+    )
+    held = lock_sqlite(sandbox.database)
+    daemon = start_daemon(policy)
+    started = daemon.wait_for("backup.started")
+    notified = notify_socket.mark()
+    # Let the 2 s schedule come due while the backup waits: it must not run after SIGTERM.
+    wait_until(lambda: time.time() >= timestamp(started["timestamp"]) + 2.5, "a missed tick")
+    daemon.send(signal.SIGTERM)
+    stopping = daemon.wait_for("daemon.stopping")
+    notify_socket.wait_for(has("STOPPING", "1"), "STOPPING=1", notified)
+    daemon.wait_for("daemon.waiting_for_backup")
+    assert daemon.process.poll() is None
+
+    held.release()
+    assert daemon.wait_exit() == 0
+    finished = daemon.wait_for("backup.finished")
+    assert finished["result"] == "success", finished
+    assert finished["backup"] == started["backup"]
+    assert daemon.named("backup.started", daemon.index_of(stopping)) == []
+    assert daemon.named("backup.aborting") == []
+    names = backup_files(sandbox.backup_dir)
+    assert not any(name.endswith(".partial") for name in names)
+    assert {name for name in names if name.endswith(".tar.gz")} == {f"{started['backup']}.tar.gz"}
+    verify(policy, started["backup"])
+
+
+def test_sigterm_past_the_grace_aborts_the_backup_leaving_no_archive(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """With no grace the backup is cancelled mid-archive: no .partial, no archive, exit 0."""
+    slow = sandbox.app / "data" / "slow"
+    slow.mkdir()
+    for number in range(SLOW_DATA_FILES):
+        with (slow / f"random-{number}.bin").open("wb") as handle:
+            for _ in range(SLOW_DATA_FILE_BYTES >> 20):
+                handle.write(os.urandom(1 << 20))  # incompressible: the archive grows slowly
+    policy, _ = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"daily": daily_far_away()},
+        daemon={"shutdown_grace_seconds": 0},
+    )
+    daemon = start_daemon(policy)
+    started = daemon.wait_for("backup.started")
+    partial = sandbox.backup_dir / f"{started['backup']}.tar.gz.partial"
+
+    def archive_growing() -> bool:
+        return partial.exists() and partial.stat().st_size >= ARCHIVE_STARTED_BYTES
+
+    wait_until(archive_growing, "the archive to be half-written")
+    notified = notify_socket.mark()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit() == 0, daemon.stderr()
+    notify_socket.wait_for(has("STOPPING", "1"), "STOPPING=1", notified)
+
+    daemon.wait_for("backup.aborting")
+    finished = daemon.wait_for("backup.finished")
+    assert finished["result"] == "failure"
+    assert "aborted" in finished["error"]
+    assert daemon.wait_for("daemon.stopped")
+    assert backup_files(sandbox.backup_dir) == set()
+
+
+# 4. Catch-up at start.
+
+
+def test_daemon_with_no_backups_on_disk_backs_up_at_once_despite_a_distant_schedule(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis_server: RedisServer,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """A tier that never succeeded is caught up at start, hours before its cron time."""
+    policy, listen = daemon_policy(tmp_path, sandbox, redis_server, {"daily": daily_far_away()})
+    daemon = start_daemon(policy)
+    finished = daemon.wait_for_backups(1)[0]
+    assert finished["tiers"] == ["daily"]
+    verify(policy, finished["backup"])
+    metrics = scrape_when_up(listen)
+    next_run = metrics.value(NEXT_RUN, tier="daily")
+    assert next_run > metrics.taken + 10 * 3600
+    (head,) = manifests(sandbox.backup_dir)
+    assert metrics.value(
+        "sovbackupd_last_success_timestamp_seconds", tier="daily"
+    ) == pytest.approx(timestamp(head["finished"]), abs=1e-3)
+
+
+def test_catch_up_runs_only_the_tier_whose_last_backup_predates_its_previous_run(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """Hourly missed its run after the last backup and is caught up; daily is not."""
+    policy, _ = daemon_policy(tmp_path, sandbox, None, {"daily": daily_far_away()})
+    made = run_cli("backup", "--tier", "hourly", "--tier", "daily", config=policy)
+    assert made.returncode == 0, made.stderr
+    (head,) = manifests(sandbox.backup_dir)
+    # A once-a-day schedule whose run fell just after that backup, before the daemon starts.
+    missed = datetime.fromisoformat(head["finished"]).replace(microsecond=0) + timedelta(seconds=1)
+    schedules = {
+        "hourly": f"{missed.second} {missed.minute} {missed.hour} * * *",
+        "daily": daily_far_away(),
+    }
+    policy, _ = daemon_policy(tmp_path, sandbox, None, schedules)
+    wait_until(lambda: time.time() > missed.timestamp() + 0.1, "the missed run to pass")
+
+    daemon = start_daemon(policy)
+    finished = daemon.wait_for_backups(1)[0]
+    assert finished["tiers"] == ["hourly"]
+    assert len(manifests(sandbox.backup_dir)) == 2
+
+
+def test_restarted_daemon_reports_the_same_last_success_and_stored_backups(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """The metrics are rebuilt from disk: a restart changes no last-success or stored value."""
+    policy, listen = daemon_policy(
+        tmp_path, sandbox, None, {"hourly": hourly_far_away(), "daily": daily_far_away()}
+    )
+    made = run_cli("backup", "--tier", "daily", config=policy)
+    assert made.returncode == 0, made.stderr
+    first = start_daemon(policy)
+    caught_up = first.wait_for_backups(1)[0]
+    assert caught_up["tiers"] == ["hourly"]  # daily's backup is newer than its last run
+    before = scrape(listen)
+    first.send(signal.SIGTERM)
+    assert first.wait_exit() == 0
+
+    notified = notify_socket.mark()
+    second = start_daemon(policy)
+    notify_socket.wait_for(has("READY", "1"), "READY=1 from the restarted daemon", notified)
+    after = scrape_when_up(listen)
+
+    heads = manifests(sandbox.backup_dir)
+    assert len(heads) == 2
+    for tier, head in zip(("daily", "hourly"), heads, strict=True):
+        name = "sovbackupd_last_success_timestamp_seconds"
+        assert after.value(name, tier=tier) == before.value(name, tier=tier), tier
+        assert after.value(name, tier=tier) == pytest.approx(timestamp(head["finished"]), abs=1e-3)
+    for name in ("sovbackupd_backups_stored", "sovbackupd_backups_stored_bytes"):
+        assert after.value(name, location="local") == before.value(name, location="local")
+    assert after.value("sovbackupd_backups_stored", location="local") == 2
+    size = "sovbackupd_last_backup_size_bytes"
+    assert after.value(size) == before.value(size) > 0
+    assert second.named("backup.started") == []
