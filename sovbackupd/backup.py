@@ -15,11 +15,13 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
-from sovbackupd import __version__, archive, sources
+from sovbackupd import __version__, archive, hooks, notify, sources
 from sovbackupd.config.models import Policy
+from sovbackupd.errors import HookError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, Manifest, SourceResult
 from sovbackupd.metrics import LOCAL, Metrics
 from sovbackupd.sources import Estimate, SourceReport
@@ -88,6 +90,46 @@ def _preflight(built: Sequence[sources.Source]) -> Estimate:
     return total
 
 
+def _hooks(
+    stage: str, policy: Policy, env: dict[str, str], metrics: Metrics | None
+) -> list[hooks.HookResult]:
+    commands = getattr(policy.hooks, stage)
+    results = hooks.run(
+        stage,
+        commands,
+        policy.hooks.timeout_seconds,
+        env,
+        stop_on_failure=stage == "before_backup",
+    )
+    if metrics is not None:
+        for result in results:
+            metrics.hook_ran(stage, result.ok)
+    return results
+
+
+def _notify(
+    policy: Policy,
+    event: Literal["success", "failure"],
+    payload: dict[str, object],
+    metrics: Metrics | None,
+) -> None:
+    for delivery in notify.send(policy.notify, event, payload):
+        if metrics is not None:
+            metrics.notified(delivery.ok)
+
+
+def _before_hooks(policy: Policy, env: dict[str, str], metrics: Metrics | None) -> None:
+    """Run the before_backup hooks; raise HookError at the first that fails."""
+    for result in _hooks("before_backup", policy, env, metrics):
+        if not result.ok:
+            why = (
+                f"timed out after {result.duration_seconds:.0f}s"
+                if result.timed_out
+                else result.error or f"exited {result.returncode}"
+            )
+            raise HookError(f"before_backup hook {' '.join(result.argv)} failed: {why}")
+
+
 def run(
     policy: Policy,
     tiers: Sequence[str] = (MANUAL_TIER,),
@@ -99,14 +141,22 @@ def run(
 ) -> BackupResult:
     """Back up every source of *policy* into one new archive labelled with *tiers*.
 
-    Raise a SovbackupdError subclass on failure; then no new archive, sidecar or temp
-    file is left behind. Setting *cancel* aborts the run the same way. *metrics*, when
-    given (the daemon's), records the attempt and its result.
+    The policy's hooks run around it (a failing before_backup hook fails the backup) and
+    its webhooks hear the result. Raise a SovbackupdError subclass on failure; then no
+    new archive, sidecar or temp file is left behind. Setting *cancel* aborts the run the
+    same way. *metrics*, when given (the daemon's), records the attempt and its result.
     """
     started = time.monotonic()
     if metrics is not None:
         metrics.backup_started(tiers)
+    env = {"SOVBACKUPD_TIERS": ",".join(tiers)}
+    payload: dict[str, object] = {
+        "event": "backup.finished",
+        "host": socket.gethostname(),
+        "tiers": list(tiers),
+    }
     try:
+        _before_hooks(policy, env, metrics)
         result = _run(
             policy,
             tiers,
@@ -125,6 +175,9 @@ def run(
             error=str(error),
             duration_seconds=round(time.monotonic() - started, 3),
         )
+        env.update(SOVBACKUPD_RESULT="failure", SOVBACKUPD_ERROR=str(error))
+        _hooks("on_failure", policy, env, metrics)
+        _notify(policy, "failure", {**payload, "result": "failure", "error": str(error)}, metrics)
         raise
     if metrics is not None:
         metrics.backup_succeeded(result.manifest, result.size, result.duration_seconds)
@@ -138,6 +191,25 @@ def run(
         size=result.size,
         duration_seconds=round(result.duration_seconds, 3),
         warnings=len(result.warnings),
+    )
+    env.update(
+        SOVBACKUPD_RESULT="success",
+        SOVBACKUPD_BACKUP=result.name,
+        SOVBACKUPD_ARCHIVE=str(result.path),
+    )
+    _hooks("after_backup", policy, env, metrics)
+    _notify(
+        policy,
+        "success",
+        {
+            **payload,
+            "result": "success",
+            "backup": result.name,
+            "size": result.size,
+            "duration_seconds": round(result.duration_seconds, 3),
+            "warnings": len(result.warnings),
+        },
+        metrics,
     )
     return result
 

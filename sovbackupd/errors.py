@@ -60,5 +60,9 @@ class AbortedError(SovbackupdError):
     """A running backup was stopped: shutdown past its grace, or its time bound."""
 
 
+class HookError(SovbackupdError):
+    """A before_backup hook failed, so the backup did not start."""
+
+
 class NotFoundError(SovbackupdError):
     """A named backup does not exist."""

@@ -215,7 +215,10 @@ def run(
         if result.ok:
             log.info("hook.finished", **fields)
             continue
-        log.warning("hook.failed", **fields, error=result.error, output_tail=result.output_tail)
+        # With stop_on_failure the caller fails the whole run and reports it: a warning too
+        # would say the same thing twice on the operator's terminal.
+        level = log.info if stop_on_failure else log.warning
+        level("hook.failed", **fields, error=result.error, output_tail=result.output_tail)
         if stop_on_failure:
             for skipped in commands[index + 1 :]:
                 log.info("hook.skipped", stage=stage, argv=list(skipped))

@@ -908,3 +908,44 @@ def test_restarted_daemon_reports_the_same_last_success_and_stored_backups(
     size = "sovbackupd_last_backup_size_bytes"
     assert after.value(size) == before.value(size) > 0
     assert second.named("backup.started") == []
+
+
+def test_hanging_hook_and_dead_webhook_are_bounded_counted_and_block_no_backup(
+    tmp_path: Path, sandbox: Sandbox, start_daemon: Callable[[Path], DaemonProcess]
+) -> None:
+    """A hanging hook is killed, a dead webhook retried and counted; backups keep landing."""
+    hanging = tmp_path / "hanging-hook.pid"
+    script = (
+        f"import os, time; open({str(hanging)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(60)"
+    )
+    hook = [sys.executable, "-c", script]
+    policy, listen = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"hourly": "*/2 * * * * *"},
+        hooks={"after_backup": [hook], "timeout_seconds": 1},
+        notify=[
+            {
+                "type": "webhook",
+                "url": f"http://127.0.0.1:{free_port()}/ping",
+                "on": ["success", "failure"],
+                "retries": 1,
+                "timeout_seconds": 0.5,
+            }
+        ],
+    )
+    daemon = start_daemon(policy)
+    daemon.wait_for_backups(3)
+    pids = [int(line) for line in hanging.read_text().split()]
+    assert len(pids) >= 2, "the hook ran after each backup"
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids[:-1]), "hooks killed")
+    hook_failed = daemon.wait_for("hook.failed", stage="after_backup")
+    assert hook_failed["timed_out"] is True
+    failed = daemon.wait_for("notify.failed")
+    assert failed["attempts"] == 2
+    assert "/ping" not in json.dumps(failed), "the ping URL's path may be a secret"
+    metrics = scrape_when_up(listen)
+    assert metrics.value("sovbackupd_hook_runs_total", stage="after_backup", result="failure") >= 2
+    assert metrics.value("sovbackupd_notifications_total", result="failure") >= 1
+    assert metrics.value("sovbackupd_backups_total", result="success") >= 3

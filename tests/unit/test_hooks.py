@@ -246,7 +246,7 @@ def test_hook_events_name_the_stage_and_the_outcome() -> None:
         hooks.run("before_backup", [exits(0), exits(3), exits(0)], 10, {}, stop_on_failure=True)
     assert [(event["event"], event["log_level"]) for event in events] == [
         ("hook.finished", "info"),
-        ("hook.failed", "warning"),
+        ("hook.failed", "info"),  # the caller reports it: it fails the backup
         ("hook.skipped", "info"),
     ]
     finished, failed, skipped = events
@@ -259,3 +259,12 @@ def test_hook_events_name_the_stage_and_the_outcome() -> None:
     assert "exiting 3" in failed["output_tail"]
     assert isinstance(failed["duration_seconds"], float)
     assert skipped["argv"] == exits(0)
+
+
+def test_failing_hook_without_stop_on_failure_logs_a_warning() -> None:
+    """After a backup nobody else reports a failing hook, so it is a warning."""
+    with capture_logs() as events:
+        hooks.run("after_backup", [exits(3)], 10, {}, stop_on_failure=False)
+    assert [(event["event"], event["log_level"]) for event in events] == [
+        ("hook.failed", "warning")
+    ]
