@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -108,8 +109,7 @@ class Store:
         Raise LockedError at once when another process holds it.
         """
         self.ensure()
-        path = self.directory / LOCK_NAME
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        descriptor = self._open_lock(self.directory / LOCK_NAME)
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,11 +118,33 @@ class Store:
                     f"another sovbackupd ({_holder(descriptor)}) is writing to "
                     f"{self.directory}; try again when it is done"
                 ) from None
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            with contextlib.suppress(OSError):  # a read-only lock file still locks
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(descriptor)
+
+    def _open_lock(self, path: Path) -> int:
+        """Open (or create) the lock file, whoever made it.
+
+        The daemon runs as its own user while an operator may run the CLI as root: a lock
+        file root creates is handed to the directory's owner, and one we cannot write is
+        opened read-only, which flock accepts just the same.
+        """
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except PermissionError:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as error:
+                raise SovbackupdError(f"cannot open the lock {path}: {error.strerror}") from error
+        except OSError as error:
+            raise SovbackupdError(f"cannot open the lock {path}: {error.strerror}") from error
+        owner = self.directory.stat()
+        if os.geteuid() == 0 and os.fstat(descriptor).st_uid != owner.st_uid:
+            os.fchown(descriptor, owner.st_uid, owner.st_gid)
+        return descriptor
 
     def staging(self, name: str) -> Path:
         """Create and return a private staging directory for backup *name*."""

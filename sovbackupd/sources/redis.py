@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -167,24 +167,46 @@ class RedisSource:
             )
         return Estimate(archived_bytes=archived + staged, staged_bytes=staged)
 
-    def _save(self, client: redis.Redis) -> dict[str, Any]:
-        """Run BGSAVE and wait until INFO persistence confirms that it succeeded."""
-        before = self._persistence(client)
-        counter = "rdb_saves" if "rdb_saves" in before else "rdb_last_save_time"
-        # A save already running started before our request: ours is the one after it.
-        target = int(before[counter]) + 1 + int(before["rdb_bgsave_in_progress"])
-        self._call(client, "BGSAVE", "SCHEDULE")
-        deadline = time.monotonic() + self._config.timeout_seconds
-        while True:
-            info = self._persistence(client)
-            if int(info[counter]) >= target and not int(info["rdb_bgsave_in_progress"]):
-                break
+    def _wait_for(
+        self, client: redis.Redis, deadline: float, done: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any]:
+        """Poll INFO persistence until *done* holds; fail at *deadline*."""
+        while not done(info := self._persistence(client)):
             if time.monotonic() > deadline:
                 raise SourceError(
                     f"redis BGSAVE at {self._where()} did not finish within "
                     f"{self._config.timeout_seconds:g}s"
                 )
             time.sleep(POLL_SECONDS)
+        return info
+
+    def _save(self, client: redis.Redis) -> dict[str, Any]:
+        """Run BGSAVE and wait until INFO persistence confirms that it succeeded.
+
+        A save someone else started is not ours: it began before our request. We wait for
+        it to end, then ask for our own (BGSAVE SCHEDULE covers a running AOF rewrite).
+        """
+        deadline = time.monotonic() + self._config.timeout_seconds
+        while True:
+            before = self._wait_for(
+                client, deadline, lambda info: not int(info["rdb_bgsave_in_progress"])
+            )
+            counter = "rdb_saves" if "rdb_saves" in before else "rdb_last_save_time"
+            try:
+                client.execute_command("BGSAVE", "SCHEDULE")  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            except redis.ResponseError as error:
+                if "in progress" in str(error):
+                    continue  # another save started in between: wait for it, then ask again
+                raise SourceError(f"redis at {self._where()} failed BGSAVE: {error}") from None
+            except redis.RedisError as error:
+                raise SourceError(f"redis at {self._where()} failed BGSAVE: {error}") from None
+            break
+        target = int(before[counter]) + 1
+        info = self._wait_for(
+            client,
+            deadline,
+            lambda info: int(info[counter]) >= target and not int(info["rdb_bgsave_in_progress"]),
+        )
         if info["rdb_last_bgsave_status"] != "ok":
             raise SourceError(
                 f"redis BGSAVE at {self._where()} failed (rdb_last_bgsave_status:"

@@ -566,3 +566,17 @@ def test_backup_refuses_a_missing_policy_file(sandbox: Sandbox, good_backup: Goo
     result = run_cli("backup", config=policy)
     assert_refused(result, ExitCode.CONFIG, str(policy), "not found")
     good_backup.assert_untouched()
+
+
+def test_backup_waits_for_a_bgsave_someone_else_started(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    """A BGSAVE already running is waited for, then the backup takes its own snapshot."""
+    client = redis_server.client()
+    client.config_set("rdb-key-save-delay", "5000")  # microseconds per key: a slow save
+    client.bgsave()
+    assert client.info("persistence")["rdb_bgsave_in_progress"] == 1
+    result = run_cli("backup", config=policy_file(sandbox, policy_data(sandbox, redis_server)))
+    assert result.returncode == ExitCode.OK, result.stderr
+    saves = client.info("persistence")["rdb_saves"]
+    assert saves >= 2, "the backup asked for a save of its own after the running one"

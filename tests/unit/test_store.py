@@ -287,3 +287,14 @@ def test_free_name_does_not_reuse_a_taken_name(store: Store) -> None:
     assert name == backup_name(PREFIX, named_at)
     assert named_at > moment
     assert name > taken
+
+
+def test_lock_file_made_by_root_goes_to_the_directory_owner(tmp_path: Path) -> None:
+    """A root CLI run leaves a lock the daemon's user can still take (as root here)."""
+    directory = tmp_path / "backups"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 4321, 4321)
+    store = Store(directory, "sovereigncore_backup")
+    with store.lock():
+        pass
+    assert (directory / ".sovbackupd.lock").stat().st_uid == 4321
