@@ -39,6 +39,7 @@ class Metrics:
             return Counter(name, help_text, labels, namespace=PREFIX, registry=registry)
 
         self.registry = registry
+        self._scheduled: set[str] = set()
         self.last_success = gauge(
             "last_success_timestamp_seconds",
             "When the last successful backup of each tier finished (0: never).",
@@ -110,10 +111,19 @@ class Metrics:
         self.stored_bytes.labels(location=LOCAL)
 
     def declare_tiers(self, tiers: Iterable[str]) -> None:
-        """Create the series of each tier, so alerts see them from the start."""
-        for tier in tiers:
+        """Create the series of each scheduled tier, so alerts see them from the start.
+
+        A tier a reload removed loses its next-run series: left behind, its time would
+        soon lie in the past and look like a missed run.
+        """
+        scheduled = set(tiers)
+        for tier in self._scheduled - scheduled:
+            self.next_run.remove(tier)
+        for tier in scheduled:
             self.last_success.labels(tier=tier)
             self.last_attempt.labels(tier=tier)
+            self.next_run.labels(tier=tier)
+        self._scheduled = scheduled
 
     def backup_started(self, tiers: Iterable[str]) -> None:
         """Record that a backup of *tiers* started now."""
