@@ -105,9 +105,9 @@ def _run(arguments: argparse.Namespace) -> int:
 
 
 def _demo(arguments: argparse.Namespace) -> int:
+    sovlogging.configure(sys.stdout, logging.INFO)
     root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
-    demo.run(root.resolve(), print)
-    return ExitCode.OK
+    return demo.run(root.resolve(), print, arguments.seconds)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,7 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     check_parser.set_defaults(handler=_check_config)
 
     demo_parser = commands.add_parser(
-        "demo", help="back up a sandbox server with the example policy (needs redis-server)"
+        "demo", help="run the daemon with the example policy on a sandbox server"
+    )
+    demo_parser.add_argument(
+        "--seconds", type=float, help="stop after this long (default: run until Ctrl-C)"
     )
     demo_parser.add_argument(
         "--dir", type=Path, help="where to lay out the sandbox (default: a new temp dir)"

@@ -1,24 +1,30 @@
-"""``sovbackupd demo``: the shipped example policy, run against a sandbox server.
+"""``sovbackupd demo``: the daemon on the shipped example policy, against a sandbox.
 
-It lays out a small SovereignCore server under a directory (a redis-server with data, a
-WAL SQLite database, .env and redis.conf, the three data directories), re-roots the
-example policy onto it, and runs the real commands on it: backup, verify, list.
+It lays out a small SovereignCore server under a directory (a redis-server child with
+data, a WAL SQLite database, .env and redis.conf, the three data directories), re-roots
+the example policy onto it with tiers every few seconds, and runs the real daemon in the
+foreground until Ctrl-C, then verifies every backup it made.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sovbackupd import backup, redis_server, verify
+from prometheus_client import CollectorRegistry
+
+from sovbackupd import daemon, redis_server, verify
 from sovbackupd.config import reference, render
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import SovbackupdError
-from sovbackupd.store import Store, human_size
+from sovbackupd.store import Store
 
 
 @contextmanager
@@ -60,8 +66,11 @@ def _lay_out(root: Path) -> None:
     database.close()
 
 
-def _rerooted(root: Path, port: int) -> Policy:
-    """Return the example policy with every path moved under *root*."""
+DEMO_SCHEDULES = {"hourly": "*/10 * * * * *", "daily": "*/30 * * * * *"}
+
+
+def _rerooted(root: Path, port: int | None) -> Policy:
+    """Return the example policy moved under *root*, on a schedule of seconds."""
 
     def move(value: Any) -> Any:  # noqa: ANN401 (walks the policy's JSON form)
         if isinstance(value, str) and value.startswith("/"):
@@ -73,33 +82,56 @@ def _rerooted(root: Path, port: int) -> Policy:
         return value
 
     data = move(reference.EXAMPLE.model_dump(mode="json"))
-    data["sources"]["redis"].update(
-        url=f"redis://127.0.0.1:{port}/0", username=None, password_file=None
-    )
+    if port is None:
+        data["sources"]["redis"] = None
+    else:
+        data["sources"]["redis"].update(
+            url=f"redis://127.0.0.1:{port}/0", username=None, password_file=None
+        )
     data["notify"] = []  # the example's ping URLs are placeholders
+    data["tiers"] = {
+        tier: {"schedule": DEMO_SCHEDULES.get(tier), "keep": settings["keep"]}
+        for tier, settings in data["tiers"].items()
+        if settings is not None
+    }
+    data["metrics"] = {"listen": f"127.0.0.1:{redis_server.free_port()}"}
+    data["daemon"]["shutdown_grace_seconds"] = 30
     return Policy.model_validate(data)
 
 
-def run(root: Path, say: Any) -> None:  # noqa: ANN401 (a print-like callable)
-    """Lay out a sandbox server under *root*, back it up and verify it, narrating with *say*."""
+def run(root: Path, say: Callable[[str], None], seconds: float | None) -> int:
+    """Lay out a sandbox server under *root* and run the daemon on it.
+
+    Run for *seconds*, or until Ctrl-C; then verify every backup it made and return the
+    daemon's exit code. Every child (redis-server) is stopped on the way out.
+    """
     root.mkdir(parents=True, exist_ok=True)
     _lay_out(root)
     redis_dir = root / "var" / "lib" / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    with _redis_server(redis_dir) as port:
+    with ExitStack() as stack:
+        port = None
+        if shutil.which("redis-server") is not None:
+            port = stack.enter_context(_redis_server(redis_dir))
         policy = _rerooted(root, port)
-        say(f"sandbox server under {root} (redis-server on 127.0.0.1:{port})")
-        say(f"policy: the shipped example, re-rooted under {root}")
-        result = backup.run(policy, ["daily"])
-    say(f"backup {result.name}: {human_size(result.size)} in {result.duration_seconds:.2f}s")
-    for warning in result.warnings:
-        say(f"  warning: {warning}")
-    stored = Store(policy.backup_dir, policy.name_prefix).find(result.name)
-    verdict = verify.check(stored, deep=True)
-    if not verdict.ok:
-        raise SovbackupdError(f"demo backup failed verification: {verdict.problem}")
-    say(f"verified every member against the manifest: {result.path}")
-    say("try the seed's manual commands on it:")
-    say(f"  tar -tzf {result.path}")
-    say(f"  sovbackupd --config {root}/policy.yaml list")
-    (root / "policy.yaml").write_text(render(policy))
+        policy_path = root / "policy.yaml"
+        policy_path.write_text(render(policy))
+        say(f"sandbox server under {root}")
+        say(f"redis-server on 127.0.0.1:{port}" if port else "no redis-server: Redis left out")
+        say(f"policy {policy_path}: the shipped example, tiers every few seconds")
+        say(f"metrics: http://{policy.metrics.listen}/metrics")
+        say("backups land below; stop with Ctrl-C" if seconds is None else f"running {seconds:g}s")
+        if seconds is not None:
+            timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+            stack.callback(timer.cancel)
+        code = daemon.Daemon(policy_path, policy, CollectorRegistry()).serve()
+    stored = Store(policy.backup_dir, policy.name_prefix).backups()
+    for item in stored:
+        verdict = verify.check(item, deep=True)
+        if not verdict.ok:
+            raise SovbackupdError(f"demo backup failed verification: {verdict.problem}")
+    say(f"{len(stored)} backups in {policy.backup_dir}, each verified member by member")
+    say(f"try: sovbackupd --config {policy_path} list")
+    return code

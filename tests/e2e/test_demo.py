@@ -1,28 +1,43 @@
-"""The README's first command: the demo backs up a sandbox server with the example policy."""
+"""The README's first command: the daemon on the example policy against a sandbox."""
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import run_cli
 
 
-def test_demo_backs_up_and_verifies_a_sandbox_server(tmp_path: Path) -> None:
-    """The demo lays out a server, backs it up, verifies it, and leaves a usable policy."""
-    result = run_cli("demo", "--dir", str(tmp_path))
+def test_demo_runs_the_daemon_and_leaves_verified_backups(tmp_path: Path) -> None:
+    """The demo lays out a server, runs the daemon a while, and its backups verify."""
+    result = run_cli("demo", "--dir", str(tmp_path), "--seconds", "12", timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "verified every member against the manifest" in result.stdout
+    assert "each verified member by member" in result.stdout
+    assert "/metrics" in result.stdout
+    landed = [
+        json.loads(line)
+        for line in result.stdout.splitlines()
+        if line.startswith("{") and '"backup.finished"' in line
+    ]
+    assert landed, "backups are shown as they land"
+    assert all(event["result"] == "success" for event in landed)
     policy = tmp_path / "policy.yaml"
-    listed = run_cli("list", "--json", config=policy)
-    assert listed.returncode == 0, listed.stderr
-    archives = list((tmp_path / "var" / "backups" / "sovereigncore").glob("*.tar.gz"))
-    assert len(archives) == 1
+    rows = json.loads(run_cli("list", "--json", config=policy).stdout)
+    assert len(rows) == len(landed)
+    archive = Path(rows[0]["path"])
     listing = subprocess.run(
-        ["tar", "-tzf", str(archives[0])], capture_output=True, text=True, check=True
+        ["tar", "-tzf", str(archive)], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    name = archives[0].name.removesuffix(".tar.gz")
-    assert f"{name}/redis_dump.rdb" in listing
-    assert f"{name}/config/.env" in listing
+    assert f"{rows[0]['name']}/redis_dump.rdb" in listing
     assert not any(line.endswith(".tmp") for line in listing)
-    assert run_cli("verify", "--deep", "--latest", config=policy).returncode == 0
+    assert run_cli("verify", "--deep", "--all", config=policy).returncode == 0
+    started = re.search(r"redis-server on 127\.0\.0\.1:(\d+)", result.stdout)
+    assert started is not None, result.stdout
+    port = int(started[1])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
