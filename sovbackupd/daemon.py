@@ -84,6 +84,11 @@ class Daemon:
         bound.daemon = True
         self._cancel = cancel
         self._idle.clear()
+        if self._stop_requested:
+            # SIGTERM came between the dispatcher's last look and now; the shutdown may
+            # already have seen us idle, so starting would escape its grace.
+            self._idle.set()
+            return
         bound.start()
         try:
             backup.run(policy, tiers, cancel=cancel, metrics=self._metrics)
