@@ -219,6 +219,37 @@ def _timezone(name: str) -> str:
     return name
 
 
+class SizeGuard(_Model):
+    """Hold retention when a backup collapses in size (an emptied source)."""
+
+    ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="A backup smaller than this fraction of the median of the recent ones "
+        "holds retention.",
+    )
+    window: int = Field(
+        default=5, ge=1, description="How many earlier backups the median is taken over."
+    )
+
+
+class Retention(_Model):
+    """Rules beyond the tiers' keep counts (restic's --keep-last and --keep-within)."""
+
+    keep_last: int | None = Field(
+        default=None, ge=0, description="Also keep the newest N backups, whatever their time."
+    )
+    keep_within: Annotated[str, Field(pattern=r"^(\d+[yMdh])+$")] | None = Field(
+        default=None,
+        description="Also keep every backup within this duration of the newest one, as "
+        "restic writes it: 1y2M3d4h.",
+    )
+    size_guard: SizeGuard = Field(
+        default_factory=SizeGuard, description="Collapsed-backup protection."
+    )
+
+
 Argv = Annotated[list[str], Field(min_length=1)]
 
 
@@ -317,6 +348,9 @@ class Policy(_Model):
     tiers: Tiers = Field(
         default_factory=Tiers,
         description="Schedules and GFS keep counts. Environment: RETENTION_DAYS sets daily.keep.",
+    )
+    retention: Retention = Field(
+        default_factory=Retention, description="More retention rules, and the size guard."
     )
     hooks: Hooks = Field(default_factory=Hooks, description="Commands around each backup.")
     notify: list[Webhook] = Field(
