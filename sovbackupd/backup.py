@@ -19,9 +19,9 @@ from typing import Literal
 
 import structlog
 
-from sovbackupd import __version__, archive, hooks, notify, sources
+from sovbackupd import __version__, archive, hooks, notify, retention, sources
 from sovbackupd.config.models import Policy
-from sovbackupd.errors import HookError
+from sovbackupd.errors import HookError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, Manifest, SourceResult
 from sovbackupd.metrics import LOCAL, Metrics
 from sovbackupd.sources import Estimate, SourceReport
@@ -163,6 +163,7 @@ def run(
             on_progress=on_progress,
             on_estimate=on_estimate,
             cancel=cancel,
+            metrics=metrics,
             started=started,
         )
     except Exception as error:
@@ -214,6 +215,14 @@ def run(
     return result
 
 
+def _retain(store: Store, policy: Policy, metrics: Metrics | None) -> None:
+    """Apply retention after a committed backup; its failure never fails the backup."""
+    try:
+        retention.apply(store, policy, dry_run=False, metrics=metrics)
+    except (OSError, SovbackupdError) as error:
+        log.warning("retention.failed", error=str(error))
+
+
 def _run(
     policy: Policy,
     tiers: Sequence[str],
@@ -221,6 +230,7 @@ def _run(
     on_progress: archive.ProgressCallback | None,
     on_estimate: archive.ProgressCallback | None,
     cancel: threading.Event | None,
+    metrics: Metrics | None,
     started: float,
 ) -> BackupResult:
     store = Store(policy.backup_dir, policy.name_prefix)
@@ -277,6 +287,7 @@ def _run(
             shutil.rmtree(staging, ignore_errors=True)
             if not any(staging.parent.iterdir()):
                 staging.parent.rmdir()
+        _retain(store, policy, metrics)
     return BackupResult(
         name=name,
         path=path,

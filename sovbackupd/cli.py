@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
-from sovbackupd import __version__, backup, config, daemon, demo, verify
+from sovbackupd import __version__, backup, config, retention, verify
 from sovbackupd import logging as sovlogging
+from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode, SovbackupdError
 from sovbackupd.progress import ProgressBar
@@ -41,7 +44,7 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
     return ExitCode.OK
 
 
-def _summary(stored: StoredBackup) -> dict[str, object]:
+def _summary(stored: StoredBackup, decision: gfs.Decision | None) -> dict[str, object]:
     manifest = stored.head()
     return {
         "name": stored.name,
@@ -52,24 +55,123 @@ def _summary(stored: StoredBackup) -> dict[str, object]:
         "compression": manifest.compression if manifest else None,
         "files": manifest.file_count if manifest else None,
         "warnings": sum(len(source.warnings) for source in manifest.sources) if manifest else None,
+        "kept_by": list(decision.reasons) if decision else [],
     }
 
 
 def _list(arguments: argparse.Namespace, policy: Policy) -> int:
     stored = Store(policy.backup_dir, policy.name_prefix).backups()
-    rows = [_summary(item) for item in reversed(stored)]
+    decisions = {
+        decision.name: decision
+        for decision in gfs.decide(
+            retention.candidates(stored), gfs.Rules.from_policy(policy), policy.zone
+        )
+    }
+    rows = [_summary(item, decisions.get(item.name)) for item in reversed(stored)]
     if arguments.json:
         print(json.dumps(rows, indent=1))
         return ExitCode.OK
     if not rows:
         print(f"no backups in {policy.backup_dir}", file=sys.stderr)
         return ExitCode.OK
-    print(f"{'NAME':<40} {'CREATED':<25} {'TIERS':<16} {'SIZE':>10} {'FILES':>7}")
+    print(f"{'NAME':<40} {'CREATED':<25} {'TIERS':<14} {'SIZE':>10} {'FILES':>7}  KEPT BY")
     for item, row in zip(reversed(stored), rows, strict=True):
         created = item.created.astimezone(policy.zone).isoformat()
         tiers = ",".join(row["tiers"]) or "?"  # type: ignore[arg-type]  # a list[str] built above
         files = "?" if row["files"] is None else row["files"]
-        print(f"{item.name:<40} {created:<25} {tiers:<16} {human_size(item.size):>10} {files:>7}")
+        kept_by = ", ".join(row["kept_by"]) or "(to be pruned)"  # type: ignore[arg-type]  # list[str]
+        print(
+            f"{item.name:<40} {created:<25} {tiers:<14} {human_size(item.size):>10} "
+            f"{files:>7}  {kept_by}"
+        )
+    return ExitCode.OK
+
+
+def _prune(arguments: argparse.Namespace, policy: Policy) -> int:
+    outcome = retention.prune(policy, dry_run=arguments.dry_run)
+    if arguments.json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": outcome.dry_run,
+                    "held": outcome.held,
+                    "deleted": outcome.deleted,
+                    "kept": [
+                        {"name": decision.name, "reasons": list(decision.reasons)}
+                        for decision in outcome.decisions
+                        if decision.keep
+                    ],
+                },
+                indent=1,
+            )
+        )
+    else:
+        verb = "would delete" if outcome.dry_run else "deleted"
+        for name in outcome.deleted:
+            print(f"{verb} {name}")
+        if outcome.held is not None:
+            print(f"sovbackupd: warning: retention held: {outcome.held}", file=sys.stderr)
+    return ExitCode.OK
+
+
+_SPAN = re.compile(r"^(\d+)([hdw])$")
+_SPAN_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+
+def _span(text: str) -> timedelta:
+    match = _SPAN.match(text)
+    if match is None or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count and h, d or w, e.g. 6h or 400d")
+    return int(match[1]) * _SPAN_UNITS[match[2]]
+
+
+def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tuple[str, datetime]]:
+    if arguments.source is None:
+        end = datetime.now(policy.zone).replace(minute=0, second=0, microsecond=0)
+        count = int(arguments.span / arguments.every)
+        moments = [end - step * arguments.every for step in range(count, -1, -1)]
+        return [(moment.isoformat(), moment) for moment in moments]
+    text = sys.stdin.read() if arguments.source == "-" else Path(arguments.source).read_text()
+    times = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            moment = datetime.fromisoformat(line.strip())
+        except ValueError:
+            raise SovbackupdError(f"{arguments.source}:{number}: not an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            raise SovbackupdError(f"{arguments.source}:{number}: the time needs an offset")
+        times.append((line.strip(), moment))
+    return times
+
+
+def _simulate(arguments: argparse.Namespace, policy: Policy) -> int:
+    times = _simulated_times(arguments, policy)
+    given = {f"t{index}": text for index, (text, _) in enumerate(times)}
+    decisions = gfs.decide(
+        [gfs.Candidate(f"t{index}", moment, ok=True) for index, (_, moment) in enumerate(times)],
+        gfs.Rules.from_policy(policy),
+        policy.zone,
+    )
+    rows = [
+        {"time": given[item.name], "keep": item.keep, "reasons": list(item.reasons)}
+        for item in sorted(decisions, key=lambda item: item.time)
+    ]
+    if arguments.json:
+        print(json.dumps(rows, indent=1))
+        return ExitCode.OK
+    for row in rows:
+        mark = "keep  " if row["keep"] else "delete"
+        print(f"{mark} {row['time']}  {', '.join(row['reasons'])}")  # type: ignore[arg-type]  # list[str]
+    per_rule: dict[str, int] = {}
+    for item in decisions:
+        for reason in item.reasons:
+            rule = reason.split()[0]
+            per_rule[rule] = per_rule.get(rule, 0) + 1
+    kept = sum(item.keep for item in decisions)
+    summary = ", ".join(f"{rule} {count}" for rule, count in sorted(per_rule.items()))
+    print(f"{kept} of {len(decisions)} kept ({summary})")
     return ExitCode.OK
 
 
@@ -100,11 +202,16 @@ def _check_config(arguments: argparse.Namespace, policy: Policy) -> int:
 
 
 def _run(arguments: argparse.Namespace) -> int:
+    # Imported here: the daemon's libraries cost every one-shot command ~0.1 s to load.
+    from sovbackupd import daemon  # noqa: PLC0415
+
     sovlogging.configure(sys.stdout, logging.DEBUG if arguments.verbose else logging.INFO)
     return daemon.run(arguments.config or config.default_path())
 
 
 def _demo(arguments: argparse.Namespace) -> int:
+    from sovbackupd import demo  # noqa: PLC0415 (as for _run)
+
     sovlogging.configure(sys.stdout, logging.INFO)
     root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
     return demo.run(root.resolve(), print, arguments.seconds)
@@ -150,6 +257,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify_parser.add_argument("--json", action="store_true", help="print JSON")
     verify_parser.set_defaults(handler=_verify)
+
+    prune_parser = commands.add_parser("prune", help="apply GFS retention now")
+    prune_parser.add_argument("--dry-run", action="store_true", help="only say what would go")
+    prune_parser.add_argument("--json", action="store_true", help="print JSON")
+    prune_parser.set_defaults(handler=_prune)
+
+    retention_parser = commands.add_parser("retention", help="preview retention")
+    retention_commands = retention_parser.add_subparsers(dest="retention", required=True)
+    simulate = retention_commands.add_parser(
+        "simulate", help="which of a list of backup times the policy would keep, and why"
+    )
+    simulate.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE",
+        help="ISO 8601 times with offsets, one per line ('-' for stdin)",
+    )
+    simulate.add_argument("--every", type=_span, default=_span("1d"), help="series step (1d)")
+    simulate.add_argument("--span", type=_span, default=_span("400d"), help="series length")
+    simulate.add_argument("--json", action="store_true", help="print JSON")
+    simulate.set_defaults(handler=_simulate)
 
     check_parser = commands.add_parser(
         "check-config", help="validate the policy and print it as it takes effect"

@@ -70,6 +70,10 @@ class Metrics:
             "backups_stored_bytes", "Bytes of the backups kept, by location.", ["location"]
         )
         self.retention_deleted = counter("retention_deleted_total", "Backups deleted by retention.")
+        self.retention_held = gauge(
+            "retention_held",
+            "1 while the size guard holds retention (the newest backup collapsed in size).",
+        )
         self.remote_last_success = gauge(
             "remote_last_success_timestamp_seconds",
             "When each remote last received a verified copy.",

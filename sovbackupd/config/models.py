@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from sovbackupd import scheduler
+from sovbackupd.policy import parse_duration
 
 TIER_NAMES = ("hourly", "daily", "weekly", "monthly", "yearly")
 TierName = Literal["hourly", "daily", "weekly", "monthly", "yearly"]
@@ -234,13 +235,18 @@ class SizeGuard(_Model):
     )
 
 
+def _duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
 class Retention(_Model):
     """Rules beyond the tiers' keep counts (restic's --keep-last and --keep-within)."""
 
     keep_last: int | None = Field(
         default=None, ge=0, description="Also keep the newest N backups, whatever their time."
     )
-    keep_within: Annotated[str, Field(pattern=r"^(\d+[yMdh])+$")] | None = Field(
+    keep_within: Annotated[str, AfterValidator(_duration)] | None = Field(
         default=None,
         description="Also keep every backup within this duration of the newest one, as "
         "restic writes it: 1y2M3d4h.",

@@ -387,7 +387,7 @@ def daemon_policy(
         redis,
         tiers={tier: {"schedule": schedule, "keep": 100} for tier, schedule in tiers.items()},
         metrics={"listen": listen},
-        **overrides,
+        **{"retention": {"keep_last": 1000}, **overrides},  # seconds-apart backups: prune none
     )
     return write_policy(tmp_path / name, data), listen
 
