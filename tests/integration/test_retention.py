@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sovbackupd import __version__, archive
+from prometheus_client import CollectorRegistry
+
+from sovbackupd import __version__, archive, retention
 from sovbackupd import policy as gfs
 from sovbackupd.config import parse
 from sovbackupd.manifest import Manifest
+from sovbackupd.metrics import Metrics
 from sovbackupd.sources.base import Member, SourceReport
 from sovbackupd.store import Store, backup_name
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
@@ -159,3 +162,19 @@ def test_retention_simulate_previews_a_policy(tmp_path: Path, sandbox: Sandbox) 
     series = run_cli("retention", "simulate", "--every", "6h", "--span", "30d", config=policy)
     assert series.returncode == 0, series.stderr
     assert series.stdout.splitlines()[-1].startswith("2 of 121 kept")
+
+
+def test_prune_counts_deletions_and_holds_in_metrics(tmp_path: Path, sandbox: Sandbox) -> None:
+    """retention_deleted_total counts deletions; a collapsed backup sets retention_held."""
+    policy = parse(retention_policy(tmp_path, sandbox).read_text(), "policy.yaml", {})
+    three_years(sandbox.backup_dir)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    outcome = retention.prune(policy, dry_run=False, metrics=metrics)
+    assert registry.get_sample_value("sovbackupd_retention_deleted_total") == len(outcome.deleted)
+    kept = len(Store(sandbox.backup_dir, PREFIX).backups())
+    assert registry.get_sample_value("sovbackupd_backups_stored", {"location": "local"}) == kept
+    assert registry.get_sample_value("sovbackupd_retention_held") == 0
+    write_backup(sandbox.backup_dir, START + timedelta(days=1200), b"")
+    assert retention.prune(policy, dry_run=False, metrics=metrics).held is not None
+    assert registry.get_sample_value("sovbackupd_retention_held") == 1
