@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,13 +62,31 @@ class Manifest(_Frozen):
     )
 
 
+FILES_MARKER = b',\n "files": ['
+HEAD_LIMIT_BYTES = 16 << 20
+
+
+def read_head(path: Path) -> Manifest:
+    """Read the manifest at *path* without its file list, which can hold 100k entries.
+
+    :func:`write_manifest` puts every other field before ``files``, so only the bytes up
+    to that key are parsed. Raise OSError or ValueError when the file is unreadable.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(HEAD_LIMIT_BYTES)
+    cut = head.find(FILES_MARKER)
+    data = json.loads(head[:cut] + b"\n}" if cut >= 0 else head)
+    data.pop("files", None)
+    return Manifest.model_validate(data)
+
+
 def write_manifest(head: Manifest, entry_lines: Iterable[bytes], out: IO[bytes]) -> None:
     """Write the manifest JSON: *head*'s fields, then ``files`` from *entry_lines*.
 
     Each line is one FileEntry as compact JSON; they are streamed, never held together.
     """
     fields = json.dumps(head.model_dump(mode="json", exclude={"files"}), indent=1)
-    out.write(fields.removesuffix("\n}").encode() + b',\n "files": [')
+    out.write(fields.removesuffix("\n}").encode() + FILES_MARKER)
     separator = b"\n  "
     for line in entry_lines:
         out.write(separator + line.rstrip(b"\n"))

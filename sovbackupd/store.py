@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from pydantic import ValidationError
 
 from sovbackupd.archive import MANIFEST_SUFFIX, PARTIAL_SUFFIX, SIDECAR_SUFFIX, manifest_path
 from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
-from sovbackupd.manifest import Manifest
+from sovbackupd.manifest import Manifest, read_head
 
 LOCK_NAME = ".sovbackupd.lock"
 STAGING_NAME = ".staging"
@@ -44,12 +43,10 @@ class StoredBackup:
             return None
 
     def head(self) -> Manifest | None:
-        """Return the manifest beside the archive without its file list (cheaper to read)."""
+        """Return the manifest beside the archive without its file list (cheap to read)."""
         try:
-            data = json.loads(manifest_path(self.path).read_bytes())
-            data.pop("files", None)
-            return Manifest.model_validate(data)
-        except (OSError, ValueError, AttributeError):
+            return read_head(manifest_path(self.path))
+        except (OSError, ValueError):
             return None  # ValidationError and JSONDecodeError are ValueErrors
 
 

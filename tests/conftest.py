@@ -195,3 +195,54 @@ def backup_files(backup_dir: Path) -> set[str]:
     if not backup_dir.exists():
         return set()
     return {entry.name for entry in backup_dir.iterdir() if entry.name != ".sovbackupd.lock"}
+
+
+@dataclass
+class SqliteLock:
+    """Another process holding an EXCLUSIVE transaction on a rollback-journal database."""
+
+    process: subprocess.Popen[str]
+
+    def release(self) -> None:
+        """End the transaction and let the process exit."""
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait(30)
+
+
+LOCKER_SCRIPT = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+connection.execute("ROLLBACK")
+"""
+
+
+@pytest.fixture
+def lock_sqlite() -> Iterator[Callable[[Path], SqliteLock]]:
+    """Hold a database EXCLUSIVE from another process, so a backup waits inside SQLite."""
+    locks: list[SqliteLock] = []
+
+    def lock(database: Path) -> SqliteLock:
+        # In WAL mode an EXCLUSIVE transaction does not block readers; in rollback mode it does.
+        connection = sqlite3.connect(database)
+        connection.execute("PRAGMA journal_mode=DELETE")
+        connection.close()
+        process = subprocess.Popen(
+            [sys.executable, "-c", LOCKER_SCRIPT, str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        held = SqliteLock(process)
+        locks.append(held)
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "locked"
+        return held
+
+    yield lock
+    for held in locks:
+        held.release()

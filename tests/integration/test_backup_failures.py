@@ -34,6 +34,7 @@ from tests.conftest import (
     CliResult,
     RedisServer,
     Sandbox,
+    SqliteLock,
     backup_files,
     free_port,
     policy_data,
@@ -142,57 +143,6 @@ def stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.kill()
         process.communicate()
-
-
-@dataclass
-class SqliteLocker:
-    """Another process holding an EXCLUSIVE transaction on a rollback-journal database."""
-
-    process: subprocess.Popen[str]
-
-    def release(self) -> None:
-        """End the transaction and let the process exit."""
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            self.process.wait(WAIT_SECONDS)
-
-
-LOCKER_SCRIPT = """
-import sqlite3, sys
-connection = sqlite3.connect(sys.argv[1], isolation_level=None)
-connection.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()
-connection.execute("ROLLBACK")
-"""
-
-
-@pytest.fixture
-def lock_sqlite() -> Iterator[Callable[[Path], SqliteLocker]]:
-    """Take an EXCLUSIVE lock on a database from a separate process; release it afterwards."""
-    lockers: list[SqliteLocker] = []
-
-    def lock(database: Path) -> SqliteLocker:
-        # In WAL mode an EXCLUSIVE transaction does not block readers; in rollback mode it does.
-        connection = sqlite3.connect(database)
-        connection.execute("PRAGMA journal_mode=DELETE")
-        connection.close()
-        process = subprocess.Popen(
-            [sys.executable, "-c", LOCKER_SCRIPT, str(database)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        locker = SqliteLocker(process)
-        lockers.append(locker)
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "locked"
-        return locker
-
-    yield lock
-    for locker in lockers:
-        locker.release()
 
 
 @pytest.fixture
@@ -378,7 +328,7 @@ def test_backup_gives_up_on_a_sqlite_database_locked_too_long(
     sandbox: Sandbox,
     good_backup: GoodBackup,
     redis_server: RedisServer,
-    lock_sqlite: Callable[[Path], SqliteLocker],
+    lock_sqlite: Callable[[Path], SqliteLock],
 ) -> None:
     """A database held EXCLUSIVE past sqlite_timeout_seconds fails fast with a 'locked' line."""
     lock_sqlite(sandbox.database)
@@ -450,7 +400,7 @@ def test_backup_refuses_before_writing_when_the_disk_is_too_small(
 
 @pytest.mark.root
 def test_backup_cleans_up_when_the_disk_fills_during_the_write(
-    sandbox: Sandbox, mount_tmpfs: Mount, lock_sqlite: Callable[[Path], SqliteLocker]
+    sandbox: Sandbox, mount_tmpfs: Mount, lock_sqlite: Callable[[Path], SqliteLock]
 ) -> None:
     """Data that outgrows the disk after the preflight fails with exit 73 and no partial."""
     mount_tmpfs(sandbox.backup_dir, "4m")
@@ -503,7 +453,7 @@ def test_archive_writer_raises_disk_space_error_and_removes_its_partial(
 def test_backup_is_refused_while_another_backup_holds_the_lock(
     sandbox: Sandbox,
     redis_server: RedisServer,
-    lock_sqlite: Callable[[Path], SqliteLocker],
+    lock_sqlite: Callable[[Path], SqliteLock],
 ) -> None:
     """A second backup exits 75 naming the running one; the first then completes and verifies."""
     # The first backup stalls mid-archive on a locked database, holding the directory lock.

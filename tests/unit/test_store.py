@@ -15,6 +15,7 @@ import pytest
 
 from sovbackupd.errors import LockedError, NotFoundError
 from sovbackupd.store import Store, backup_name
+from tests.integration.test_retention import write_backup
 
 PREFIX = "sovereigncore_backup"
 
@@ -298,3 +299,17 @@ def test_lock_file_made_by_root_goes_to_the_directory_owner(tmp_path: Path) -> N
     with store.lock():
         pass
     assert (directory / ".sovbackupd.lock").stat().st_uid == 4321
+
+
+def test_head_reads_a_manifest_without_its_files(tmp_path: Path) -> None:
+    """The head of a real manifest parses from the bytes before its file list."""
+    directory = tmp_path / "backups"
+    directory.mkdir(mode=0o700)
+    name = write_backup(directory, datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), b"x" * 100)
+    stored = Store(directory, "sovereigncore_backup").find(name)
+    head = stored.head()
+    full = stored.manifest()
+    assert head is not None
+    assert full is not None
+    assert len(full.files) == 1
+    assert head == full.model_copy(update={"files": []})
