@@ -190,6 +190,11 @@ def run_cli(
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
 
 
+def stored_files(name: str) -> set[str]:
+    """Return the files one committed gzip backup *name* consists of."""
+    return {f"{name}.tar.gz", f"{name}.tar.gz.sha256", f"{name}.manifest.json"}
+
+
 def backup_files(backup_dir: Path) -> set[str]:
     """Return the names in *backup_dir*, without the lock file."""
     if not backup_dir.exists():

@@ -40,6 +40,7 @@ from tests.conftest import (
     policy_data,
     require_tool,
     run_cli,
+    stored_files,
     write_policy,
 )
 
@@ -92,7 +93,7 @@ def make_good_backup(sandbox: Sandbox) -> GoodBackup:
     assert result.returncode == ExitCode.OK, result.stderr
     name = result.stdout.strip()
     contents = snapshot(sandbox.backup_dir)
-    assert {f"{name}.tar.gz", f"{name}.tar.gz.sha256", f"{name}.manifest.json"} == set(contents)
+    assert stored_files(name) == set(contents)
     return GoodBackup(policy, sandbox.backup_dir, name, contents)
 
 
@@ -485,11 +486,7 @@ def test_backup_is_refused_while_another_backup_holds_the_lock(
     assert first.returncode == ExitCode.OK, stderr
     name = stdout.strip()
     assert leftovers(sandbox.backup_dir) == []
-    assert backup_files(sandbox.backup_dir) == {
-        f"{name}.tar.gz",
-        f"{name}.tar.gz.sha256",
-        f"{name}.manifest.json",
-    }
+    assert backup_files(sandbox.backup_dir) == stored_files(name)
     verified = run_cli("verify", "--deep", name, config=policy)
     assert verified.returncode == ExitCode.OK, verified.stderr
 

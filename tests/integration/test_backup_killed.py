@@ -21,6 +21,7 @@ from tests.conftest import (
     backup_files,
     policy_data,
     run_cli,
+    stored_files,
     write_policy,
 )
 
@@ -89,11 +90,7 @@ def test_backup_killed_mid_archive_leaves_temp_files_that_the_next_backup_remove
     assert result.returncode == ExitCode.OK, result.stderr
     assert result.stderr_lines == []
     name = result.stdout.strip()
-    assert backup_files(sandbox.backup_dir) == {
-        f"{name}.tar.gz",
-        f"{name}.tar.gz.sha256",
-        f"{name}.manifest.json",
-    }
+    assert backup_files(sandbox.backup_dir) == stored_files(name)
     verified = run_cli("verify", "--deep", name, config=policy)
     assert verified.returncode == ExitCode.OK, verified.stderr
     assert verified.stdout.strip() == f"{name}: ok (deep)"

@@ -18,7 +18,14 @@ from sovbackupd.manifest import Manifest
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources.base import Member, SourceReport
 from sovbackupd.store import Store, backup_name
-from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
+from tests.conftest import (
+    Sandbox,
+    backup_files,
+    policy_data,
+    run_cli,
+    stored_files,
+    write_policy,
+)
 
 PREFIX = "sovereigncore_backup"
 START = datetime(2023, 11, 20, 2, 0, tzinfo=UTC)
@@ -109,11 +116,7 @@ def test_prune_dry_run_lists_then_prune_deletes_exactly_the_decision(
     assert sorted(done["deleted"]) == expected
     left = backup_files(sandbox.backup_dir)
     kept = sorted(set(names) - set(expected))
-    assert left == {
-        f"{name}{suffix}"
-        for name in kept
-        for suffix in (".tar.gz", ".tar.gz.sha256", ".manifest.json")
-    }
+    assert left == set().union(*(stored_files(name) for name in kept))
     assert run_cli("verify", "--all", config=policy_path).returncode == 0
     assert prune(policy_path)["deleted"] == [], "a second prune deletes nothing"
 
