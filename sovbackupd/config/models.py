@@ -330,6 +330,38 @@ class Daemon(_Model):
     )
 
 
+class Restore(_Model):
+    """How ``sovbackupd restore`` swaps live data: the services stopped around it."""
+
+    stop: list[Argv] = Field(
+        default_factory=list,
+        description="Commands run in order before live files are replaced, e.g. "
+        "[systemctl, stop, redis]. Without them, restoring Redis is refused while it runs.",
+    )
+    start: list[Argv] = Field(
+        default_factory=list,
+        description="Commands run in order after the swap, also when the swap failed.",
+    )
+    timeout_seconds: float = Field(
+        default=300.0, gt=0, description="Each stop or start command is killed after this."
+    )
+    safety_keep: Annotated[str, AfterValidator(_duration)] = Field(
+        default="7d",
+        description="How long pre-restore safety backups are kept (restic duration "
+        "syntax); retention leaves them out of the tiers until then.",
+    )
+
+
+class TestRestore(_Model):
+    """Scheduled restore drills: the newest backup restored to scratch and checked."""
+
+    schedule: Annotated[str, AfterValidator(_cron)] | None = Field(
+        default=None,
+        description="Cron expression of the drill (the seed's monthly test: '0 5 1 * *'); "
+        "none runs no drill from the daemon.",
+    )
+
+
 class Policy(_Model):
     """A sovbackupd policy file."""
 
@@ -364,6 +396,12 @@ class Policy(_Model):
     )
     metrics: Metrics = Field(default_factory=Metrics, description="The /metrics endpoint.")
     daemon: Daemon = Field(default_factory=Daemon, description="Timeouts of the daemon.")
+    restore: Restore = Field(
+        default_factory=Restore, description="Services stopped and started around a restore."
+    )
+    test_restore: TestRestore = Field(
+        default_factory=TestRestore, description="Scheduled test restores."
+    )
 
     @property
     def zone(self) -> ZoneInfo:

@@ -49,6 +49,11 @@ EXAMPLE = Policy.model_validate(
             "monthly": {"schedule": "0 4 1 * *", "keep": 12},
             "yearly": {"keep": 7},
         },
+        "test_restore": {"schedule": "0 5 1 * *"},
+        "restore": {
+            "stop": [["systemctl", "stop", "redis-server"]],
+            "start": [["systemctl", "start", "redis-server"]],
+        },
         "notify": [
             {"type": "webhook", "url": "https://hc-ping.com/YOUR-UUID", "on": ["success"]},
             {"type": "webhook", "url": "https://hc-ping.com/YOUR-UUID/fail", "on": ["failure"]},
