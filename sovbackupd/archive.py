@@ -443,19 +443,35 @@ def compression_of(archive: Path) -> Compression:
 
 
 @contextmanager
+def decompressing(handle: BinaryIO, compression: Compression) -> Iterator[IO[bytes]]:
+    """Yield the decompressed tar stream read from *handle*, which stays open."""
+    match compression:
+        case "gzip":
+            # One thread reads ahead and inflates while the caller hashes and writes.
+            stream: IO[bytes] = isal.igzip_threaded.open(handle, "rb", threads=1)  # type: ignore[no-untyped-call]  # isal leaves open() untyped
+        case "zstd":
+            stream = zstandard.ZstdDecompressor().stream_reader(handle, closefd=False)
+        case "none":
+            yield handle
+            return
+    with stream:
+        yield stream
+
+
+@contextmanager
 def open_stream(archive: Path) -> Iterator[IO[bytes]]:
     """Open *archive* and yield its decompressed tar stream."""
     compression = compression_of(archive)
-    with archive.open("rb") as handle:
-        match compression:
-            case "gzip":
-                stream: IO[bytes] = isal.igzip_threaded.open(handle, "rb", threads=1)  # type: ignore[no-untyped-call]  # isal leaves open() untyped
-            case "zstd":
-                stream = zstandard.ZstdDecompressor().stream_reader(handle, closefd=False)
-            case "none":
-                stream = handle
-        with stream:
-            yield stream
+    with archive.open("rb") as handle, decompressing(handle, compression) as stream:
+        yield stream
+
+
+def stream_sha256(stream: IO[bytes]) -> str:
+    """Read *stream* to its end; return the sha256 of its bytes."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(CHUNK_BYTES):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_sidecar(archive: Path) -> str:
@@ -474,11 +490,8 @@ def read_sidecar(archive: Path) -> str:
 
 def file_sha256(path: Path) -> str:
     """Return the sha256 of the file at *path*."""
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return stream_sha256(handle)
 
 
 def verify_checksum(archive: Path) -> None:
@@ -489,13 +502,10 @@ def verify_checksum(archive: Path) -> None:
 
 
 def _member_digest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
-    digest = hashlib.sha256()
     extracted = tar.extractfile(info)
     if extracted is None:
         raise ArchiveError(f"member {info.name} cannot be read")
-    while chunk := extracted.read(CHUNK_BYTES):
-        digest.update(chunk)
-    return digest.hexdigest()
+    return stream_sha256(extracted)
 
 
 _KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}

@@ -122,12 +122,7 @@ def _before_hooks(policy: Policy, env: dict[str, str], metrics: Metrics | None) 
     """Run the before_backup hooks; raise HookError at the first that fails."""
     for result in _hooks("before_backup", policy, env, metrics):
         if not result.ok:
-            why = (
-                f"timed out after {result.duration_seconds:.0f}s"
-                if result.timed_out
-                else result.error or f"exited {result.returncode}"
-            )
-            raise HookError(f"before_backup hook {' '.join(result.argv)} failed: {why}")
+            raise HookError(f"before_backup hook {' '.join(result.argv)} failed: {result.failure}")
 
 
 def run(
@@ -138,6 +133,7 @@ def run(
     on_estimate: archive.ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     metrics: Metrics | None = None,
+    redis_offline: bool = False,
 ) -> BackupResult:
     """Back up every source of *policy* into one new archive labelled with *tiers*.
 
@@ -145,6 +141,7 @@ def run(
     its webhooks hear the result. Raise a SovbackupdError subclass on failure; then no
     new archive, sidecar or temp file is left behind. Setting *cancel* aborts the run the
     same way. *metrics*, when given (the daemon's), records the attempt and its result.
+    *redis_offline* archives a stopped Redis server's files (a restore's safety backup).
     """
     started = time.monotonic()
     if metrics is not None:
@@ -165,6 +162,7 @@ def run(
             cancel=cancel,
             metrics=metrics,
             started=started,
+            redis_offline=redis_offline,
         )
     except Exception as error:
         if metrics is not None:
@@ -232,12 +230,13 @@ def _run(
     cancel: threading.Event | None,
     metrics: Metrics | None,
     started: float,
+    redis_offline: bool,
 ) -> BackupResult:
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
-        built = sources.build_all(policy.sources)
+        built = sources.build_all(policy.sources, redis_offline=redis_offline)
         estimate = _preflight(built)
         check_free_space(
             policy.backup_dir,

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
-from sovbackupd import __version__, backup, config, retention, verify
+from sovbackupd import __version__, backup, config, restore, retention, verify
 from sovbackupd import logging as sovlogging
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
@@ -195,6 +195,81 @@ def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
     return ExitCode.OK if all(verdict.ok for verdict in verdicts) else ExitCode.FAILURE
 
 
+def _components(text: str) -> set[restore.Component]:
+    chosen: set[restore.Component] = set()
+    for word in text.split(","):
+        component = next((known for known in restore.COMPONENTS if known == word.strip()), None)
+        if component is None:
+            raise argparse.ArgumentTypeError(
+                f"{word.strip()!r}: choose from {','.join(restore.COMPONENTS)}"
+            )
+        chosen.add(component)
+    return chosen
+
+
+def _chosen(arguments: argparse.Namespace, policy: Policy) -> StoredBackup:
+    store = Store(policy.backup_dir, policy.name_prefix)
+    return store.find(arguments.name) if arguments.name else store.latest()
+
+
+def _confirmed(plan: restore.Plan) -> bool:
+    """Ask on the terminal before live data is replaced."""
+    print(f"Restoring {plan.manifest.id} replaces live data:", file=sys.stderr)
+    for number, step in enumerate(plan.steps(), 1):
+        print(f"{number:>3}. {step}", file=sys.stderr)
+    answer = input("Go ahead? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
+    if arguments.name is None and not arguments.latest:
+        raise SovbackupdError("name the backup to restore, or pass --latest")
+    plan = restore.plan(
+        policy,
+        _chosen(arguments, policy),
+        only=arguments.only,
+        to=arguments.to.absolute() if arguments.to else None,
+        safety_backup=not arguments.no_safety_backup,
+        outside_links=arguments.allow_outside_symlinks,
+    )
+    if arguments.dry_run:
+        print(f"sovbackupd restore {plan.manifest.id} would, changing nothing now:")
+        for number, step in enumerate(plan.steps(), 1):
+            print(f"{number:>3}. {step}")
+        return ExitCode.OK
+    if plan.live and not arguments.yes:
+        if not sys.stdin.isatty():
+            raise SovbackupdError(
+                "restore replaces live data: pass --yes to confirm (--dry-run shows the steps)"
+            )
+        if not _confirmed(plan):
+            print("sovbackupd: restore cancelled, nothing was changed", file=sys.stderr)
+            return ExitCode.FAILURE
+    result = restore.run(policy, plan)
+    print(f"restored {result.name}: {result.files} files, {human_size(result.bytes)}")
+    for unit in result.units:
+        print(f"  {unit.component:<7} {unit.destination}")
+    if result.safety_backup is not None:
+        print(
+            f"safety backup of what was replaced: {result.safety_backup} "
+            f"(undo: sovbackupd restore {result.safety_backup} --yes)"
+        )
+    return ExitCode.OK
+
+
+def _test_restore(arguments: argparse.Namespace, policy: Policy) -> int:
+    name = _chosen(arguments, policy).name
+    report = restore.drill(policy, name)
+    if arguments.json:
+        print(json.dumps(asdict(report), indent=1))
+    else:
+        for check in report.checks:
+            print(f"{'ok  ' if check.ok else 'FAIL'} {check.what}: {check.detail}")
+        verdict = "passed" if report.ok else "FAILED"
+        print(f"test restore of {report.name} {verdict} in {report.duration_seconds:.1f}s")
+    return ExitCode.OK if report.ok else ExitCode.FAILURE
+
+
 def _check_config(arguments: argparse.Namespace, policy: Policy) -> int:
     del arguments
     print(config.render(policy), end="")
@@ -215,6 +290,53 @@ def _demo(arguments: argparse.Namespace) -> int:
     sovlogging.configure(sys.stdout, logging.INFO)
     root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
     return demo.run(root.resolve(), print, arguments.seconds)
+
+
+def _add_restore_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    restore_parser = commands.add_parser(
+        "restore", help="put a backup back in place (verified first; a safety backup before)"
+    )
+    chosen = restore_parser.add_mutually_exclusive_group()
+    chosen.add_argument("name", nargs="?", help="the backup to restore")
+    chosen.add_argument("--latest", action="store_true", help="the newest backup")
+    restore_parser.add_argument(
+        "--only",
+        type=_components,
+        metavar="LIST",
+        help=f"restore only these components (comma-separated: {','.join(restore.COMPONENTS)})",
+    )
+    restore_parser.add_argument(
+        "--to",
+        type=Path,
+        metavar="DIR",
+        help="re-root every original path under DIR, touching nothing live",
+    )
+    restore_parser.add_argument(
+        "--dry-run", action="store_true", help="print the steps it would take, change nothing"
+    )
+    restore_parser.add_argument(
+        "--yes", action="store_true", help="replace live data without asking"
+    )
+    restore_parser.add_argument(
+        "--no-safety-backup",
+        action="store_true",
+        help="skip the pre-restore backup of the live data being replaced",
+    )
+    restore_parser.add_argument(
+        "--allow-outside-symlinks",
+        action="store_true",
+        help="restore symlinks that point outside their directory as they are",
+    )
+    restore_parser.set_defaults(handler=_restore)
+
+    drill_parser = commands.add_parser(
+        "test-restore", help="restore a backup into scratch space and check every component"
+    )
+    drilled = drill_parser.add_mutually_exclusive_group()
+    drilled.add_argument("name", nargs="?", help="the backup to test")
+    drilled.add_argument("--latest", action="store_true", help="the newest backup (default)")
+    drill_parser.add_argument("--json", action="store_true", help="print JSON")
+    drill_parser.set_defaults(handler=_test_restore)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -257,6 +379,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify_parser.add_argument("--json", action="store_true", help="print JSON")
     verify_parser.set_defaults(handler=_verify)
+
+    _add_restore_commands(commands)
 
     prune_parser = commands.add_parser("prune", help="apply GFS retention now")
     prune_parser.add_argument("--dry-run", action="store_true", help="only say what would go")

@@ -64,5 +64,13 @@ class HookError(SovbackupdError):
     """A before_backup hook failed, so the backup did not start."""
 
 
+class RestoreError(SovbackupdError):
+    """A restore was refused or could not finish; what it swapped was put back."""
+
+
 class NotFoundError(SovbackupdError):
     """A named backup does not exist."""
+
+
+class CryptoError(SovbackupdError):
+    """gpg could not encrypt or decrypt: a wrong passphrase, a missing key, a damaged file."""

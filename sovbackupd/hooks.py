@@ -55,6 +55,13 @@ class HookResult:
         """Return whether the hook ran and exited 0."""
         return self.returncode == 0
 
+    @property
+    def failure(self) -> str:
+        """Say how the hook failed, for a one-line error."""
+        if self.timed_out:
+            return f"timed out after {self.duration_seconds:.0f}s"
+        return self.error or f"exited {self.returncode}"
+
 
 class _TailReader:
     """Read a pipe to its end on a thread, keeping only the last bytes."""

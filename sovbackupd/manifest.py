@@ -11,6 +11,8 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 1
+SAFETY_TIER = "pre-restore"
+"""The label of the backup a restore takes of the live data it is about to replace."""
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "backup_info.txt"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sovbackupd import __version__
-from sovbackupd.manifest import Manifest
+from sovbackupd.manifest import SAFETY_TIER, Manifest
 from sovbackupd.store import StoredBackup
 
 PREFIX = "sovbackupd"
@@ -98,6 +98,11 @@ class Metrics:
             "config_last_reload_timestamp_seconds", "When the policy was last (re)loaded."
         )
         self.next_run = gauge("next_run_timestamp_seconds", "When each tier runs next.", ["tier"])
+        self.tier_interval = gauge(
+            "tier_interval_seconds",
+            "Longest gap between two scheduled runs of each tier (the missed-backup yardstick).",
+            ["tier"],
+        )
         self.build_info = gauge("build_info", "The running version (always 1).", ["version"])
         self.hook_runs = counter(
             "hook_runs_total", "Hook commands run, by stage and result.", ["stage", "result"]
@@ -117,12 +122,15 @@ class Metrics:
     def declare_tiers(self, tiers: Iterable[str]) -> None:
         """Create the series of each scheduled tier, so alerts see them from the start.
 
-        A tier a reload removed loses its next-run series: left behind, its time would
-        soon lie in the past and look like a missed run.
+        A tier a reload removed loses its next-run and interval series: left behind, its
+        time would soon lie in the past and look like a missed run. The interval series
+        appears only once the scheduler has computed it: at zero it would make any backup
+        look missed.
         """
         scheduled = set(tiers)
         for tier in self._scheduled - scheduled:
             self.next_run.remove(tier)
+            self.tier_interval.remove(tier)
         for tier in scheduled:
             self.last_success.labels(tier=tier)
             self.last_attempt.labels(tier=tier)
@@ -163,7 +171,8 @@ class Metrics:
         """
         for backup in backups:  # oldest first: the newest backup of each tier wins
             head = backup.head()
-            if head is not None:
+            # A restore's safety backup holds only what it replaced: not a tier's backup.
+            if head is not None and head.tiers != [SAFETY_TIER]:
                 self._newest(head, backup.size)
         self.set_stored(LOCAL, backups)
 
@@ -185,6 +194,12 @@ class Metrics:
         """Record a policy load or reload."""
         self.reload_success.set(1 if success else 0)
         self.reload_time.set(time.time())
+
+    def restore_tested(self, ok: bool, last_success: float | None) -> None:
+        """Record a test restore's result and when one last passed (None: never)."""
+        self.restore_test_last_result.set(1 if ok else 0)
+        if last_success is not None:
+            self.restore_test_last_success.set(last_success)
 
     def hook_ran(self, stage: str, ok: bool) -> None:
         """Count one hook command."""

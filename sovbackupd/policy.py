@@ -114,6 +114,8 @@ class Candidate:
     """When the backup was made; timezone-aware."""
     ok: bool
     """A successful backup that verified; only these can be kept by a rule, or deleted."""
+    safety: bool = False
+    """A restore's pre-restore safety backup: outside the tiers, kept for ``safety_within``."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class Rules:
     monthly: int | None = None
     yearly: int | None = None
     within: Duration | None = None
+    safety_within: Duration | None = None
+    """How long after the newest backup a pre-restore safety backup is kept."""
 
     def __post_init__(self) -> None:
         """Reject counts that are neither None, >= 0, nor UNLIMITED."""
@@ -175,6 +179,7 @@ class Rules:
         tiers = policy.tiers
         retention = policy.retention
         within = parse_duration(retention.keep_within) if retention.keep_within else None
+        safety_within = parse_duration(policy.restore.safety_keep)
         return cls(
             last=retention.keep_last or None,
             hourly=_tier_count(tiers.hourly),
@@ -183,6 +188,7 @@ class Rules:
             monthly=_tier_count(tiers.monthly),
             yearly=_tier_count(tiers.yearly),
             within=None if within is None or within.is_zero else within,
+            safety_within=None if safety_within.is_zero else safety_within,
         )
 
 
@@ -303,15 +309,16 @@ def decide(candidates: Sequence[Candidate], rules: Rules, timezone: tzinfo) -> l
 
     Periods (hour, day, ISO week, month, year) are taken in *timezone*. Only successful
     backups (``ok``) count toward a rule or may be deleted; the newest successful backup is
-    always kept; with no rule at all every backup is kept. Raise ValueError on a naive time
-    or a repeated name.
+    always kept; with no rule at all every backup is kept. Safety backups stay out of the
+    rules: each is kept while within ``safety_within`` of the newest backup. Raise
+    ValueError on a naive time or a repeated name.
     """
     _check(candidates)
     ordered = sorted(candidates, key=lambda candidate: (candidate.time, candidate.name))
     ordered.reverse()
-    successful = [candidate for candidate in ordered if candidate.ok]
+    successful = [candidate for candidate in ordered if candidate.ok and not candidate.safety]
 
-    reasons: dict[str, list[str]] = {candidate.name: [] for candidate in successful}
+    reasons: dict[str, list[str]] = {candidate.name: [] for candidate in ordered if candidate.ok}
 
     def grant(kept: dict[str, str]) -> None:
         for name, reason in kept.items():
@@ -329,6 +336,18 @@ def decide(candidates: Sequence[Candidate], rules: Rules, timezone: tzinfo) -> l
         if rules.is_empty:
             grant({candidate.name: REASON_NO_RULE for candidate in successful})
         grant({successful[0].name: REASON_NEWEST})
+    safety = [candidate for candidate in ordered if candidate.ok and candidate.safety]
+    if safety and rules.is_empty:
+        grant({candidate.name: REASON_NO_RULE for candidate in safety})
+    elif safety and rules.safety_within is not None:
+        threshold = rules.safety_within.before(ordered[0].time, timezone)
+        grant(
+            {
+                candidate.name: f"pre-restore safety backup, within {rules.safety_within}"
+                for candidate in safety
+                if candidate.time > threshold
+            }
+        )
 
     decisions: list[Decision] = []
     for candidate in ordered:

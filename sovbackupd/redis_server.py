@@ -66,11 +66,22 @@ class RedisProcess:
                 self.process.wait()
 
 
-def start(directory: Path, *options: str, password: str | None = None) -> RedisProcess:
+def _last_log_line(log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1].split(" ", 4)[-1] if lines else "empty log"
+
+
+def start(
+    directory: Path, *options: str, password: str | None = None, timeout: float = START_SECONDS
+) -> RedisProcess:
     """Start redis-server in *directory* with extra *options*; return once it answers PING.
 
-    Raise SovbackupdError when redis-server is missing or does not come up; its log is
-    ``redis.log`` in *directory*.
+    A server still loading its dataset does not answer yet: *timeout* bounds the wait.
+    Raise SovbackupdError when redis-server is missing or does not come up, with the last
+    line of its log (``redis.log`` in *directory*).
     """
     binary = shutil.which("redis-server")
     if binary is None:
@@ -93,7 +104,7 @@ def start(directory: Path, *options: str, password: str | None = None) -> RedisP
     server = RedisProcess(
         directory, port, subprocess.Popen(argv, stdout=subprocess.DEVNULL), password
     )
-    deadline = time.monotonic() + START_SECONDS
+    deadline = time.monotonic() + timeout
     while True:
         try:
             server.client().ping()
@@ -101,7 +112,8 @@ def start(directory: Path, *options: str, password: str | None = None) -> RedisP
             if server.process.poll() is not None or time.monotonic() > deadline:
                 server.stop()
                 raise SovbackupdError(
-                    f"redis-server did not start in {directory}; see {directory / 'redis.log'}"
+                    f"redis-server did not start in {directory}: "
+                    f"{_last_log_line(directory / 'redis.log')}"
                 ) from None
             time.sleep(0.05)
         else:

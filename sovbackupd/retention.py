@@ -15,6 +15,7 @@ import structlog
 from sovbackupd import policy as gfs
 from sovbackupd.archive import fsync_dir, manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
+from sovbackupd.manifest import SAFETY_TIER
 from sovbackupd.metrics import LOCAL, Metrics
 from sovbackupd.store import Store, StoredBackup
 
@@ -39,20 +40,31 @@ def candidates(stored: list[StoredBackup]) -> list[gfs.Candidate]:
     Re-hashing every archive on each prune would read the whole history; ``verify
     --all`` and the test restores do that on their own schedule.
     """
-    return [
-        gfs.Candidate(
-            name=backup.name,
-            time=backup.created,
-            ok=sidecar_path(backup.path).is_file() and backup.head() is not None,
+    found = []
+    for backup in stored:
+        head = backup.head()
+        found.append(
+            gfs.Candidate(
+                name=backup.name,
+                time=backup.created,
+                ok=sidecar_path(backup.path).is_file() and head is not None,
+                safety=head is not None and head.tiers == [SAFETY_TIER],
+            )
         )
-        for backup in stored
-    ]
+    return found
 
 
-def size_guard(policy: Policy, stored: list[StoredBackup]) -> str | None:
-    """Return why pruning must wait when the newest backup collapsed in size, else None."""
+def size_guard(
+    policy: Policy, stored: list[StoredBackup], found: list[gfs.Candidate]
+) -> str | None:
+    """Return why pruning must wait when the newest backup collapsed in size, else None.
+
+    Safety backups (*found* tells which) hold only what a restore replaced: they are left
+    out of the comparison.
+    """
     guard = policy.retention.size_guard
-    sizes = [backup.size for backup in stored]
+    safety = {candidate.name for candidate in found if candidate.safety}
+    sizes = [backup.size for backup in stored if backup.name not in safety]
     if len(sizes) < 2:
         return None
     newest, earlier = sizes[-1], sizes[-1 - guard.window : -1]
@@ -76,8 +88,9 @@ def apply(
 ) -> Outcome:
     """Decide and (unless *dry_run*) delete; the caller holds the store's lock."""
     stored = store.backups()
-    decisions = gfs.decide(candidates(stored), gfs.Rules.from_policy(policy), policy.zone)
-    held = size_guard(policy, stored)
+    found = candidates(stored)
+    decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone)
+    held = size_guard(policy, stored, found)
     if metrics is not None:
         metrics.retention_held.set(1 if held else 0)
     if held is not None:

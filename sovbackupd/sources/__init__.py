@@ -12,11 +12,20 @@ SourceKind = Literal["redis", "sqlite", "config", "dirs"]
 SOURCE_ORDER: tuple[SourceKind, ...] = ("redis", "sqlite", "config", "dirs")
 
 
-def build_source(kind: SourceKind, config: Sources) -> Source | None:
-    """Return the source of *kind* that *config* describes, or None when it has none."""
+def build_source(
+    kind: SourceKind, config: Sources, *, redis_offline: bool = False
+) -> Source | None:
+    """Return the source of *kind* that *config* describes, or None when it has none.
+
+    *redis_offline* archives a stopped Redis server's files as they are (see RedisSource).
+    """
     match kind:
         case "redis":
-            return RedisSource(config.redis) if config.redis is not None else None
+            return (
+                RedisSource(config.redis, offline=redis_offline)
+                if config.redis is not None
+                else None
+            )
         case "sqlite":
             return (
                 SqliteSource(config.sqlite, config.sqlite_timeout_seconds)
@@ -31,9 +40,13 @@ def build_source(kind: SourceKind, config: Sources) -> Source | None:
             assert_never(kind)
 
 
-def build_all(config: Sources) -> list[Source]:
+def build_all(config: Sources, *, redis_offline: bool = False) -> list[Source]:
     """Return every configured source, in archive order (Redis first: it fails fastest)."""
-    return [source for kind in SOURCE_ORDER if (source := build_source(kind, config)) is not None]
+    return [
+        source
+        for kind in SOURCE_ORDER
+        if (source := build_source(kind, config, redis_offline=redis_offline)) is not None
+    ]
 
 
 __all__ = [

@@ -6,7 +6,7 @@ import fnmatch
 import os
 import stat
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,9 +43,12 @@ class _Walk:
             for pattern in self.exclude
         )
 
-    def entries(self, report: SourceReport | None) -> Iterator[tuple[str, str, os.stat_result]]:
+    def entries(
+        self, report: SourceReport | None, left_out: list[str] | None = None
+    ) -> Iterator[tuple[str, str, os.stat_result]]:
         """Yield (relative path, path, lstat) below the root, parents before children.
 
+        The relative paths the excludes leave out are appended to *left_out*, if given.
         Paths stay strings from os.scandir: pathlib's parsing would cost more than the
         lstat itself on a tree of small files.
         """
@@ -67,6 +70,8 @@ class _Walk:
             for entry in found:
                 relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
                 if self.exclude and self.excluded(entry.name, relative):
+                    if left_out is not None:
+                        left_out.append(relative)
                     continue
                 try:
                     status = entry.stat(follow_symlinks=False)
@@ -78,6 +83,17 @@ class _Walk:
                 if stat.S_ISDIR(status.st_mode):
                     subdirs.append(relative)
             pending.extend(reversed(subdirs))
+
+
+def excluded_paths(root: Path, exclude: Sequence[str]) -> list[str]:
+    """Return the paths below *root* (relative to it) that *exclude* leaves out of backups.
+
+    An excluded directory is listed, not what lies below it.
+    """
+    left_out: list[str] = []
+    for _ in _Walk(root, tuple(exclude)).entries(None, left_out):
+        pass
+    return left_out
 
 
 class FilesSource:

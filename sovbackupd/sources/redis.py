@@ -23,6 +23,7 @@ from sovbackupd.sources.files import MEMBER_OVERHEAD_BYTES, open_nofollow
 POLL_SECONDS = 0.05
 CHECK_TIMEOUT_SECONDS = 600
 _KEYS_READ = re.compile(rb"\[info\] (\d+) keys read")
+_EXPIRES = re.compile(rb"\[info\] (\d+) expires")
 
 
 def complete_commands_length(stream: BinaryIO) -> int:
@@ -92,9 +93,14 @@ class RedisSource:
     cannot mix two snapshots.
     """
 
-    def __init__(self, config: RedisConfig) -> None:
-        """Back up the instance described by *config*."""
+    def __init__(self, config: RedisConfig, *, offline: bool = False) -> None:
+        """Back up the instance described by *config*.
+
+        With *offline* the server is known to be stopped (a restore's safety backup):
+        its RDB and AOF are archived from disk as they are, without BGSAVE.
+        """
         self._config = config
+        self._offline = offline
 
     @property
     def component(self) -> Component:
@@ -106,7 +112,8 @@ class RedisSource:
         """Return "redis"."""
         return "redis"
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
         """Return the URL without credentials, for messages."""
         scheme, separator, rest = self._config.url.partition("://")
         return f"{scheme}{separator}{rest.rpartition('@')[2]}"
@@ -132,13 +139,22 @@ class RedisSource:
         try:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         except redis.AuthenticationError as error:
-            raise SourceError(
-                f"redis at {self._where()} refused the credentials: {error}"
-            ) from None
+            raise SourceError(f"redis at {self.where} refused the credentials: {error}") from None
         except redis.ConnectionError as error:
-            raise SourceError(f"redis at {self._where()} is unreachable: {error}") from None
+            raise SourceError(f"redis at {self.where} is unreachable: {error}") from None
         except redis.RedisError as error:
-            raise SourceError(f"redis at {self._where()} failed {command[0]}: {error}") from None
+            raise SourceError(f"redis at {self.where} failed {command[0]}: {error}") from None
+
+    def answers(self) -> bool:
+        """Tell whether a server listens at the URL (even one refusing our credentials)."""
+        try:
+            with self._client() as client:
+                client.ping()
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+        except redis.RedisError:
+            return True  # it answered, if only to refuse us
+        return True
 
     def _persistence(self, client: redis.Redis) -> dict[str, Any]:
         info: dict[str, Any] = self._call(client, "INFO", "persistence")
@@ -150,10 +166,12 @@ class RedisSource:
         An RDB is rarely larger than the memory the server uses, so ``used_memory`` (or
         the current RDB, if larger) bounds what the new snapshot adds.
         """
-        with self._client() as client:
-            self._call(client, "PING")
-            memory = self._call(client, "INFO", "memory")
-        archived = MEMBER_OVERHEAD_BYTES + int(memory.get("used_memory", 0))
+        archived = MEMBER_OVERHEAD_BYTES
+        if not self._offline:
+            with self._client() as client:
+                self._call(client, "PING")
+                memory = self._call(client, "INFO", "memory")
+            archived += int(memory.get("used_memory", 0))
         if self._config.rdb_path.exists():
             archived = max(archived, MEMBER_OVERHEAD_BYTES + self._config.rdb_path.stat().st_size)
         staged = 0
@@ -174,7 +192,7 @@ class RedisSource:
         while not done(info := self._persistence(client)):
             if time.monotonic() > deadline:
                 raise SourceError(
-                    f"redis BGSAVE at {self._where()} did not finish within "
+                    f"redis BGSAVE at {self.where} did not finish within "
                     f"{self._config.timeout_seconds:g}s"
                 )
             time.sleep(POLL_SECONDS)
@@ -197,9 +215,9 @@ class RedisSource:
             except redis.ResponseError as error:
                 if "in progress" in str(error):
                     continue  # another save started in between: wait for it, then ask again
-                raise SourceError(f"redis at {self._where()} failed BGSAVE: {error}") from None
+                raise SourceError(f"redis at {self.where} failed BGSAVE: {error}") from None
             except redis.RedisError as error:
-                raise SourceError(f"redis at {self._where()} failed BGSAVE: {error}") from None
+                raise SourceError(f"redis at {self.where} failed BGSAVE: {error}") from None
             break
         target = int(before[counter]) + 1
         info = self._wait_for(
@@ -209,21 +227,23 @@ class RedisSource:
         )
         if info["rdb_last_bgsave_status"] != "ok":
             raise SourceError(
-                f"redis BGSAVE at {self._where()} failed (rdb_last_bgsave_status:"
+                f"redis BGSAVE at {self.where} failed (rdb_last_bgsave_status:"
                 f"{info['rdb_last_bgsave_status']}); see the Redis log: disk full or no "
                 "write access to its dir?"
             )
         return info
 
-    def _open_rdb(self, requested_at: float) -> BinaryIO:
+    def _open_rdb(self, requested_at: float | None) -> BinaryIO:
+        """Open the RDB; with *requested_at*, check that the BGSAVE asked for then wrote it."""
         path = self._config.rdb_path
         try:
             handle = open_nofollow(str(path))
         except OSError as error:
+            after = "" if requested_at is None else " after BGSAVE"
             raise SourceError(
-                f"redis rdb_path {path} cannot be opened after BGSAVE: {error.strerror}"
+                f"redis rdb_path {path} cannot be opened{after}: {error.strerror}"
             ) from error
-        if os.fstat(handle.fileno()).st_mtime < requested_at - 2:
+        if requested_at is not None and os.fstat(handle.fileno()).st_mtime < requested_at - 2:
             handle.close()
             raise SourceError(
                 f"redis rdb_path {path} was not written by this BGSAVE; does it match the "
@@ -243,19 +263,25 @@ class RedisSource:
         report.details["rdb_check"] = "ok"
         if match := _KEYS_READ.search(output):
             report.details["keys_in_rdb"] = int(match.group(1))
+        if match := _EXPIRES.search(output):
+            report.details["expires_in_rdb"] = int(match.group(1))
 
     def members(self, staging: Path, report: SourceReport) -> Generator[Member]:
         """Snapshot Redis, yield its RDB and, when configured, its AOF."""
-        with self._client() as client:
-            requested_at = time.time()
-            info = self._save(client)
-            keyspace = self._call(client, "INFO", "keyspace")
-        report.details["keyspace_at_save"] = {
-            db: {"keys": int(stats["keys"]), "expires": int(stats["expires"])}
-            for db, stats in keyspace.items()
-        }
-        report.details["rdb_saves"] = info.get("rdb_saves")
-        handle = self._open_rdb(requested_at)
+        if self._offline:
+            report.details["offline"] = True
+            handle = self._open_rdb(None)
+        else:
+            with self._client() as client:
+                requested_at = time.time()
+                info = self._save(client)
+                keyspace = self._call(client, "INFO", "keyspace")
+            report.details["keyspace_at_save"] = {
+                db: {"keys": int(stats["keys"]), "expires": int(stats["expires"])}
+                for db, stats in keyspace.items()
+            }
+            report.details["rdb_saves"] = info.get("rdb_saves")
+            handle = self._open_rdb(requested_at)
         try:
             self._check_rdb(handle, report)
             status = os.fstat(handle.fileno())

@@ -438,13 +438,45 @@ def test_rules_from_policy_map_tiers_and_retention(tmp_path: Path) -> None:
         }
     )
     assert Rules.from_policy(loaded) == Rules(
-        last=3, daily=30, weekly=12, yearly=UNLIMITED, within=Duration(years=1, months=2)
+        last=3,
+        daily=30,
+        weekly=12,
+        yearly=UNLIMITED,
+        within=Duration(years=1, months=2),
+        safety_within=Duration(days=7),
     )
     bare = Policy.model_validate({"sources": {"dirs": [str(tmp_path)]}})
     assert Rules.from_policy(bare).is_empty
     assert str(Rules(daily=30, yearly=UNLIMITED, within=Duration(days=7))) == (
         "keep 30 daily, all yearly, within 7d of the newest"
     )
+
+
+def test_safety_backups_stay_out_of_the_tiers_and_expire_after_safety_within() -> None:
+    """A pre-restore backup neither fills a period nor displaces one; it goes after 7d."""
+    day = datetime(2026, 3, 10, 12, tzinfo=UTC)
+    candidates = [
+        Candidate("daily-old", day - timedelta(days=1), ok=True),
+        Candidate("safety-old", day - timedelta(days=9), ok=True, safety=True),
+        Candidate("daily", day, ok=True),
+        Candidate("safety", day + timedelta(hours=1), ok=True, safety=True),
+    ]
+    rules = Rules(daily=2, safety_within=Duration(days=7))
+    decisions = {decision.name: decision for decision in policy.decide(candidates, rules, UTC)}
+    assert decisions["daily"].reasons == ("daily 2026-03-10", policy.REASON_NEWEST)
+    assert decisions["daily-old"].reasons == ("daily 2026-03-09",)
+    assert decisions["safety"].reasons == ("pre-restore safety backup, within 7d",)
+    assert not decisions["safety-old"].keep
+
+
+def test_safety_backups_are_kept_when_no_rule_is_set() -> None:
+    """With no retention rule at all, nothing is deleted, safety backups included."""
+    moment = datetime(2026, 3, 10, tzinfo=UTC)
+    candidates = [
+        Candidate("safety", moment - timedelta(days=400), ok=True, safety=True),
+        Candidate("regular", moment, ok=True),
+    ]
+    assert all(decision.keep for decision in policy.decide(candidates, Rules(), UTC))
 
 
 # --- properties ---------------------------------------------------------------------------

@@ -1,0 +1,1126 @@
+"""Restore: a stored backup verified, extracted beside its destinations, swapped into place.
+
+The archive's bytes are checked against their sidecar first. One streaming pass then
+extracts every selected member into a staging directory beside its destination, checking
+each member against the manifest (name, type, size, mode, sha256) and refusing what a
+hostile archive could use to write elsewhere: absolute or ``..`` paths, hard links,
+devices, members that pass through a symlink, symlinks that point out of their component.
+Only when the whole archive has passed does anything live change: a pre-restore safety
+backup, the policy's stop commands, one atomic rename (an exchange, for directories) per
+component, then the start commands. A swap that fails puts back what was already swapped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import sqlite3
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO, Literal
+
+import structlog
+import zstandard
+from pydantic import ValidationError
+
+from sovbackupd import archive, backup, hooks, redis_server
+from sovbackupd.config.models import Hooks, Policy, RedisSource, SourcePath, Sources
+from sovbackupd.errors import ArchiveError, RestoreError, SovbackupdError
+from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, SAFETY_TIER, FileEntry, Manifest
+from sovbackupd.metrics import Metrics
+from sovbackupd.sources import files, sqlite
+from sovbackupd.sources.redis import RedisSource as RedisReader
+from sovbackupd.sources.sqlite import WAL_FILES
+from sovbackupd.store import Store, StoredBackup, human_size
+
+log = structlog.get_logger("sovbackupd.restore")
+
+Component = Literal["redis", "sqlite", "config", "data"]
+COMPONENTS: tuple[Component, ...] = ("redis", "sqlite", "config", "data")
+STAGING_PREFIX = ".sovbackupd-restore-"
+AOF_DIR_NAME = "appendonlydir"
+LEGACY_AOF_NAME = "appendonly.aof"
+RDB_NAME = "redis_dump.rdb"
+CONFIG_DIR = "config"
+_KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
+_TYPE_NAMES = {
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+    tarfile.CONTTYPE: "contiguous file",
+}
+
+
+@dataclass
+class Unit:
+    """One thing put back atomically: a file, or a directory with everything below it."""
+
+    component: Component
+    arcname: str
+    """Its path in the archive, below the top directory (``config/.env``, ``data``)."""
+    kind: Literal["file", "dir"]
+    destination: Path
+    staged: Path
+    """Where it is extracted first: inside a staging directory beside *destination*."""
+    entries: list[FileEntry] = field(default_factory=list)
+    owner: tuple[int, int] | None = None
+    """Owner forced on the whole unit (the live Redis files' owner), else the manifest's."""
+    aof_base: str | None = None
+    """Set on an AOF directory made from the restored RDB: its files' base name."""
+
+    def member_path(self, arcname: str) -> Path:
+        """Return where the member *arcname* of this unit is staged."""
+        if arcname == self.arcname:
+            return self.staged
+        return self.staged / arcname[len(self.arcname) + 1 :]
+
+    @property
+    def file_count(self) -> int:
+        """Return how many regular files the unit holds."""
+        return sum(entry.type == "file" for entry in self.entries)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a restore will do, decided before anything is written."""
+
+    backup: StoredBackup
+    manifest: Manifest
+    units: list[Unit]
+    live: bool
+    """False with ``--to``: nothing outside that directory is touched."""
+    safety_sources: Sources | None
+    """What the pre-restore safety backup captures; None when it is skipped."""
+    safety_note: str
+    stop: list[list[str]]
+    start: list[list[str]]
+    redis_running: bool
+    redis_where: str | None
+    exclude: tuple[str, ...] = ()
+    """The policy's excludes: files they match are carried over from live directories."""
+
+    @property
+    def staging_dirs(self) -> list[Path]:
+        """Return the staging directories, one per destination directory."""
+        return sorted({unit.staged.parent for unit in self.units})
+
+    def steps(self) -> list[str]:
+        """Describe each step in order, as a runbook a person could follow."""
+        name = self.backup.path.name
+        steps = [
+            f"verify {name} against {archive.sidecar_path(self.backup.path).name} (sha256)",
+            f"extract {sum(unit.file_count for unit in self.units)} files "
+            f"({human_size(_unit_bytes(self.units))}) into "
+            + ", ".join(str(path) for path in self.staging_dirs)
+            + ", checking every member against the manifest",
+        ]
+        if self.live:
+            steps.append(
+                f"safety backup labelled {SAFETY_TIER}: {self.safety_note}"
+                if self.safety_sources is not None
+                else f"no safety backup: {self.safety_note}"
+            )
+        steps.extend(f"run restore.stop: {' '.join(argv)}" for argv in self.stop)
+        if self.live and self.redis_where is not None:
+            steps.append(f"check that Redis at {self.redis_where} no longer answers")
+        for unit in self.units:
+            steps.extend(_swap_steps(unit))
+        steps.extend(f"run restore.start: {' '.join(argv)}" for argv in self.start)
+        steps.append("remove the staging directories and the replaced data")
+        return steps
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore put back."""
+
+    name: str
+    units: list[Unit]
+    files: int
+    bytes: int
+    safety_backup: str | None
+    duration_seconds: float
+
+
+def _unit_bytes(units: list[Unit]) -> int:
+    return sum(entry.size for unit in units for entry in unit.entries)
+
+
+def _swap_steps(unit: Unit) -> list[str]:
+    steps = []
+    if unit.component == "sqlite":
+        steps.append(
+            "remove " + ", ".join(f"{unit.destination}{end}" for end in WAL_FILES) + " if present"
+        )
+    what = "directory" if unit.kind == "dir" else "file"
+    how = f" (made from {RDB_NAME}, so Redis loads it)" if unit.aof_base else ""
+    owner = f", owner {unit.owner[0]}:{unit.owner[1]}" if unit.owner else ""
+    steps.append(f"replace {what} {unit.destination} with {unit.arcname}{how}{owner}")
+    if unit.component == "data":
+        steps.append(
+            f"move into the new {unit.destination} what the policy's excludes left out of "
+            "backups (no backup holds it)"
+        )
+    return steps
+
+
+def load_manifest(stored: StoredBackup) -> Manifest:
+    """Return the full manifest kept beside *stored*; raise ArchiveError when unusable."""
+    path = archive.manifest_path(stored.path)
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise ArchiveError(f"{path.name} is missing beside {stored.path.name}") from None
+    except (OSError, ValidationError) as error:
+        raise ArchiveError(f"{path.name} is unreadable or invalid: {error}") from None
+
+
+def _safe_relative(path: str) -> bool:
+    parts = path.split("/")
+    return bool(path) and "\0" not in path and all(part not in ("", ".", "..") for part in parts)
+
+
+def _escapes(entry: FileEntry, unit_root: str) -> bool:
+    """Tell whether the symlink *entry* points outside the unit whose root is *unit_root*."""
+    link = entry.link or ""
+    if not link or link.startswith("/"):
+        return True
+    inside = entry.path[len(unit_root) :].lstrip("/")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(inside), link))
+    return resolved == ".." or resolved.startswith("../")
+
+
+def _component_of(entry: FileEntry) -> tuple[Component, str] | None:
+    """Return the component of *entry* and the arcname of the unit it belongs to."""
+    head = entry.path.split("/", 1)[0]
+    if head in (RDB_NAME, AOF_DIR_NAME, LEGACY_AOF_NAME):
+        return "redis", head
+    if head == CONFIG_DIR:
+        return ("config", entry.path) if entry.path != CONFIG_DIR else None
+    return ("sqlite" if entry.type == "file" and "/" not in entry.path else "data"), head
+
+
+def _allowed_origins(policy: Policy, component: Component) -> set[str]:
+    """Return the live paths the policy backs up for *component*."""
+    configured = policy.sources
+    match component:
+        case "redis":
+            redis_config = configured.redis
+            if redis_config is None:
+                return set()
+            found = {str(redis_config.rdb_path)}
+            if redis_config.aof_dir is not None:
+                found |= {str(redis_config.aof_dir), str(redis_config.aof_dir / LEGACY_AOF_NAME)}
+            return found
+        case "sqlite":
+            return {str(entry.path) for entry in configured.sqlite}
+        case "config":
+            return {str(entry.path) for entry in configured.config}
+        case "data":
+            return {str(entry.path) for entry in configured.dirs}
+
+
+def _destination(origin: str | None, arcname: str, to: Path | None) -> Path:
+    if origin is None or not origin.startswith("/") or not _safe_relative(origin[1:]):
+        raise ArchiveError(f"{arcname} has no usable original path ({origin!r}) in the manifest")
+    return to / origin[1:] if to is not None else Path(origin)
+
+
+def _units(
+    manifest: Manifest, only: set[Component], to: Path | None, policy: Policy, outside_links: bool
+) -> list[Unit]:
+    """Group the manifest's entries into units and check each entry's name and link."""
+    units: dict[str, Unit] = {}
+    for entry in manifest.files:
+        if not _safe_relative(entry.path):
+            raise ArchiveError(f"{manifest.id}: manifest entry {entry.path!r} is not a safe path")
+        found = _component_of(entry)
+        if found is None:
+            continue
+        component, root = found
+        unit = units.get(root)
+        if unit is None:
+            if entry.path != root:
+                raise ArchiveError(f"{manifest.id}: {entry.path} comes before its directory")
+            destination = _destination(entry.origin, root, to)
+            if to is None and str(destination) not in _allowed_origins(policy, component):
+                raise RestoreError(
+                    f"{manifest.id} puts {root} back to {destination}, which the policy does "
+                    "not back up; restore it with --to DIR and move it by hand"
+                )
+            kind: Literal["file", "dir"] = "dir" if entry.type == "dir" else "file"
+            if entry.type == "symlink":
+                raise ArchiveError(f"{manifest.id}: {root} is a symlink, not a file or directory")
+            staged = destination.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
+            unit = Unit(component, root, kind, destination, staged)
+            units[root] = unit
+        if entry.type == "symlink" and not outside_links and _escapes(entry, root):
+            raise ArchiveError(
+                f"{manifest.id}: {entry.path} is a symlink to {entry.link!r}, outside "
+                f"{root}; pass --allow-outside-symlinks to restore it as it is"
+            )
+        unit.entries.append(entry)
+    return [unit for unit in units.values() if unit.component in only]
+
+
+def _redis_files_owner(unit: Unit) -> tuple[int, int] | None:
+    """Return the owner of the live Redis file or, failing that, of its directory."""
+    for candidate in (unit.destination, unit.destination.parent):
+        try:
+            status = candidate.lstat()
+        except FileNotFoundError:
+            continue
+        return status.st_uid, status.st_gid
+    return None
+
+
+def _live_aof(redis_config: RedisSource) -> tuple[Path, str] | None:
+    """Return the live AOF directory and its base name, when the server keeps one."""
+    directory = redis_config.aof_dir or redis_config.rdb_path.parent / AOF_DIR_NAME
+    manifests = sorted(directory.glob("*.manifest")) if directory.is_dir() else []
+    if not manifests:
+        return None
+    return directory, manifests[0].name.removesuffix(".manifest")
+
+
+def _with_aof_from_rdb(units: list[Unit], policy: Policy, manifest: Manifest) -> list[Unit]:
+    """Add an AOF directory made from the RDB when the live server would load an old AOF.
+
+    Redis 7 with ``appendonly yes`` loads its AOF and ignores the RDB: a lone restored RDB
+    would come up as the old (or an empty) dataset. A directory whose manifest lists the
+    restored RDB as its base file makes the server load exactly the restored data.
+    """
+    redis_config = policy.sources.redis
+    names = {unit.arcname for unit in units}
+    if redis_config is None or RDB_NAME not in names or names & {AOF_DIR_NAME, LEGACY_AOF_NAME}:
+        return units
+    if (redis_config.rdb_path.parent / LEGACY_AOF_NAME).exists():
+        raise RestoreError(
+            f"{redis_config.rdb_path.parent / LEGACY_AOF_NAME} exists and {manifest.id} holds "
+            "no AOF: Redis would load the old AOF instead of the restored RDB; move it away "
+            "(or set appendonly no) and restore again"
+        )
+    live = _live_aof(redis_config)
+    if live is None:
+        return units
+    directory, base = live
+    rdb_unit = next(unit for unit in units if unit.arcname == RDB_NAME)
+    staged = rdb_unit.staged.parent / f"{len(units)}"
+    aof_unit = Unit("redis", AOF_DIR_NAME, "dir", directory, staged, aof_base=base)
+    return [*units, aof_unit]
+
+
+def _redis_answers(redis_config: RedisSource) -> bool:
+    return RedisReader(redis_config).answers()
+
+
+def _safety_sources(policy: Policy, units: list[Unit], redis_running: bool) -> Sources | None:
+    """Return the sources a pre-restore safety backup captures: what exists of each unit.
+
+    Every path is optional, since a disaster recovery restores onto a bare server; Redis
+    is captured from its files when it is not running.
+    """
+    configured = policy.sources
+    components = {unit.component for unit in units}
+    destinations = {str(unit.destination) for unit in units}
+
+    def existing(entries: list[SourcePath]) -> list[SourcePath]:
+        return [
+            SourcePath(path=entry.path, optional=True)
+            for entry in entries
+            if str(entry.path) in destinations and entry.path.exists()
+        ]
+
+    redis_config = configured.redis if "redis" in components else None
+    if redis_config is not None and not (redis_running or redis_config.rdb_path.exists()):
+        redis_config = None
+    sqlite = existing(configured.sqlite) if "sqlite" in components else []
+    config = existing(configured.config) if "config" in components else []
+    dirs = existing(configured.dirs) if "data" in components else []
+    if redis_config is None and not (sqlite or config or dirs):
+        return None
+    return configured.model_copy(
+        update={"redis": redis_config, "sqlite": sqlite, "config": config, "dirs": dirs}
+    )
+
+
+def plan(
+    policy: Policy,
+    stored: StoredBackup,
+    *,
+    only: set[Component] | None = None,
+    to: Path | None = None,
+    safety_backup: bool = True,
+    outside_links: bool = False,
+) -> Plan:
+    """Decide every step of restoring *stored*; touch nothing.
+
+    Raise RestoreError when the restore must not happen (Redis answers and the policy has
+    no stop commands; a destination the policy does not back up) and ArchiveError when the
+    manifest describes something unsafe.
+    """
+    manifest = load_manifest(stored)
+    selected = only or set(COMPONENTS)
+    units = _units(manifest, selected, to, policy, outside_links)
+    if not units:
+        wanted = ", ".join(sorted(selected))
+        raise RestoreError(f"{manifest.id} holds nothing of {wanted}")
+    live = to is None
+    redis_config = policy.sources.redis
+    restoring_redis = any(unit.component == "redis" for unit in units)
+    redis_running = False
+    if live and restoring_redis:
+        assert redis_config is not None  # noqa: S101 (_units allows redis only when configured)
+        units = _with_aof_from_rdb(units, policy, manifest)
+        for unit in units:
+            if unit.component == "redis":
+                unit.owner = _redis_files_owner(unit)
+        redis_running = _redis_answers(redis_config)
+        if redis_running and not policy.restore.stop:
+            raise RestoreError(
+                f"redis at {RedisReader(redis_config).where} is running: stop it first, or "
+                "set restore.stop and restore.start in the policy (e.g. [systemctl, stop, "
+                "redis-server]) so that restore stops and starts it"
+            )
+    safety_sources = None
+    if not live:
+        note = f"everything lands under {to}"
+    elif not safety_backup:
+        note = "--no-safety-backup"
+    else:
+        safety_sources = _safety_sources(policy, units, redis_running)
+        note = (
+            "nothing live exists yet to save"
+            if safety_sources is None
+            else "what is live now of " + ", ".join(sorted({unit.component for unit in units}))
+        )
+    return Plan(
+        backup=stored,
+        manifest=manifest,
+        units=units,
+        live=live,
+        safety_sources=safety_sources,
+        safety_note=note,
+        stop=[list(argv) for argv in policy.restore.stop] if live else [],
+        start=[list(argv) for argv in policy.restore.start] if live else [],
+        redis_running=redis_running,
+        redis_where=RedisReader(redis_config).where
+        if live and restoring_redis and redis_config is not None
+        else None,
+        exclude=tuple(policy.sources.exclude),
+    )
+
+
+# --- extraction -------------------------------------------------------------------------
+
+
+class _Extraction:
+    """One streaming pass over the archive: every member checked, selected ones staged."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._top = plan.manifest.id
+        self._expected = {entry.path: entry for entry in plan.manifest.files}
+        self._owners: dict[str, Unit] = {}
+        for unit in plan.units:
+            if unit.aof_base is None:
+                self._owners[unit.arcname] = unit
+        self._seen: set[str] = set()
+        self._symlinks: set[str] = set()
+        self._directories: list[tuple[Path, FileEntry, Unit]] = []
+        self._links: list[tuple[Path, FileEntry, Unit]] = []
+        self.inside: bytes | None = None
+        self.files = 0
+        self.bytes = 0
+
+    def _unit_of(self, relative: str) -> Unit | None:
+        head = relative.split("/", 1)[0]
+        if head == CONFIG_DIR:
+            return self._owners.get(relative)
+        return self._owners.get(head)
+
+    def _relative(self, info: tarfile.TarInfo) -> str | None:
+        """Return the member's path below the top directory; refuse any other name."""
+        name = info.name.rstrip("/") if info.isdir() else info.name
+        if name == self._top:
+            return None
+        if not name.startswith(f"{self._top}/") or not _safe_relative(name):
+            archive_name = self._plan.backup.path.name
+            raise ArchiveError(f"{archive_name}: member {name!r} is outside {self._top}/")
+        return name[len(self._top) + 1 :]
+
+    def _through_symlink(self, relative: str) -> bool:
+        parts = relative.split("/")
+        return any("/".join(parts[:depth]) in self._symlinks for depth in range(1, len(parts)))
+
+    def run(self, tar: tarfile.TarFile) -> None:
+        """Check and stage every member of *tar*; raise ArchiveError at the first problem."""
+        archive_name = self._plan.backup.path.name
+        for info in tar:
+            relative = self._relative(info)
+            if relative is None:
+                continue
+            kind = _KINDS.get(info.type)
+            if kind is None:
+                what = _TYPE_NAMES.get(info.type, f"member of type {info.type!r}")
+                raise ArchiveError(f"{archive_name}: {relative} is a {what}: refused")
+            if relative in (MANIFEST_NAME, INFO_NAME) and kind == "file":
+                content = _read_member(tar, info)
+                if relative == MANIFEST_NAME:
+                    self.inside = content
+                continue
+            self._member(tar, info, kind, self._entry(info, kind, relative))
+        missing = sorted(set(self._expected) - self._seen)
+        if missing:
+            raise ArchiveError(f"{archive_name}: {missing[0]} is missing from the archive")
+        if self.inside is None:
+            raise ArchiveError(f"{archive_name}: no {MANIFEST_NAME} inside")
+
+    def _entry(self, info: tarfile.TarInfo, kind: str, relative: str) -> FileEntry:
+        """Return the manifest entry of a member after checking the member matches it."""
+        archive_name = self._plan.backup.path.name
+        entry = self._expected.get(relative)
+        if entry is None:
+            raise ArchiveError(f"{archive_name}: {relative} is not in the manifest")
+        if relative in self._seen:
+            raise ArchiveError(f"{archive_name}: {relative} appears twice")
+        if self._through_symlink(relative):
+            raise ArchiveError(f"{archive_name}: {relative} lies below a symlink: refused")
+        link = info.linkname if kind == "symlink" else ""
+        if (kind, info.size, info.mode & 0o7777, link) != (
+            entry.type,
+            entry.size,
+            entry.mode,
+            entry.link or "",
+        ):
+            raise ArchiveError(f"{archive_name}: {relative} differs from the manifest")
+        self._seen.add(relative)
+        return entry
+
+    def _member(
+        self, tar: tarfile.TarFile, info: tarfile.TarInfo, kind: str, entry: FileEntry
+    ) -> None:
+        """Stage one checked member, or only hash it when its component is not restored."""
+        unit = self._unit_of(entry.path)
+        target = unit.member_path(entry.path) if unit is not None else None
+        if kind == "symlink":
+            self._symlinks.add(entry.path)
+        if kind == "file":
+            self._file(tar, info, entry, target, unit)
+        elif target is not None and unit is not None:
+            if kind == "dir":
+                _mkdir(target, entry.path)
+                self._directories.append((target, entry, unit))
+            else:
+                self._links.append((target, entry, unit))
+
+    def _file(
+        self,
+        tar: tarfile.TarFile,
+        info: tarfile.TarInfo,
+        entry: FileEntry,
+        target: Path | None,
+        unit: Unit | None,
+    ) -> None:
+        extracted = tar.extractfile(info)
+        if extracted is None:
+            raise ArchiveError(f"member {entry.path} cannot be read")
+        if target is None or unit is None:
+            digest = archive.stream_sha256(extracted)
+        else:
+            digest = _write_file(extracted, target, entry)
+            _set_metadata(target, entry, unit)
+            self.files += 1
+            self.bytes += entry.size
+        if digest != entry.sha256:
+            raise ArchiveError(
+                f"{self._plan.backup.path.name}: {entry.path} does not match its sha256"
+            )
+
+    def finish(self) -> None:
+        """Create the symlinks, then give directories their modes and times, deepest first."""
+        for target, entry, unit in self._links:
+            target.symlink_to(entry.link or "")
+            _set_metadata(target, entry, unit)
+        for target, entry, unit in sorted(
+            self._directories, key=lambda item: len(item[0].parts), reverse=True
+        ):
+            _set_metadata(target, entry, unit)
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    extracted = tar.extractfile(info)
+    return extracted.read() if extracted is not None else b""
+
+
+def _mkdir(path: Path, relative: str) -> None:
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        raise ArchiveError(f"{relative} appears twice in the archive") from None
+    except FileNotFoundError:
+        raise ArchiveError(f"{relative} comes before its directory in the archive") from None
+
+
+def _write_file(source: IO[bytes], target: Path, entry: FileEntry) -> str:
+    """Write *source* to the new file *target*, never following or replacing anything.
+
+    Return the sha256 of what was written.
+    """
+    try:
+        descriptor = os.open(
+            target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except FileNotFoundError:
+        raise ArchiveError(f"{entry.path} comes before its directory in the archive") from None
+    except FileExistsError:
+        raise ArchiveError(f"{entry.path} appears twice in the archive") from None
+    digest = hashlib.sha256()
+    with open(descriptor, "wb", buffering=0, closefd=True) as out:  # noqa: PTH123 (an fd)
+        while chunk := source.read(archive.CHUNK_BYTES):
+            digest.update(chunk)
+            out.write(chunk)
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def _set_metadata(path: Path, entry: FileEntry, unit: Unit) -> None:
+    """Give *path* the entry's owner (as root), mode and mtime, never following a link."""
+    if os.geteuid() == 0:
+        uid, gid = unit.owner or (entry.uid, entry.gid)
+        os.lchown(path, uid, gid)
+    if entry.type != "symlink":
+        os.chmod(path, entry.mode)  # noqa: PTH101 (Path.chmod follows no differently; kept beside lchown)
+    os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+
+
+@contextmanager
+def _opened(stored: StoredBackup) -> Iterator[BinaryIO]:
+    try:
+        with stored.path.open("rb") as handle:
+            yield handle
+    except FileNotFoundError:
+        raise ArchiveError(f"{stored.path} has vanished") from None
+
+
+def _check_sidecar(handle: BinaryIO, stored: StoredBackup) -> None:
+    expected = archive.read_sidecar(stored.path)
+    digest = hashlib.sha256()
+    while chunk := handle.read(archive.CHUNK_BYTES):
+        digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ArchiveError(f"{stored.path.name}: checksum mismatch, the archive is damaged")
+    handle.seek(0)
+
+
+def _synthesize_aof(plan: Plan) -> None:
+    """Stage the AOF directories made from the RDB: the RDB as their one base file."""
+    for unit in plan.units:
+        base = unit.aof_base
+        if base is None:
+            continue
+        source = next(other for other in plan.units if other.arcname == RDB_NAME)
+        unit.staged.mkdir(mode=0o755)
+        shutil.copyfile(source.staged, unit.staged / f"{base}.1.base.rdb")
+        archive.write_atomically(
+            unit.staged / f"{base}.manifest", f"file {base}.1.base.rdb seq 1 type b\n".encode()
+        )
+        for path in (unit.staged, *unit.staged.iterdir()):
+            if os.geteuid() == 0 and unit.owner is not None:
+                os.lchown(path, *unit.owner)
+
+
+def extract(plan: Plan) -> tuple[int, int]:
+    """Verify the archive and stage the plan's units; return (files, bytes) staged.
+
+    On any failure the staging directories are removed and ArchiveError is raised;
+    nothing outside them was written.
+    """
+    for directory in plan.staging_dirs:
+        _remove_stale_staging(directory)
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700)
+        except OSError as error:
+            raise RestoreError(f"cannot create {directory}: {error.strerror}") from error
+    try:
+        with _opened(plan.backup) as handle:
+            _check_sidecar(handle, plan.backup)
+            extraction = _Extraction(plan)
+            try:
+                with ExitStack() as stack:
+                    stream = stack.enter_context(
+                        archive.decompressing(handle, archive.compression_of(plan.backup.path))
+                    )
+                    tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+                    extraction.run(tar)
+            except (tarfile.TarError, EOFError, zstandard.ZstdError) as error:
+                name = plan.backup.path.name
+                raise ArchiveError(f"{name}: unreadable archive: {error}") from error
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise RestoreError(f"no space left while staging: {error.filename}") from error
+                raise ArchiveError(f"{plan.backup.path.name}: cannot restore: {error}") from error
+            extraction.finish()
+        _check_inside_manifest(plan, extraction.inside)
+        _synthesize_aof(plan)
+    except BaseException:
+        cleanup(plan)
+        raise
+    return extraction.files, extraction.bytes
+
+
+def _check_inside_manifest(plan: Plan, inside: bytes | None) -> None:
+    try:
+        manifest = Manifest.model_validate_json(inside or b"")
+    except ValidationError:
+        name = plan.backup.path.name
+        raise ArchiveError(f"{name}: {MANIFEST_NAME} inside is not valid") from None
+    if manifest != plan.manifest:
+        raise ArchiveError(
+            f"{plan.backup.path.name}: the manifest inside differs from the one beside it"
+        )
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Remove what a killed restore of the same backup left in *directory*."""
+    if directory.is_dir() and not directory.is_symlink():
+        shutil.rmtree(directory)
+        log.info("restore.leftover_removed", path=str(directory))
+
+
+def cleanup(plan: Plan) -> None:
+    """Remove the plan's staging directories (and the replaced data moved into them)."""
+    for directory in plan.staging_dirs:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- the swap -----------------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False when the system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is None:
+        return False
+    result = function(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+@dataclass
+class _Swapped:
+    """How to undo one swap."""
+
+    undo: Callable[[], None]
+
+
+def _swap(unit: Unit) -> _Swapped:
+    """Put *unit* in place; return how to undo it. The replaced data ends up staged."""
+    destination = unit.destination
+    old = _replaced(unit)
+    moved: list[tuple[Path, Path]] = []
+    if unit.component == "sqlite":
+        for end in WAL_FILES:
+            stale = destination.with_name(destination.name + end)
+            if stale.exists():
+                aside = old.with_name(old.name + end)
+                stale.rename(aside)
+                moved.append((aside, stale))
+    existed = os.path.lexists(destination)
+    if unit.kind == "dir":
+        if existed and not destination.is_dir():
+            raise RestoreError(f"{destination} exists and is not a directory")
+        if existed and _exchange(unit.staged, destination):
+            unit.staged.rename(old)  # the old tree, out of the way of a second exchange
+
+            def undo_exchange() -> None:
+                old.rename(unit.staged)
+                _exchange(unit.staged, destination)
+                _restore_moved(moved)
+
+            return _Swapped(undo_exchange)
+        if existed:
+            destination.rename(old)
+        unit.staged.rename(destination)
+    else:
+        if existed:
+            try:
+                os.link(destination, old, follow_symlinks=False)
+            except OSError:
+                destination.rename(old)
+        unit.staged.replace(destination)
+
+    def undo() -> None:
+        if unit.kind == "dir":
+            destination.rename(unit.staged)
+        if existed:
+            old.replace(destination)
+        elif unit.kind == "file":
+            destination.unlink(missing_ok=True)
+        _restore_moved(moved)
+
+    return _Swapped(undo)
+
+
+def _restore_moved(moved: list[tuple[Path, Path]]) -> None:
+    for aside, original in moved:
+        aside.rename(original)
+
+
+def _run_commands(stage: str, commands: list[list[str]], timeout: float) -> None:
+    for result in hooks.run(stage, commands, timeout, {}, stop_on_failure=True):
+        if not result.ok:
+            raise RestoreError(f"{stage} command {' '.join(result.argv)} failed: {result.failure}")
+
+
+def swap(plan: Plan) -> None:
+    """Put every staged unit in place, in order; on a failure undo those already swapped."""
+    done: list[_Swapped] = []
+    try:
+        for unit in plan.units:
+            done.append(_swap(unit))
+            log.info("restore.swapped", component=unit.component, destination=str(unit.destination))
+    except OSError as error:
+        for swapped in reversed(done):
+            swapped.undo()
+        raise RestoreError(
+            f"cannot put {error.filename or 'a component'} in place: {error.strerror}; "
+            "what was already swapped has been put back"
+        ) from error
+    for directory in {unit.destination.parent for unit in plan.units}:
+        archive.fsync_dir(directory)
+    for unit in plan.units:
+        if unit.component == "data":
+            _carry_excluded(_replaced(unit), unit.destination, plan.exclude)
+
+
+def _replaced(unit: Unit) -> Path:
+    """Return where the swap left the data *unit* replaced."""
+    return unit.staged.with_name(unit.staged.name + ".old")
+
+
+def _carry_excluded(old: Path, new: Path, exclude: tuple[str, ...]) -> None:
+    """Move what the excludes left out of backups from the replaced tree into the new one.
+
+    No backup holds those files (caches, temp files), so the safety backup does not
+    either: dropping them with the replaced tree would lose them for good.
+    """
+    if not exclude or not old.is_dir():
+        return
+    for relative in files.excluded_paths(old, exclude):
+        target = new / relative
+        if os.path.lexists(target):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        restored = target.parent.stat()
+        (old / relative).rename(target)
+        # The directory keeps the mtime the backup gave it.
+        os.utime(target.parent, ns=(restored.st_atime_ns, restored.st_mtime_ns))
+        log.info("restore.excluded_kept", path=str(target))
+
+
+def _safety_backup(policy: Policy, plan: Plan) -> str | None:
+    """Back up what the restore replaces; return the backup's name."""
+    if plan.safety_sources is None:
+        return None
+    safety_policy = policy.model_copy(
+        update={"sources": plan.safety_sources, "hooks": Hooks(), "notify": []}
+    )
+    try:
+        result = backup.run(safety_policy, [SAFETY_TIER], redis_offline=not plan.redis_running)
+    except SovbackupdError as error:
+        raise RestoreError(
+            f"the pre-restore safety backup failed, nothing was replaced: {error} "
+            "(--no-safety-backup restores without one)"
+        ) from error
+    return result.name
+
+
+def _check_redis_stopped(policy: Policy, plan: Plan) -> None:
+    redis_config = policy.sources.redis
+    if plan.redis_where is not None and redis_config is not None and _redis_answers(redis_config):
+        raise RestoreError(
+            f"redis at {plan.redis_where} still answers after restore.stop; nothing was replaced"
+        )
+
+
+def _stop_and_swap(policy: Policy, plan: Plan) -> None:
+    """Run the stop commands, check Redis is down, swap; start the services again."""
+    timeout = policy.restore.timeout_seconds
+    try:
+        _run_commands("restore.stop", plan.stop, timeout)
+        _check_redis_stopped(policy, plan)
+        swap(plan)
+    except BaseException:
+        # Bring the services back whatever happened; the first error is the one to report.
+        for result in hooks.run("restore.start", plan.start, timeout, {}, stop_on_failure=False):
+            if not result.ok:
+                log.error("restore.start_failed", argv=list(result.argv), error=result.failure)  # noqa: TRY400 (the failure is the command's, not a Python exception)
+        raise
+    _run_commands("restore.start", plan.start, timeout)
+
+
+def run(policy: Policy, plan: Plan) -> RestoreResult:
+    """Carry out *plan*: verify and stage, safety backup, stop, swap, start, clean up.
+
+    Raise ArchiveError when the archive fails verification (nothing live was touched),
+    RestoreError when a later step fails (what was swapped is put back).
+    """
+    started = time.monotonic()
+    bound = log.bind(backup=plan.manifest.id, live=plan.live)
+    bound.info("restore.started", units=[unit.arcname for unit in plan.units])
+    files, size = extract(plan)
+    try:
+        safety_name = _safety_backup(policy, plan)
+        if safety_name is not None:
+            bound.info("restore.safety_backup", safety_backup=safety_name)
+        _stop_and_swap(policy, plan)
+    finally:
+        cleanup(plan)
+    duration = time.monotonic() - started
+    bound.info(
+        "restore.finished",
+        files=files,
+        bytes=size,
+        safety_backup=safety_name,
+        duration_seconds=round(duration, 3),
+    )
+    return RestoreResult(plan.manifest.id, plan.units, files, size, safety_name, duration)
+
+
+# --- test restores ----------------------------------------------------------------------
+
+DRILL_STATE_NAME = ".sovbackupd-test-restore.json"
+REDIS_LOAD_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing a test restore checked."""
+
+    what: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class DrillReport:
+    """The outcome of one test restore."""
+
+    name: str
+    ok: bool
+    checks: list[Check]
+    finished: float
+    duration_seconds: float
+
+
+def _check_sqlite(restored: Path, origin: str, expected: object) -> Check:
+    what = f"sqlite {Path(origin).name}"
+    try:
+        found = sqlite.inspect(restored)
+    except (SovbackupdError, sqlite3.DatabaseError) as error:
+        return Check(what, ok=False, detail=str(error))
+    rows = found["rows"]
+    wanted = expected.get("rows") if isinstance(expected, dict) else None
+    assert isinstance(rows, dict)  # noqa: S101 (inspect() maps each table to its count)
+    if rows != wanted:
+        wanted_rows = wanted if isinstance(wanted, dict) else {}
+        differing = [
+            f"{table}: {rows.get(table)} rows, the manifest says {wanted_rows.get(table)}"
+            for table in sorted({*rows, *wanted_rows})
+            if rows.get(table) != wanted_rows.get(table)
+        ]
+        return Check(what, ok=False, detail="; ".join(differing[:3]) or "row counts differ")
+    return Check(
+        what, ok=True, detail=f"integrity ok, {sum(rows.values())} rows in {len(rows)} tables"
+    )
+
+
+def _loaded_keys(directory: Path, *options: str) -> int:
+    """Start a throwaway redis-server on *directory*; return the keys it loaded."""
+    server = redis_server.start(directory, "--save", "", *options, timeout=REDIS_LOAD_SECONDS)
+    try:
+        keyspace = server.client().info("keyspace")
+    finally:
+        server.stop()
+    return sum(int(stats["keys"]) for stats in keyspace.values())
+
+
+def _link_into(source: Path, directory: Path, name: str) -> None:
+    """Hard-link *source* (a file or a directory's files) into *directory* as *name*."""
+    target = directory / name
+    if source.is_dir():
+        target.mkdir()
+        for child in source.iterdir():
+            os.link(child, target / child.name)
+    else:
+        os.link(source, target)
+
+
+def _check_redis(units: list[Unit], details: dict[str, object], scratch: Path) -> list[Check]:
+    """Load the restored RDB, and the AOF if archived, into throwaway servers; count keys."""
+    by_name = {unit.arcname: unit for unit in units}
+    checks = []
+    keys = details.get("keys_in_rdb")
+    expires = details.get("expires_in_rdb", 0)
+    persistent = keys - expires if isinstance(keys, int) and isinstance(expires, int) else None
+    rdb_dir = scratch / ".redis-rdb"
+    rdb_dir.mkdir()
+    _link_into(by_name[RDB_NAME].destination, rdb_dir, "dump.rdb")
+    try:
+        loaded = _loaded_keys(rdb_dir, "--appendonly", "no", "--dbfilename", "dump.rdb")
+    except SovbackupdError as error:
+        checks.append(Check("redis rdb", ok=False, detail=str(error)))
+    else:
+        # Keys with a TTL may have expired since the backup; every other key must be there.
+        if persistent is None or not isinstance(keys, int):
+            checks.append(Check("redis rdb", ok=True, detail=f"{loaded} keys loaded"))
+        elif persistent <= loaded <= keys:
+            checks.append(
+                Check("redis rdb", ok=True, detail=f"{loaded} keys loaded of {keys} archived")
+            )
+        else:
+            checks.append(
+                Check(
+                    "redis rdb",
+                    ok=False,
+                    detail=f"{loaded} keys loaded, the manifest says {keys} ({expires} with a TTL)",
+                )
+            )
+    aof_unit = by_name.get(AOF_DIR_NAME) or by_name.get(LEGACY_AOF_NAME)
+    if aof_unit is not None:
+        checks.append(_check_aof(aof_unit, scratch, persistent))
+    return checks
+
+
+def _check_aof(unit: Unit, scratch: Path, persistent: int | None) -> Check:
+    aof_dir = scratch / ".redis-aof"
+    aof_dir.mkdir()
+    _link_into(unit.destination, aof_dir, unit.arcname)
+    options = (
+        ("--appenddirname", AOF_DIR_NAME)
+        if unit.arcname == AOF_DIR_NAME
+        else ("--appendfilename", LEGACY_AOF_NAME)
+    )
+    try:
+        loaded = _loaded_keys(aof_dir, "--appendonly", "yes", *options, "--dbfilename", "none.rdb")
+    except SovbackupdError as error:
+        return Check("redis aof", ok=False, detail=str(error))
+    if persistent and not loaded:
+        return Check("redis aof", ok=False, detail="the AOF loads as an empty database")
+    return Check("redis aof", ok=True, detail=f"{loaded} keys loaded from the AOF")
+
+
+def _drill_checks(policy: Policy, stored: StoredBackup, scratch: Path) -> list[Check]:
+    try:
+        drill_plan = plan(policy, stored, to=scratch, safety_backup=False, outside_links=True)
+        result = run(policy, drill_plan)
+    except SovbackupdError as error:
+        return [Check("archive", ok=False, detail=str(error))]
+    checks = [
+        Check(
+            "archive",
+            ok=True,
+            detail=f"{result.files} files ({human_size(result.bytes)}) match the manifest",
+        )
+    ]
+    for source in drill_plan.manifest.sources:
+        if source.component == "sqlite":
+            databases = source.details.get("databases", {})
+            for origin, expected in databases.items():
+                restored = scratch / origin.lstrip("/")
+                checks.append(_check_sqlite(restored, origin, expected))
+        elif source.component == "redis" and RDB_NAME in {u.arcname for u in drill_plan.units}:
+            checks.extend(_check_redis(drill_plan.units, source.details, scratch))
+    return checks
+
+
+def drill(
+    policy: Policy, name: str | None = None, *, metrics: Metrics | None = None
+) -> DrillReport:
+    """Restore backup *name* (the newest by default) into scratch space and check it all.
+
+    Every file is checked against the manifest while it is extracted; each SQLite copy
+    passes ``integrity_check`` with the manifest's row counts; the RDB (and AOF) load into
+    a throwaway redis-server with the keys the manifest counted. The scratch directory and
+    the servers are removed in every case. The result is recorded beside the backups and,
+    given *metrics*, in the restore_test metrics.
+    """
+    started = time.monotonic()
+    store = Store(policy.backup_dir, policy.name_prefix)
+    with store.lock():
+        stored = store.find(name) if name else store.latest()
+        store.clean_leftovers()
+        scratch = store.staging(f"test-restore-{stored.name}")
+        try:
+            checks = _drill_checks(policy, stored, scratch)
+        finally:
+            shutil.rmtree(scratch.parent, ignore_errors=True)
+    report = DrillReport(
+        name=stored.name,
+        ok=all(check.ok for check in checks),
+        checks=checks,
+        finished=time.time(),
+        duration_seconds=time.monotonic() - started,
+    )
+    record_drill(policy, report, metrics)
+    log.info(
+        "test_restore.finished",
+        backup=report.name,
+        result="success" if report.ok else "failure",
+        problems=[f"{check.what}: {check.detail}" for check in checks if not check.ok],
+        duration_seconds=round(report.duration_seconds, 3),
+    )
+    return report
+
+
+def record_drill(policy: Policy, report: DrillReport, metrics: Metrics | None) -> None:
+    """Remember the drill's result beside the backups, and set the metrics."""
+    state = policy.backup_dir / DRILL_STATE_NAME
+    previous = (last_drill(policy) or {}).get("last_success")
+    if report.ok:
+        last_success: float | None = report.finished
+    else:
+        last_success = float(previous) if isinstance(previous, int | float) else None
+    payload = {
+        "backup": report.name,
+        "ok": report.ok,
+        "finished": report.finished,
+        "last_success": last_success,
+    }
+    try:
+        archive.write_atomically(state, json.dumps(payload).encode())
+    except OSError as error:
+        log.warning("test_restore.state_unsaved", path=str(state), error=error.strerror)
+    if metrics is not None:
+        metrics.restore_tested(report.ok, last_success)
+
+
+def last_drill(policy: Policy) -> dict[str, object] | None:
+    """Return the last recorded drill result, None when there is none (or it is unreadable)."""
+    try:
+        loaded = json.loads((policy.backup_dir / DRILL_STATE_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
