@@ -19,7 +19,7 @@ from sovbackupd import __version__, backup, config, restore, retention, verify
 from sovbackupd import logging as sovlogging
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
-from sovbackupd.errors import ConfigError, ExitCode, SovbackupdError
+from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdError
 from sovbackupd.progress import ProgressBar
 from sovbackupd.store import Store, StoredBackup, human_size
 
@@ -236,7 +236,11 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
         print(f"sovbackupd restore {plan.manifest.id} would, changing nothing now:")
         for number, step in enumerate(plan.steps(), 1):
             print(f"{number:>3}. {step}")
+        if plan.refusal is not None:
+            raise RestoreError(plan.refusal)
         return ExitCode.OK
+    if plan.refusal is not None:
+        raise RestoreError(plan.refusal)
     if plan.live and not arguments.yes:
         if not sys.stdin.isatty():
             raise SovbackupdError(

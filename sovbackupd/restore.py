@@ -21,10 +21,11 @@ import posixpath
 import shutil
 import sqlite3
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, Literal
 
@@ -34,7 +35,7 @@ from pydantic import ValidationError
 
 from sovbackupd import archive, backup, hooks, redis_server
 from sovbackupd.config.models import Hooks, Policy, RedisSource, SourcePath, Sources
-from sovbackupd.errors import ArchiveError, RestoreError, SovbackupdError
+from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, SAFETY_TIER, FileEntry, Manifest
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import files, sqlite
@@ -108,6 +109,8 @@ class Plan:
     redis_where: str | None
     exclude: tuple[str, ...] = ()
     """The policy's excludes: files they match are carried over from live directories."""
+    refusal: str | None = None
+    """Why the restore must not go ahead (Redis runs and nothing would stop it)."""
 
     @property
     def staging_dirs(self) -> list[Path]:
@@ -365,9 +368,10 @@ def plan(
 ) -> Plan:
     """Decide every step of restoring *stored*; touch nothing.
 
-    Raise RestoreError when the restore must not happen (Redis answers and the policy has
-    no stop commands; a destination the policy does not back up) and ArchiveError when the
-    manifest describes something unsafe.
+    A restore that must not happen (Redis answers and the policy has no stop commands)
+    gets a ``refusal``, which :func:`run` raises. Raise RestoreError when a destination is
+    one the policy does not back up, and ArchiveError when the manifest describes
+    something unsafe.
     """
     manifest = load_manifest(stored)
     selected = only or set(COMPONENTS)
@@ -379,6 +383,7 @@ def plan(
     redis_config = policy.sources.redis
     restoring_redis = any(unit.component == "redis" for unit in units)
     redis_running = False
+    refusal = None
     if live and restoring_redis:
         assert redis_config is not None  # noqa: S101 (_units allows redis only when configured)
         units = _with_aof_from_rdb(units, policy, manifest)
@@ -387,7 +392,7 @@ def plan(
                 unit.owner = _redis_files_owner(unit)
         redis_running = _redis_answers(redis_config)
         if redis_running and not policy.restore.stop:
-            raise RestoreError(
+            refusal = (
                 f"redis at {RedisReader(redis_config).where} is running: stop it first, or "
                 "set restore.stop and restore.start in the policy (e.g. [systemctl, stop, "
                 "redis-server]) so that restore stops and starts it"
@@ -418,6 +423,7 @@ def plan(
         if live and restoring_redis and redis_config is not None
         else None,
         exclude=tuple(policy.sources.exclude),
+        refusal=refusal,
     )
 
 
@@ -427,8 +433,9 @@ def plan(
 class _Extraction:
     """One streaming pass over the archive: every member checked, selected ones staged."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, cancel: threading.Event | None) -> None:
         self._plan = plan
+        self._cancel = cancel
         self._top = plan.manifest.id
         self._expected = {entry.path: entry for entry in plan.manifest.files}
         self._owners: dict[str, Unit] = {}
@@ -467,6 +474,8 @@ class _Extraction:
         """Check and stage every member of *tar*; raise ArchiveError at the first problem."""
         archive_name = self._plan.backup.path.name
         for info in tar:
+            if self._cancel is not None and self._cancel.is_set():
+                raise AbortedError(f"restore of {archive_name} aborted")
             relative = self._relative(info)
             if relative is None:
                 continue
@@ -640,11 +649,11 @@ def _synthesize_aof(plan: Plan) -> None:
                 os.lchown(path, *unit.owner)
 
 
-def extract(plan: Plan) -> tuple[int, int]:
+def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int]:
     """Verify the archive and stage the plan's units; return (files, bytes) staged.
 
-    On any failure the staging directories are removed and ArchiveError is raised;
-    nothing outside them was written.
+    On any failure the staging directories are removed and ArchiveError is raised
+    (AbortedError once *cancel* is set); nothing outside them was written.
     """
     for directory in plan.staging_dirs:
         _remove_stale_staging(directory)
@@ -656,7 +665,7 @@ def extract(plan: Plan) -> tuple[int, int]:
     try:
         with _opened(plan.backup) as handle:
             _check_sidecar(handle, plan.backup)
-            extraction = _Extraction(plan)
+            extraction = _Extraction(plan, cancel)
             try:
                 with ExitStack() as stack:
                     stream = stack.enter_context(
@@ -881,16 +890,18 @@ def _stop_and_swap(policy: Policy, plan: Plan) -> None:
     _run_commands("restore.start", plan.start, timeout)
 
 
-def run(policy: Policy, plan: Plan) -> RestoreResult:
+def run(policy: Policy, plan: Plan, cancel: threading.Event | None = None) -> RestoreResult:
     """Carry out *plan*: verify and stage, safety backup, stop, swap, start, clean up.
 
     Raise ArchiveError when the archive fails verification (nothing live was touched),
     RestoreError when a later step fails (what was swapped is put back).
     """
+    if plan.refusal is not None:
+        raise RestoreError(plan.refusal)
     started = time.monotonic()
     bound = log.bind(backup=plan.manifest.id, live=plan.live)
     bound.info("restore.started", units=[unit.arcname for unit in plan.units])
-    files, size = extract(plan)
+    files, size = extract(plan, cancel)
     try:
         safety_name = _safety_backup(policy, plan)
         if safety_name is not None:
@@ -1032,10 +1043,14 @@ def _check_aof(unit: Unit, scratch: Path, persistent: int | None) -> Check:
     return Check("redis aof", ok=True, detail=f"{loaded} keys loaded from the AOF")
 
 
-def _drill_checks(policy: Policy, stored: StoredBackup, scratch: Path) -> list[Check]:
+def _drill_checks(
+    policy: Policy, stored: StoredBackup, scratch: Path, cancel: threading.Event | None
+) -> list[Check]:
     try:
         drill_plan = plan(policy, stored, to=scratch, safety_backup=False, outside_links=True)
-        result = run(policy, drill_plan)
+        result = run(policy, drill_plan, cancel)
+    except AbortedError:
+        raise
     except SovbackupdError as error:
         return [Check("archive", ok=False, detail=str(error))]
     checks = [
@@ -1057,7 +1072,11 @@ def _drill_checks(policy: Policy, stored: StoredBackup, scratch: Path) -> list[C
 
 
 def drill(
-    policy: Policy, name: str | None = None, *, metrics: Metrics | None = None
+    policy: Policy,
+    name: str | None = None,
+    *,
+    metrics: Metrics | None = None,
+    cancel: threading.Event | None = None,
 ) -> DrillReport:
     """Restore backup *name* (the newest by default) into scratch space and check it all.
 
@@ -1074,7 +1093,7 @@ def drill(
         store.clean_leftovers()
         scratch = store.staging(f"test-restore-{stored.name}")
         try:
-            checks = _drill_checks(policy, stored, scratch)
+            checks = _drill_checks(policy, stored, scratch, cancel)
         finally:
             shutil.rmtree(scratch.parent, ignore_errors=True)
     report = DrillReport(
@@ -1095,32 +1114,41 @@ def drill(
     return report
 
 
-def record_drill(policy: Policy, report: DrillReport, metrics: Metrics | None) -> None:
+@dataclass(frozen=True)
+class DrillState:
+    """The last test restore's result, kept beside the backups across daemon restarts."""
+
+    backup: str
+    ok: bool
+    finished: float
+    last_success: float | None
+
+
+def record_drill(policy: Policy, report: DrillReport, metrics: Metrics | None) -> DrillState:
     """Remember the drill's result beside the backups, and set the metrics."""
-    state = policy.backup_dir / DRILL_STATE_NAME
-    previous = (last_drill(policy) or {}).get("last_success")
-    if report.ok:
-        last_success: float | None = report.finished
-    else:
-        last_success = float(previous) if isinstance(previous, int | float) else None
-    payload = {
-        "backup": report.name,
-        "ok": report.ok,
-        "finished": report.finished,
-        "last_success": last_success,
-    }
+    previous = last_drill(policy)
+    state = DrillState(
+        backup=report.name,
+        ok=report.ok,
+        finished=report.finished,
+        last_success=report.finished
+        if report.ok
+        else (previous.last_success if previous else None),
+    )
+    path = policy.backup_dir / DRILL_STATE_NAME
     try:
-        archive.write_atomically(state, json.dumps(payload).encode())
+        archive.write_atomically(path, json.dumps(asdict(state)).encode())
     except OSError as error:
-        log.warning("test_restore.state_unsaved", path=str(state), error=error.strerror)
+        log.warning("test_restore.state_unsaved", path=str(path), error=error.strerror)
     if metrics is not None:
-        metrics.restore_tested(report.ok, last_success)
+        metrics.restore_tested(state.ok, state.last_success)
+    return state
 
 
-def last_drill(policy: Policy) -> dict[str, object] | None:
-    """Return the last recorded drill result, None when there is none (or it is unreadable)."""
+def last_drill(policy: Policy) -> DrillState | None:
+    """Return the last recorded drill result, None when there is none or it is unreadable."""
     try:
         loaded = json.loads((policy.backup_dir / DRILL_STATE_NAME).read_bytes())
-    except (OSError, ValueError):
+        return DrillState(**loaded)
+    except (OSError, ValueError, TypeError):
         return None
-    return loaded if isinstance(loaded, dict) else None

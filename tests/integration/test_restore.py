@@ -264,6 +264,10 @@ def test_restore_refuses_while_redis_answers_without_a_stop_command(
     ]
     assert component_states(sandbox, redis_server) == damaged
     assert [path.name for path in sandbox.backup_dir.glob("*.tar.gz")] == [f"{name}.tar.gz"]
+    dry = run_cli("restore", name, "--dry-run", config=config)
+    assert dry.returncode == 1
+    assert f"replace file {redis_server.rdb_path} with redis_dump.rdb" in dry.stdout
+    assert dry.stderr_lines == result.stderr_lines
 
 
 def test_restore_of_the_other_components_goes_ahead_while_redis_runs(
