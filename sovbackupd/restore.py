@@ -256,11 +256,16 @@ def _units(
             if entry.path != root:
                 raise ArchiveError(f"{manifest.id}: {entry.path} comes before its directory")
             destination = _destination(entry.origin, root, to)
-            if to is None and str(destination) not in _allowed_origins(policy, component):
-                raise RestoreError(
-                    f"{manifest.id} puts {root} back to {destination}, which the policy does "
-                    "not back up; restore it with --to DIR and move it by hand"
-                )
+            if to is None and component in only:
+                if str(destination) not in _allowed_origins(policy, component):
+                    raise RestoreError(
+                        f"{manifest.id} puts {root} back to {destination}, which the policy "
+                        "does not back up; restore it with --to DIR and move it by hand"
+                    )
+                # A symlinked .env or data dir was backed up by content: the link stays,
+                # what it points to is restored.
+                if destination.is_symlink():
+                    destination = destination.resolve()
             kind: Literal["file", "dir"] = "dir" if entry.type == "dir" else "file"
             if entry.type == "symlink":
                 raise ArchiveError(f"{manifest.id}: {root} is a symlink, not a file or directory")

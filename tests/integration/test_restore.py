@@ -457,3 +457,28 @@ def test_files_the_excludes_leave_out_survive_a_data_restore(
     assert cache.read_text() == "made after the backup, excluded"
     assert (sandbox.app / "data" / "scratch.tmp").read_text() == "excluded"
     assert (sandbox.app / "data" / "notes.txt").exists()
+
+
+def test_symlinked_config_file_and_data_dir_keep_their_links(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A .env or data dir that is a symlink stays one; what it points to is restored."""
+    elsewhere = tmp_path / "mnt" / "data"
+    elsewhere.parent.mkdir()
+    (sandbox.app / "data").rename(elsewhere)
+    (sandbox.app / "data").symlink_to(elsewhere)
+    secrets = tmp_path / "secrets.env"
+    (sandbox.app / ".env").rename(secrets)
+    (sandbox.app / ".env").symlink_to(secrets)
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    name = backup_now(config)
+    secrets.write_text("SECRET_KEY=wrong\n")
+    (elsewhere / "notes.txt").unlink()
+
+    result = run_cli("restore", name, "--only", "config,data", "--yes", config=config)
+
+    assert result.returncode == 0, result.stderr
+    assert (sandbox.app / ".env").is_symlink()
+    assert (sandbox.app / "data").is_symlink()
+    assert secrets.read_text() == "SECRET_KEY=abc\nREDIS_URL=redis://localhost\n"
+    assert (elsewhere / "notes.txt").read_text() == "hello\n" * 1000
