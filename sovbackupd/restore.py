@@ -707,10 +707,13 @@ def _check_inside_manifest(plan: Plan, inside: bytes | None) -> None:
 
 
 def _remove_stale_staging(directory: Path) -> None:
-    """Remove what a killed restore of the same backup left in *directory*."""
-    if directory.is_dir() and not directory.is_symlink():
-        shutil.rmtree(directory)
-        log.info("restore.leftover_removed", path=str(directory))
+    """Remove the staging directories a killed restore left beside *directory*."""
+    if not directory.parent.is_dir():
+        return
+    for stale in directory.parent.glob(f"{STAGING_PREFIX}*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+            log.info("restore.leftover_removed", path=str(stale))
 
 
 def cleanup(plan: Plan) -> None:

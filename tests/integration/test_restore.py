@@ -8,12 +8,13 @@ import os
 import sqlite3
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.conftest import (
     RedisServer,
@@ -35,7 +36,7 @@ def tree_state(root: Path, paths: list[Path]) -> TreeState:
         status = path.lstat()
         relative = str(path.relative_to(root))
         if stat.S_ISLNK(status.st_mode):
-            state[relative] = ("symlink", 0, status.st_mtime, os.readlink(path))
+            state[relative] = ("symlink", 0, status.st_mtime, str(path.readlink()))
         elif stat.S_ISDIR(status.st_mode):
             state[relative] = ("dir", stat.S_IMODE(status.st_mode), status.st_mtime, "")
             for child in sorted(path.iterdir()):
@@ -66,15 +67,16 @@ def rows(database: Path) -> dict[str, int]:
             for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
         ]
         return {
-            table: connection.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+            table: connection.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]  # noqa: S608 (table names of the test's own database)
             for table in tables
         }
     finally:
         connection.close()
 
 
-def keys(server: RedisServer) -> dict[int, dict[bytes, bytes | None]]:
-    found: dict[int, dict[bytes, bytes | None]] = {}
+def keys(server: RedisServer) -> dict[int, dict[bytes | str, object]]:
+    """Every key of databases 0 and 3 with its DUMP serialisation (value and type)."""
+    found: dict[int, dict[bytes | str, object]] = {}
     for db in (0, 3):
         client = server.client(db)
         found[db] = {key: client.dump(key) for key in client.keys("*")}
@@ -167,7 +169,7 @@ def test_restore_brings_back_files_keys_and_rows_after_damage(
     assert_same_tree(tree_state(sandbox.root, live_paths(sandbox)), files_before)
     assert rows(sandbox.database) == rows_before
     assert keys(redis_server) == keys_before
-    leftovers = [path for path in sandbox.root.rglob(".sovbackupd-restore-*")]
+    leftovers = list(sandbox.root.rglob(".sovbackupd-restore-*"))
     assert leftovers == []
 
 
@@ -293,7 +295,7 @@ def test_redis7_with_aof_comes_back_with_its_data(
     redis_factory: Callable[..., RedisServer],
     restart_commands: Callable[..., dict[str, Any]],
 ) -> None:
-    """appendonly yes and aof_dir set: the restored server loads the archived AOF, not empty."""
+    """With appendonly yes and aof_dir set, the restored server loads the archived AOF."""
     server = redis_factory("--appendonly", "yes")
     server.client().mset({f"aof:{number}": str(number) for number in range(200)})
     data = policy_data(sandbox, server, restore=restart_commands(server, "--appendonly", "yes"))
@@ -482,3 +484,37 @@ def test_symlinked_config_file_and_data_dir_keep_their_links(
     assert (sandbox.app / "data").is_symlink()
     assert secrets.read_text() == "SECRET_KEY=abc\nREDIS_URL=redis://localhost\n"
     assert (elsewhere / "notes.txt").read_text() == "hello\n" * 1000
+
+
+def test_restore_killed_mid_extraction_leaves_live_data_alone_and_the_next_one_cleans_up(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Killed while staging: the live tree is untouched; the next restore succeeds, clean."""
+    big = sandbox.app / "data" / "big"
+    big.mkdir()
+    for number in range(40):
+        (big / f"{number}.bin").write_bytes(os.urandom(2 << 20))
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    name = backup_now(config)
+    (sandbox.app / "data" / "notes.txt").write_text("changed after the backup\n")
+    damaged = tree_state(sandbox.root, live_paths(sandbox))
+    staging = sandbox.app / f".sovbackupd-restore-{name}"
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sovbackupd", "--config", str(config), "restore", name,
+         "--yes", "--no-safety-backup"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(staging.rglob("*.bin")) and time.monotonic() < deadline:
+        assert process.poll() is None, "the restore finished before it could be killed"
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+
+    assert tree_state(sandbox.root, live_paths(sandbox)) == damaged
+    again = run_cli("restore", name, "--yes", "--no-safety-backup", config=config)
+    assert again.returncode == 0, again.stderr
+    assert (sandbox.app / "data" / "notes.txt").read_text() == "hello\n" * 1000
+    assert list(sandbox.root.rglob(".sovbackupd-restore-*")) == []
