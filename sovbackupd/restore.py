@@ -17,9 +17,9 @@ import errno
 import hashlib
 import json
 import os
-import posixpath
 import shutil
 import sqlite3
+import stat
 import tarfile
 import threading
 import time
@@ -52,6 +52,7 @@ AOF_DIR_NAME = "appendonlydir"
 LEGACY_AOF_NAME = "appendonly.aof"
 RDB_NAME = "redis_dump.rdb"
 CONFIG_DIR = "config"
+MAX_LINK_HOPS = 40  # as the kernel's limit on symlinks followed in one lookup
 _KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
 _TYPE_NAMES = {
     tarfile.LNKTYPE: "hard link",
@@ -193,14 +194,48 @@ def _safe_relative(path: str) -> bool:
     return bool(path) and "\0" not in path and all(part not in ("", ".", "..") for part in parts)
 
 
-def _escapes(entry: FileEntry, unit_root: str) -> bool:
-    """Tell whether the symlink *entry* points outside the unit whose root is *unit_root*."""
-    link = entry.link or ""
-    if not link or link.startswith("/"):
-        return True
-    inside = entry.path[len(unit_root) :].lstrip("/")
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(inside), link))
-    return resolved == ".." or resolved.startswith("../")
+def _stays_inside(path: str, links: dict[str, str], root: str) -> bool:
+    """Tell whether the symlink at *path* resolves inside the tree *root*.
+
+    The walk follows the tree's other symlinks (*links*: path -> target), as the kernel
+    would once they exist, so that a chain such as ``a -> b/..`` with ``b -> ..`` cannot
+    climb out one harmless-looking step at a time.
+    """
+    floor = len(root.split("/"))
+    current = path.split("/")[:-1]
+    remaining = links[path].split("/")
+    hops = 0
+    while remaining:
+        part = remaining.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(current) <= floor:
+                return False
+            current.pop()
+            continue
+        current.append(part)
+        target = links.get("/".join(current))
+        if target is not None:
+            hops += 1
+            if hops > MAX_LINK_HOPS or not target or target.startswith("/"):
+                return False
+            current.pop()
+            remaining = target.split("/") + remaining
+    return True
+
+
+def _escaping_link(unit: Unit) -> FileEntry | None:
+    """Return a symlink of *unit* that leads outside it (absolute ones always do)."""
+    links = {entry.path: entry.link or "" for entry in unit.entries if entry.type == "symlink"}
+    for entry in unit.entries:
+        if entry.type != "symlink":
+            continue
+        if not entry.link or entry.link.startswith("/"):
+            return entry
+        if not _stays_inside(entry.path, links, unit.arcname):
+            return entry
+    return None
 
 
 def _component_of(entry: FileEntry) -> tuple[Component, str] | None:
@@ -272,12 +307,14 @@ def _units(
             staged = destination.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
             unit = Unit(component, root, kind, destination, staged)
             units[root] = unit
-        if entry.type == "symlink" and not outside_links and _escapes(entry, root):
-            raise ArchiveError(
-                f"{manifest.id}: {entry.path} is a symlink to {entry.link!r}, outside "
-                f"{root}; pass --allow-outside-symlinks to restore it as it is"
-            )
         unit.entries.append(entry)
+    for unit in units.values():
+        escaping = None if outside_links else _escaping_link(unit)
+        if escaping is not None:
+            raise ArchiveError(
+                f"{manifest.id}: {escaping.path} is a symlink to {escaping.link!r}, outside "
+                f"{unit.arcname}; pass --allow-outside-symlinks to restore it as it is"
+            )
     return [unit for unit in units.values() if unit.component in only]
 
 
@@ -660,13 +697,14 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
     On any failure the staging directories are removed and ArchiveError is raised
     (AbortedError once *cancel* is set); nothing outside them was written.
     """
-    for directory in plan.staging_dirs:
-        _remove_stale_staging(directory)
-        try:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            directory.mkdir(mode=0o700)
-        except OSError as error:
-            raise RestoreError(f"cannot create {directory}: {error.strerror}") from error
+    created: list[Path] = []
+    try:
+        for directory in plan.staging_dirs:
+            _remove_stale_staging(directory)
+            created += _make_parents(directory)
+    except OSError as error:
+        _remove_empty(created)
+        raise RestoreError(f"cannot create {error.filename}: {error.strerror}") from error
     try:
         with _opened(plan.backup) as handle:
             _check_sidecar(handle, plan.backup)
@@ -690,8 +728,30 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
         _synthesize_aof(plan)
     except BaseException:
         cleanup(plan)
+        _remove_empty(created)
         raise
     return extraction.files, extraction.bytes
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create *directory* (0700) and its missing parents; return what was created."""
+    missing = [directory]
+    while not missing[-1].parent.exists():
+        missing.append(missing[-1].parent)
+    for path in reversed(missing):
+        path.mkdir(mode=0o700 if path == directory else 0o755)
+    return list(reversed(missing))
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories a refused restore created, deepest first, if empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            continue  # the staging directory itself, removed with its contents
+        except OSError:
+            return  # not empty: something else was put there meanwhile
 
 
 def _check_inside_manifest(plan: Plan, inside: bytes | None) -> None:
@@ -849,12 +909,35 @@ def _carry_excluded(old: Path, new: Path, exclude: tuple[str, ...]) -> None:
         target = new / relative
         if os.path.lexists(target):
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not _real_parents(new, old, relative):
+            # The backup has a symlink or a file where the excluded file's directory was:
+            # following it could move the file anywhere.
+            log.warning("restore.excluded_dropped", path=str(old / relative))
+            continue
         restored = target.parent.stat()
         (old / relative).rename(target)
         # The directory keeps the mtime the backup gave it.
         os.utime(target.parent, ns=(restored.st_atime_ns, restored.st_mtime_ns))
         log.info("restore.excluded_kept", path=str(target))
+
+
+def _real_parents(new: Path, old: Path, relative: str) -> bool:
+    """Make the directories above *new*/*relative* as they were in *old*, following no link.
+
+    Return False when one of them exists in *new* as anything but a real directory.
+    """
+    current = new
+    for part in relative.split("/")[:-1]:
+        current /= part
+        try:
+            status = current.lstat()
+        except FileNotFoundError:
+            current.mkdir(mode=0o700)
+            current.chmod(stat.S_IMODE((old / current.relative_to(new)).lstat().st_mode))
+            continue
+        if not stat.S_ISDIR(status.st_mode):
+            return False
+    return True
 
 
 def _safety_backup(policy: Policy, plan: Plan) -> str | None:
@@ -1068,14 +1151,14 @@ def _drill_checks(
             detail=f"{result.files} files ({human_size(result.bytes)}) match the manifest",
         )
     ]
-    for source in drill_plan.manifest.sources:
-        if source.component == "sqlite":
-            databases = source.details.get("databases", {})
-            for origin, expected in databases.items():
-                restored = scratch / origin.lstrip("/")
-                checks.append(_check_sqlite(restored, origin, expected))
-        elif source.component == "redis" and RDB_NAME in {u.arcname for u in drill_plan.units}:
-            checks.extend(_check_redis(drill_plan.units, source.details, scratch))
+    details = {source.component: source.details for source in drill_plan.manifest.sources}
+    databases = details.get("sqlite", {}).get("databases", {})
+    for unit in drill_plan.units:
+        if unit.component == "sqlite":
+            origin = unit.entries[0].origin or unit.arcname
+            checks.append(_check_sqlite(unit.destination, origin, databases.get(origin)))
+    if RDB_NAME in {unit.arcname for unit in drill_plan.units}:
+        checks.extend(_check_redis(drill_plan.units, details.get("redis", {}), scratch))
     return checks
 
 

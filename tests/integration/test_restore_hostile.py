@@ -1,0 +1,461 @@
+"""Hostile archives: each one refused before restore writes anything, live or under --to.
+
+Every archive here starts as a real backup of the sandbox, rewritten with one hostile
+member added or altered, then made consistent again (manifests, sidecar) so that restore
+has to refuse it for the hostile member itself, not for a stale checksum.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from sovbackupd.manifest import MANIFEST_NAME
+from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
+
+MemberKind = Literal["file", "dir", "symlink", "hardlink", "chardev", "fifo"]
+_TAR_TYPES: dict[MemberKind, bytes] = {
+    "file": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "chardev": tarfile.CHRTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+# The manifest knows only files, directories and symlinks: special members are listed as
+# the empty file they would read as, so that only their type can get them refused.
+_MANIFEST_TYPES: dict[MemberKind, str] = {
+    "file": "file",
+    "dir": "dir",
+    "symlink": "symlink",
+    "hardlink": "file",
+    "chardev": "file",
+    "fifo": "file",
+}
+
+
+def write_sidecar(archive_path: Path) -> None:
+    """Write the ``sha256sum`` sidecar of *archive_path* from its current bytes."""
+    digest = hashlib.sha256(archive_path.read_bytes()).hexdigest()
+    sidecar = archive_path.with_name(archive_path.name + ".sha256")
+    sidecar.write_text(f"{digest}  {archive_path.name}\n")
+
+
+@dataclass
+class Member:
+    """One tar member held in memory: its header and, for a regular file, its bytes."""
+
+    info: tarfile.TarInfo
+    data: bytes | None
+
+
+class ArchiveEditor:
+    """A stored gzip backup opened for rewriting: its members and its manifest as JSON.
+
+    Change ``members`` and ``manifest`` (the one inside), then :meth:`save`: the archive is
+    written again under the same name, the manifest inside and the one beside it both
+    from ``manifest`` (unless ``beside`` is set), and the sidecar recomputed.
+    """
+
+    def __init__(self, archive_path: Path) -> None:
+        self.path = archive_path
+        self.top = archive_path.name.removesuffix(".tar.gz")
+        self.members: list[Member] = []
+        with tarfile.open(archive_path, "r:gz") as tar:
+            for info in tar:
+                extracted = tar.extractfile(info) if info.isreg() else None
+                data = extracted.read() if extracted is not None else None
+                self.members.append(Member(info, data))
+        self.manifest: dict[str, Any] = json.loads(self.content(MANIFEST_NAME))
+        self.beside: dict[str, Any] | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path.with_name(f"{self.top}.manifest.json")
+
+    def _member(self, relative: str) -> Member:
+        name = f"{self.top}/{relative}"
+        return next(member for member in self.members if member.info.name == name)
+
+    def content(self, relative: str) -> bytes:
+        """Return the bytes of the regular file *relative* (below the top directory)."""
+        data = self._member(relative).data
+        assert data is not None, relative
+        return data
+
+    def entry(self, relative: str) -> dict[str, Any]:
+        """Return the manifest entry of *relative*."""
+        entries: list[dict[str, Any]] = self.manifest["files"]
+        return next(entry for entry in entries if entry["path"] == relative)
+
+    def add(
+        self,
+        relative: str,
+        kind: MemberKind,
+        data: bytes = b"",
+        link: str = "",
+        *,
+        listed: bool = True,
+        name: str | None = None,
+    ) -> None:
+        """Add a member after every data member; list it in the manifest when *listed*.
+
+        *name* replaces the member's full name in the tar (``<top>/<relative>``), for
+        names that cannot sit below the top directory.
+        """
+        info = tarfile.TarInfo(name or f"{self.top}/{relative}")
+        info.type = _TAR_TYPES[kind]
+        info.mode = 0o777 if kind == "symlink" else 0o644
+        info.mtime = int(time.time())
+        info.uid, info.gid = os.getuid(), os.getgid()
+        info.linkname = link
+        if kind == "chardev":
+            info.devmajor, info.devminor = 1, 3  # /dev/null
+        content = data if kind == "file" else None
+        info.size = len(content) if content is not None else 0
+        # Just before manifest.json, so the hostile member comes after all the good ones.
+        self.members.insert(len(self.members) - 1, Member(info, content))
+        if not listed:
+            return
+        root = self.entry(relative.split("/", 1)[0])
+        self.manifest["files"].append(
+            {
+                "path": relative,
+                "type": _MANIFEST_TYPES[kind],
+                "origin": f"{root['origin']}{relative.removeprefix(root['path'])}",
+                "size": info.size,
+                "mode": info.mode,
+                "mtime": float(info.mtime),
+                "uid": info.uid,
+                "gid": info.gid,
+                "sha256": hashlib.sha256(data).hexdigest()
+                if kind not in ("dir", "symlink")
+                else None,
+                "link": link or None,
+            }
+        )
+
+    def replace(self, relative: str, data: bytes, *, listed: bool = True) -> None:
+        """Give the file *relative* new bytes; with *listed*, its manifest entry follows."""
+        member = self._member(relative)
+        old_size = len(member.data or b"")
+        member.data = data
+        if listed:
+            entry = self.entry(relative)
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+            entry["size"] = len(data)
+            self.manifest["file_bytes"] += len(data) - old_size
+
+    def save(self, *, sidecar: bool = True) -> None:
+        """Write the archive, both manifests and (with *sidecar*) the sidecar again."""
+        inside = json.dumps(self.manifest, indent=1).encode()
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+            for member in self.members:
+                info = copy.copy(member.info)
+                data = inside if info.name == f"{self.top}/{MANIFEST_NAME}" else member.data
+                if data is not None:
+                    info.size = len(data)
+                tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        self.path.write_bytes(buffer.getvalue())
+        beside = self.manifest if self.beside is None else self.beside
+        self.manifest_path.write_bytes(json.dumps(beside, indent=1).encode())
+        if sidecar:
+            write_sidecar(self.path)
+
+
+# --- the hostile edits: each leaves the archive consistent but for the hostile part -----
+
+
+def absolute_member(editor: ArchiveEditor) -> None:
+    editor.add("evil", "file", b"owned\n", listed=False, name="/etc/evil")
+    editor.save()
+
+
+def dotdot_member(editor: ArchiveEditor) -> None:
+    editor.add("evil", "file", b"owned\n", listed=False, name=f"{editor.top}/../../evil")
+    editor.save()
+
+
+def symlink_then_file_through_it(editor: ArchiveEditor) -> None:
+    editor.add("data/escape", "symlink", link="/etc")
+    editor.add("data/escape/cron", "file", b"* * * * * root sh -c owned\n")
+    editor.save()
+
+
+def relative_symlink_escape(editor: ArchiveEditor) -> None:
+    editor.add("data/up", "symlink", link="../../../..")
+    editor.save()
+
+
+def hardlink_member(editor: ArchiveEditor) -> None:
+    editor.add("data/passwd", "hardlink", link="/etc/passwd")
+    editor.save()
+
+
+def device_member(editor: ArchiveEditor) -> None:
+    editor.add("data/null", "chardev")
+    editor.save()
+
+
+def fifo_member(editor: ArchiveEditor) -> None:
+    editor.add("data/pipe", "fifo")
+    editor.save()
+
+
+def member_not_in_manifest(editor: ArchiveEditor) -> None:
+    editor.add("data/stowaway.txt", "file", b"not listed\n", listed=False)
+    editor.save()
+
+
+def content_differs_from_manifest(editor: ArchiveEditor) -> None:
+    original = editor.content("data/notes.txt")
+    editor.replace("data/notes.txt", b"HELLO\n" + original[6:], listed=False)
+    editor.save()
+
+
+def checksum_mismatch(editor: ArchiveEditor) -> None:
+    original = editor.content("data/notes.txt")
+    editor.replace("data/notes.txt", b"HELLO\n" + original[6:])
+    editor.save(sidecar=False)
+
+
+def truncated_archive(editor: ArchiveEditor) -> None:
+    editor.save()
+    data = editor.path.read_bytes()
+    editor.path.write_bytes(data[: len(data) // 2])
+    write_sidecar(editor.path)
+
+
+def manifest_inside_differs(editor: ArchiveEditor) -> None:
+    editor.beside = copy.deepcopy(editor.manifest)
+    editor.manifest["host"] = "elsewhere"
+    editor.save()
+
+
+def truncated_tar_in_sound_gzip(editor: ArchiveEditor) -> None:
+    editor.save()
+    tar_bytes = gzip.decompress(editor.path.read_bytes())
+    editor.path.write_bytes(gzip.compress(tar_bytes[: len(tar_bytes) // 2]))
+    write_sidecar(editor.path)
+
+
+def manifest_member_left_out(editor: ArchiveEditor) -> None:
+    editor.members.pop()  # manifest.json, the last member: the tar just ends before it
+    editor.save()
+
+
+def duplicate_member(editor: ArchiveEditor) -> None:
+    editor.add("data/notes.txt", "file", editor.content("data/notes.txt"), listed=False)
+    editor.save()
+
+
+def origin_outside_policy(editor: ArchiveEditor) -> None:
+    editor.entry("memory")["origin"] = "/etc/cron.d"
+    editor.save()
+
+
+def symlink_chain_escape(editor: ArchiveEditor) -> None:
+    # Each link alone resolves inside data/, but data/a goes through data/nested/up
+    # (which is data/ itself) and one level up: data/a is the directory holding data/.
+    editor.add("data/nested/up", "symlink", link="..")
+    editor.add("data/a", "symlink", link="nested/up/..")
+    editor.save()
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """One hostile archive: how it is made and what the refusal must name."""
+
+    id: str
+    edit: Callable[[ArchiveEditor], None]
+    refusal: str
+    options: tuple[str, ...] = ()
+    where: tuple[str, ...] = ("live", "to")
+    """Where it is hostile: live restore, --to DIR or both."""
+
+
+HOSTILE = [
+    Hostile("absolute-path", absolute_member, "'/etc/evil' is outside"),
+    Hostile("dotdot-path", dotdot_member, "/../../evil' is outside"),
+    Hostile("symlink-outside", symlink_then_file_through_it, "data/escape is a symlink to '/etc'"),
+    Hostile(
+        "file-through-symlink-when-outside-symlinks-allowed",
+        symlink_then_file_through_it,
+        "data/escape/cron lies below a symlink",
+        ("--allow-outside-symlinks",),
+    ),
+    Hostile("relative-symlink-escape", relative_symlink_escape, "data/up is a symlink"),
+    Hostile("symlink-chain-escape", symlink_chain_escape, "data/a is a symlink"),
+    Hostile("hardlink", hardlink_member, "data/passwd is a hard link"),
+    Hostile("character-device", device_member, "data/null is a character device"),
+    Hostile("fifo", fifo_member, "data/pipe is a FIFO"),
+    Hostile(
+        "fifo-in-a-component-not-restored",
+        fifo_member,
+        "data/pipe is a FIFO",
+        ("--only", "config"),
+    ),
+    Hostile("member-not-in-manifest", member_not_in_manifest, "data/stowaway.txt is not in"),
+    Hostile("duplicate-member", duplicate_member, "data/notes.txt appears twice"),
+    Hostile("content-not-manifest-sha256", content_differs_from_manifest, "data/notes.txt does"),
+    Hostile("checksum-mismatch", checksum_mismatch, "checksum mismatch"),
+    Hostile("truncated", truncated_archive, "unreadable archive"),
+    Hostile("truncated-tar-in-sound-gzip", truncated_tar_in_sound_gzip, "unreadable archive"),
+    Hostile("ends-before-manifest", manifest_member_left_out, "no manifest.json inside"),
+    Hostile("manifest-inside-differs", manifest_inside_differs, "manifest inside differs"),
+    Hostile(
+        "origin-outside-policy",
+        origin_outside_policy,
+        "puts memory back to /etc/cron.d, which the policy does not back up",
+        where=("live",),
+    ),
+]
+HOSTILE_PARAMS = [
+    pytest.param(hostile, where, id=f"{hostile.id}-{where}")
+    for hostile in HOSTILE
+    for where in hostile.where
+]
+
+TreeState = dict[str, tuple[str, int, str, float | None]]
+
+
+def tree_state(root: Path) -> TreeState:
+    """Describe everything below *root*: type, mode, content or link, mtime (not for dirs).
+
+    A directory's mtime is left out: restore stages beside its destination, so creating
+    and removing the staging directory moves the parent's mtime, by design.
+    """
+    state: TreeState = {}
+    for path in sorted(root.rglob("*")):
+        status = path.lstat()
+        relative = str(path.relative_to(root))
+        mode = stat.S_IMODE(status.st_mode)
+        if stat.S_ISLNK(status.st_mode):
+            state[relative] = ("symlink", mode, str(path.readlink()), status.st_mtime)
+        elif stat.S_ISDIR(status.st_mode):
+            state[relative] = ("dir", mode, "", None)
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            state[relative] = ("file", mode, digest, status.st_mtime)
+    return state
+
+
+def without_dirs(state: TreeState) -> TreeState:
+    """Return *state* without its directories (see test_refused_restore_to_dir_...)."""
+    return {path: found for path, found in state.items() if found[0] != "dir"}
+
+
+def backup_sandbox(config: Path, sandbox: Sandbox) -> ArchiveEditor:
+    """Back up *sandbox* with the CLI; return the new archive opened for rewriting."""
+    result = run_cli("backup", config=config)
+    assert result.returncode == 0, result.stderr
+    name = result.stdout.strip()
+    return ArchiveEditor(sandbox.backup_dir / f"{name}.tar.gz")
+
+
+def staging_leftovers(tmp_path: Path) -> list[Path]:
+    return [*tmp_path.rglob(".sovbackupd-restore-*"), *tmp_path.rglob(".staging")]
+
+
+@pytest.mark.parametrize(("hostile", "where"), HOSTILE_PARAMS)
+def test_hostile_archive_is_refused_before_anything_is_written(
+    tmp_path: Path, sandbox: Sandbox, hostile: Hostile, where: str
+) -> None:
+    """A hostile archive is refused with one error line; live data and --to DIR are untouched."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    hostile.edit(editor)
+    destination = tmp_path / "restored"
+    destination.mkdir()
+    (destination / "already-there.txt").write_text("kept\n")
+    live_before = tree_state(sandbox.app)
+    destination_before = tree_state(destination)
+    stored_before = backup_files(sandbox.backup_dir)
+    target = ("--yes",) if where == "live" else ("--to", str(destination))
+
+    result = run_cli("restore", editor.top, *target, *hostile.options, config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert result.stderr_lines[0].startswith("sovbackupd: error: "), result.stderr
+    assert hostile.refusal in result.stderr_lines[0]
+    assert tree_state(sandbox.app) == live_before
+    assert without_dirs(tree_state(destination)) == without_dirs(destination_before)
+    assert backup_files(sandbox.backup_dir) == stored_before, "no safety backup was taken"
+    assert staging_leftovers(tmp_path) == []
+
+
+def test_rewritten_archive_without_hostile_member_restores(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The rewriting itself is sound: a rewritten but unaltered archive restores under --to."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    editor.save()
+    destination = tmp_path / "restored"
+
+    result = run_cli("restore", editor.top, "--to", str(destination), config=config)
+
+    assert result.returncode == 0, result.stderr
+    restored = destination / str(sandbox.app).lstrip("/")
+    assert (restored / "data" / "notes.txt").read_text() == "hello\n" * 1000
+    assert staging_leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [checksum_mismatch, member_not_in_manifest],
+    ids=["checksum-mismatch", "not-in-manifest"],
+)
+def test_refused_restore_to_dir_leaves_no_directories_behind(
+    tmp_path: Path, sandbox: Sandbox, edit: Callable[[ArchiveEditor], None]
+) -> None:
+    """A refused restore --to DIR leaves DIR exactly as it was, without new empty directories."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    edit(editor)
+    destination = tmp_path / "restored"
+    destination.mkdir()
+    (destination / "already-there.txt").write_text("kept\n")
+
+    result = run_cli("restore", editor.top, "--to", str(destination), config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert sorted(path.name for path in destination.iterdir()) == ["already-there.txt"]
+
+
+def test_restore_never_moves_excluded_files_through_a_restored_symlink(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Files the excludes kept out of backups are never moved through a symlink restore created."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    editor.add("data/escape", "symlink", link=str(outside))
+    editor.save()
+    (sandbox.app / "data" / "escape").mkdir()
+    (sandbox.app / "data" / "escape" / "cache.tmp").write_text("excluded from backups\n")
+
+    result = run_cli(
+        "restore", editor.top, "--yes", "--allow-outside-symlinks", "--no-safety-backup",
+        config=config,
+    )  # fmt: skip
+
+    assert "Traceback" not in result.stderr
+    assert list(outside.iterdir()) == []
