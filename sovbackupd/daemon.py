@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -19,7 +20,7 @@ import sdnotify
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from sovbackupd import backup, config, scheduler
+from sovbackupd import backup, config, restore, scheduler
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import ConfigError, SovbackupdError
 from sovbackupd.metrics import Metrics
@@ -29,6 +30,7 @@ log = structlog.get_logger("sovbackupd.daemon")
 STATUS_SECONDS = 30.0  # how often STATUS= and next-run metrics are refreshed at the least
 HEARTBEAT_SECONDS = 5.0
 ABORT_WAIT_SECONDS = 60.0  # after cancelling a backup, how long its cleanup may take
+TEST_RESTORE_JOB = "test-restore"
 
 
 def _schedules(policy: Policy) -> dict[str, str]:
@@ -70,43 +72,67 @@ class Daemon:
         self._idle = threading.Event()  # set while no backup runs
         self._idle.set()
         self._cancel: threading.Event | None = None
+        self._work = threading.Lock()  # backups and test restores take turns
         self._heartbeat = time.monotonic()
         self._scheduler = scheduler.Scheduler(self._backup, policy.zone)
 
     def _notify(self, *lines: str) -> None:
         self._notifier.notify("\n".join(lines))
 
+    def _exclusive(self, work: Callable[[Policy, threading.Event], object], crashed: str) -> None:
+        """Run *work* alone, cancellable by shutdown and bounded by the backup timeout.
+
+        Backups and test restores take turns: both hold the backup directory's lock.
+        """
+        with self._work:
+            policy = self._policy  # a reload during the run does not change this run
+            cancel = threading.Event()
+            bound = threading.Timer(policy.daemon.backup_timeout_seconds, cancel.set)
+            bound.daemon = True
+            self._cancel = cancel
+            self._idle.clear()
+            if self._stop_requested:
+                # SIGTERM came between the scheduler's last look and now; the shutdown may
+                # already have seen us idle, so starting would escape its grace.
+                self._idle.set()
+                return
+            bound.start()
+            try:
+                work(policy, cancel)
+            except SovbackupdError:
+                pass  # the core logged its summary event with the error and counted it
+            except Exception:
+                log.exception(crashed)
+            finally:
+                bound.cancel()
+                self._cancel = None
+                self._idle.set()
+                self._wake.set()  # refresh STATUS= and the next-run metrics now
+
     def _backup(self, tiers: list[str]) -> None:
-        """Run one backup of *tiers*, bounded by the policy's backup timeout."""
-        policy = self._policy  # a reload during the run does not change this run
-        cancel = threading.Event()
-        bound = threading.Timer(policy.daemon.backup_timeout_seconds, cancel.set)
-        bound.daemon = True
-        self._cancel = cancel
-        self._idle.clear()
-        if self._stop_requested:
-            # SIGTERM came between the dispatcher's last look and now; the shutdown may
-            # already have seen us idle, so starting would escape its grace.
-            self._idle.set()
-            return
-        bound.start()
-        try:
-            backup.run(policy, tiers, cancel=cancel, metrics=self._metrics)
-        except SovbackupdError:
-            pass  # backup.run logged backup.finished with the error and counted it
-        except Exception:
-            log.exception("backup.crashed", tiers=tiers)
-        finally:
-            bound.cancel()
-            self._cancel = None
-            self._idle.set()
-            self._wake.set()  # refresh STATUS= and the next-run metrics now
+        """Run one backup of *tiers*."""
+        self._exclusive(
+            lambda policy, cancel: backup.run(policy, tiers, cancel=cancel, metrics=self._metrics),
+            "backup.crashed",
+        )
+
+    def _test_restore(self) -> None:
+        """Run the scheduled test restore of the newest backup."""
+        self._exclusive(
+            lambda policy, cancel: restore.drill(policy, cancel=cancel, metrics=self._metrics),
+            "test_restore.crashed",
+        )
 
     def _refresh(self) -> None:
         """Update next-run metrics and STATUS=, and ping the watchdog if all is well."""
         next_runs = self._scheduler.next_runs()
         for tier, moment in next_runs.items():
             self._metrics.next_run.labels(tier=tier).set(moment.timestamp() if moment else 0)
+        for tier, gap in self._scheduler.intervals().items():
+            if gap is None:
+                self._metrics.tier_interval.remove(tier)
+            else:
+                self._metrics.tier_interval.labels(tier=tier).set(gap.total_seconds())
         upcoming = sorted((moment, tier) for tier, moment in next_runs.items() if moment)
         if not self._idle.is_set():
             status = "backup running"
@@ -149,6 +175,7 @@ class Daemon:
                 log.warning("config.restart_needed", key="metrics.listen")
             self._policy = policy
             self._scheduler.reschedule(_schedules(policy), policy.zone)
+            self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
             self._metrics.declare_tiers(_schedules(policy))
             self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
             self._metrics.reloaded(success=True)
@@ -173,6 +200,9 @@ class Daemon:
         self._metrics.declare_tiers(_schedules(policy))
         self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
         self._metrics.refresh_disk(policy.backup_dir)
+        previous = restore.last_drill(policy)
+        if previous is not None:
+            self._metrics.restore_tested(previous.ok, previous.last_success)
         server = None
         if policy.metrics.listen is not None:
             host, port = _listen_address(policy.metrics.listen)
@@ -187,6 +217,7 @@ class Daemon:
             _last_success(policy),
             scheduler.Timing(policy.workers, policy.daemon.misfire_grace_seconds),
         )
+        self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
         self._scheduler.every(HEARTBEAT_SECONDS, self._beat, "heartbeat")
         self._scheduler.every(policy.daemon.disk_refresh_seconds, self._housekeeping, "disk")
         log.info("daemon.started", config=str(self._config_path), metrics=policy.metrics.listen)

@@ -26,6 +26,10 @@ _SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 _TICK = timedelta(microseconds=1)
 DISPATCHER = "dispatcher"
 CONTROL = "control"  # the executor of housekeeping jobs, never starved by long backups
+# How far interval() looks ahead: a year covers every calendar pattern (weekends, short
+# months, DST); the cap keeps a schedule of every few seconds cheap.
+_INTERVAL_HORIZON = timedelta(days=366)
+_INTERVAL_FIRES = 1000
 
 _CRON_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _FIELDS = ("minute", "hour", "day", "month", "day_of_week")
@@ -96,6 +100,33 @@ def parse_cron(expression: str, timezone: tzinfo | str) -> BaseTrigger:
     return CronTrigger(**common, **values)
 
 
+def interval(trigger: BaseTrigger, now: datetime) -> timedelta | None:
+    """Return the longest gap between two consecutive fire times of *trigger* after *now*.
+
+    This is the nominal interval of a tier ("0 * * * *" gives an hour), which the
+    missed-backup alert scales, so a policy change needs no rule edit. The longest gap,
+    not the next one, so that an irregular schedule ("0 9-17 * * 1-5", "0 4 1 * *", a
+    daily run across a DST change) never looks missed over its quiet stretch. It looks
+    ahead a year, or a thousand fire times for schedules that fire that often. None if
+    the trigger fires fewer than twice from *now* on.
+    """
+    horizon = now + _INTERVAL_HORIZON
+    longest: timedelta | None = None
+    previous = trigger.get_next_fire_time(None, now)
+    for _ in range(_INTERVAL_FIRES):
+        if previous is None or previous > horizon:
+            break
+        upcoming = trigger.get_next_fire_time(None, previous + _TICK)
+        if upcoming is None:
+            break
+        # In UTC: aware datetimes sharing a zone subtract as wall clocks, blind to DST.
+        gap = upcoming.astimezone(UTC) - previous.astimezone(UTC)
+        if longest is None or gap > longest:
+            longest = gap
+        previous = upcoming
+    return longest
+
+
 def due_tiers(
     triggers: Mapping[str, BaseTrigger], handled: Mapping[str, datetime | None], now: datetime
 ) -> list[str]:
@@ -122,6 +153,13 @@ def tier_triggers(schedules: Mapping[str, str], timezone: tzinfo) -> dict[str, B
     return {tier: parse_cron(schedule, timezone) for tier, schedule in schedules.items()}
 
 
+def tier_intervals(
+    triggers: Mapping[str, BaseTrigger], now: datetime
+) -> dict[str, timedelta | None]:
+    """Return the nominal :func:`interval` of each tier's trigger, looking ahead from *now*."""
+    return {tier: interval(trigger, now) for tier, trigger in triggers.items()}
+
+
 @dataclass(frozen=True)
 class Timing:
     """How the scheduler treats late and overlapping runs."""
@@ -140,6 +178,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._triggers: dict[str, BaseTrigger] = {}
         self._handled: dict[str, datetime | None] = {}
+        self._intervals: dict[str, timedelta | None] = {}
         self._scheduler: BackgroundScheduler | None = None
         self._stopped = False  # set by shutdown(): a dispatcher still looping starts nothing
 
@@ -165,6 +204,7 @@ class Scheduler:
         with self._lock:
             self._triggers = tier_triggers(schedules, self._timezone)
             self._handled = {tier: last_success.get(tier) for tier in self._triggers}
+            self._intervals = tier_intervals(self._triggers, datetime.now(self._timezone))
         self._scheduler.start()
         self._add_dispatcher(run_now=True)
 
@@ -190,6 +230,7 @@ class Scheduler:
             # A tier keeps what it handled; a new tier starts from now, not from never.
             self._handled = {tier: self._handled.get(tier, now) for tier in triggers}
             self._triggers = triggers
+            self._intervals = tier_intervals(triggers, now)
         assert self._scheduler is not None  # noqa: S101 (start() was called)
         if self._triggers:
             self._add_dispatcher(run_now=False)
@@ -209,6 +250,22 @@ class Scheduler:
                 return
             self._run_tiers(due)
 
+    def cron(self, expression: str | None, job: Callable[[], None], name: str) -> None:
+        """Run *job* on a worker at the times of cron *expression*; None unschedules it."""
+        assert self._scheduler is not None  # noqa: S101 (start() was called)
+        if expression is None:
+            if self._scheduler.get_job(name) is not None:
+                self._scheduler.remove_job(name)
+            return
+        trigger = parse_cron(expression, self._timezone)
+        self._scheduler.add_job(job, trigger, id=name, replace_existing=True)
+
+    def next_run(self, name: str) -> datetime | None:
+        """Return when the job *name* runs next, None when it is not scheduled."""
+        job = self._scheduler.get_job(name) if self._scheduler is not None else None
+        moment: datetime | None = job.next_run_time if job is not None else None
+        return moment
+
     def every(self, seconds: float, job: Callable[[], None], name: str) -> None:
         """Run *job* every *seconds* on the housekeeping executor."""
         assert self._scheduler is not None  # noqa: S101 (start() was called)
@@ -224,6 +281,11 @@ class Scheduler:
                 tier: trigger.get_next_fire_time(None, now)
                 for tier, trigger in self._triggers.items()
             }
+
+    def intervals(self) -> dict[str, timedelta | None]:
+        """Return each tier's nominal interval, as of its last (re)scheduling."""
+        with self._lock:
+            return dict(self._intervals)
 
     def alive(self) -> bool:
         """Tell whether the scheduler is running."""

@@ -898,3 +898,40 @@ def test_hanging_hook_and_dead_webhook_are_bounded_counted_and_block_no_backup(
     assert metrics.value("sovbackupd_hook_runs_total", stage="after_backup", result="failure") >= 2
     assert metrics.value("sovbackupd_notifications_total", result="failure") >= 1
     assert metrics.value("sovbackupd_backups_total", result="success") >= 3
+
+
+def test_scheduled_test_restore_passes_sets_its_metrics_and_survives_a_restart(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis_server: RedisServer,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """test_restore.schedule drills the newest backup; a restart reports the last result."""
+    policy, listen = daemon_policy(
+        tmp_path,
+        sandbox,
+        redis_server,
+        {"daily": daily_far_away()},
+        test_restore={"schedule": EVERY_2_SECONDS},
+    )
+    daemon = start_daemon(policy)
+    daemon.wait_for_backups(1)
+    drilled = daemon.wait_for("test_restore.finished")
+    assert drilled["result"] == "success", drilled
+    passed = scrape(listen)
+    assert passed.value("sovbackupd_restore_test_last_result") == 1
+    when = passed.value("sovbackupd_restore_test_last_success_timestamp_seconds")
+    assert when == pytest.approx(time.time(), abs=WAIT_SECONDS)
+    assert not (sandbox.backup_dir / ".staging").exists()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+
+    rewrite(policy, test_restore={"schedule": NEW_YEAR})
+    notified = notify_socket.mark()
+    start_daemon(policy)
+    notify_socket.wait_for(has("READY", "1"), "READY=1 from the restarted daemon", notified)
+    after = scrape_when_up(listen)
+    assert after.value("sovbackupd_restore_test_last_result") == 1
+    last = after.value("sovbackupd_restore_test_last_success_timestamp_seconds")
+    assert last >= when
