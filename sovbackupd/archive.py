@@ -30,7 +30,9 @@ import isal.igzip_threaded
 import zstandard
 from pydantic import ValidationError
 
-from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError
+from sovbackupd import crypto
+from sovbackupd.config.models import Gpg
+from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest, write_manifest
 from sovbackupd.sources.base import Member, SourceReport
 
@@ -100,7 +102,7 @@ class _HashingFile(io.RawIOBase):
         return written if written is not None else len(data)
 
 
-def _compressor(raw: _HashingFile, compression: Compression) -> IO[bytes]:
+def _compressor(raw: IO[bytes], compression: Compression) -> IO[bytes]:
     match compression:
         case "gzip":
             stream: IO[bytes] = isal.igzip_threaded.open(  # type: ignore[no-untyped-call]  # isal leaves open() untyped
@@ -112,10 +114,10 @@ def _compressor(raw: _HashingFile, compression: Compression) -> IO[bytes]:
                 ZSTD_LEVEL, threads=_threads(), job_size=ZSTD_JOB_BYTES
             )
             compressor = zstandard.ZstdCompressor(compression_params=parameters)
-            writer: IO[bytes] = compressor.stream_writer(cast(IO[bytes], raw), closefd=False)
+            writer: IO[bytes] = compressor.stream_writer(raw, closefd=False)
             return writer
         case "none":
-            return cast(IO[bytes], raw)  # the file below is buffered already
+            return raw  # the file below is buffered already
 
 
 _TYPEFLAGS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE}
@@ -219,13 +221,16 @@ class Writer:
         path: Path,
         compression: Compression,
         top: str,
+        *,
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        encryption: Gpg | None = None,
     ) -> None:
         """Prepare to write the archive *path* whose members sit below *top*/.
 
         Setting *cancel* makes the next write raise AbortedError, which discards the
-        archive like any other error.
+        archive like any other error. With *encryption* the compressed stream goes
+        through gpg, and the checksum covers the encrypted file as stored.
         """
         self.path = path
         self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
@@ -233,25 +238,57 @@ class Writer:
         self._top = top
         self._on_progress = on_progress
         self._cancel = cancel
+        self._encryption = encryption
         self._done = 0
         self._committed = False
         self.file_count = 0
         self.file_bytes = 0
 
     def __enter__(self) -> Self:
-        """Create the partial file (0600) and start the stream with the top directory."""
-        descriptor = os.open(
-            self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
-        self._file = os.fdopen(descriptor, "wb", buffering=CHUNK_BYTES)
-        self._raw = _HashingFile(self._file)
-        self._stream = _compressor(self._raw, self._compression)
-        # Manifest entries wait in an unnamed temp file beside the archive, so that memory
-        # stays flat however many files there are, and nothing is left if the run dies.
-        self._spool = tempfile.TemporaryFile(dir=self.path.parent)
-        self._tar_bytes = 0
-        self._write(_tar_header(self._top, 0, Member(self._top, "dir", None, 0o700, time.time())))
+        """Create the partial file (0600) and start the stream with the top directory.
+
+        If that fails (no room, gpg cannot start), nothing is left behind.
+        """
+        self._closers: list[Callable[[], None]] = []
+        self._created = False
+        try:
+            # Manifest entries wait in an unnamed temp file beside the archive, so that
+            # memory stays flat however many files there are, and nothing is left if the
+            # run dies.
+            self._spool = tempfile.TemporaryFile(dir=self.path.parent)
+            self._closers.append(self._spool.close)
+            descriptor = os.open(
+                self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+            self._created = True
+            self._file = os.fdopen(descriptor, "wb", buffering=CHUNK_BYTES)
+            self._closers.append(self._file.close)
+            self._raw = _HashingFile(self._file)
+            self._layers = contextlib.ExitStack()
+            self._closers.append(self._layers.close)
+            stored: IO[bytes] = cast(IO[bytes], self._raw)
+            if self._encryption is not None:
+                stored = self._layers.enter_context(
+                    crypto.encrypting(self._raw, self._encryption, name=self.path.name)
+                )
+            self._stream = _compressor(stored, self._compression)
+            self._closers.append(self._stream.close)
+            self._tar_bytes = 0
+            top = Member(self._top, "dir", None, 0o700, time.time())
+            self._write(_tar_header(self._top, 0, top))
+        except BaseException:
+            self._discard()
+            raise
         return self
+
+    def _discard(self) -> None:
+        """Close what was opened, newest first, and remove the partial file."""
+        for closer in reversed(self._closers):
+            # The archive is being discarded: errors closing it change nothing.
+            with contextlib.suppress(OSError, SovbackupdError):
+                closer()
+        if self._created:
+            self.partial.unlink(missing_ok=True)
 
     def __exit__(
         self,
@@ -262,11 +299,7 @@ class Writer:
         """Remove the partial file unless the archive was committed."""
         if self._committed:
             return
-        for closer in (self._stream.close, self._file.close, self._spool.close):
-            # The archive is being discarded: errors closing it change nothing.
-            with contextlib.suppress(OSError):
-                closer()
-        self.partial.unlink(missing_ok=True)
+        self._discard()
 
     def _write(self, data: bytes | memoryview) -> None:
         if self._cancel is not None and self._cancel.is_set():
@@ -404,6 +437,7 @@ class Writer:
             if remainder := self._tar_bytes % RECORD:
                 self._write(b"\0" * (RECORD - remainder))
             self._stream.close()
+            self._layers.close()  # gpg ends its output; a failure raises CryptoError
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -431,13 +465,19 @@ def manifest_path(archive: Path) -> Path:
     return archive.with_name(name + MANIFEST_SUFFIX)
 
 
+def encrypted(archive: Path) -> bool:
+    """Tell from its file name whether *archive* is encrypted."""
+    return archive.name.endswith(crypto.SUFFIX)
+
+
 def compression_of(archive: Path) -> Compression:
     """Tell the compression of *archive* from its file name."""
-    if archive.name.endswith(".tar.gz"):
+    name = archive.name.removesuffix(crypto.SUFFIX)
+    if name.endswith(".tar.gz"):
         return "gzip"
-    if archive.name.endswith(".tar.zst"):
+    if name.endswith(".tar.zst"):
         return "zstd"
-    if archive.name.endswith(".tar"):
+    if name.endswith(".tar"):
         return "none"
     raise ArchiveError(f"{archive.name} is not a .tar, .tar.gz or .tar.zst archive")
 
@@ -459,10 +499,30 @@ def decompressing(handle: BinaryIO, compression: Compression) -> Iterator[IO[byt
 
 
 @contextmanager
-def open_stream(archive: Path) -> Iterator[IO[bytes]]:
-    """Open *archive* and yield its decompressed tar stream."""
-    compression = compression_of(archive)
-    with archive.open("rb") as handle, decompressing(handle, compression) as stream:
+def readable(handle: BinaryIO, archive: Path, encryption: Gpg | None) -> Iterator[IO[bytes]]:
+    """Yield the tar stream of *archive* read from *handle*: decrypted, decompressed.
+
+    Raise ArchiveError when the archive is encrypted and *encryption* is None.
+    """
+    with contextlib.ExitStack() as layers:
+        stored: BinaryIO = handle
+        if encrypted(archive):
+            if encryption is None:
+                raise ArchiveError(
+                    f"{archive.name} is encrypted: the policy needs its encryption settings "
+                    "(passphrase_file, or secret_keys_file on the recovery machine)"
+                )
+            stored = cast(
+                BinaryIO,
+                layers.enter_context(crypto.decrypting(handle, encryption, name=archive.name)),
+            )
+        yield layers.enter_context(decompressing(stored, compression_of(archive)))
+
+
+@contextmanager
+def open_stream(archive: Path, encryption: Gpg | None = None) -> Iterator[IO[bytes]]:
+    """Open *archive* and yield its tar stream, decrypted with *encryption* if needed."""
+    with archive.open("rb") as handle, readable(handle, archive, encryption) as stream:
         yield stream
 
 
@@ -511,16 +571,20 @@ def _member_digest(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
 _KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
 
 
-def verify_members(archive: Path, top: str) -> Manifest:
+def verify_members(archive: Path, top: str, encryption: Gpg | None = None) -> Manifest:
     """Read every member of *archive* and check it against the manifest inside.
 
     Return that manifest. Raise ArchiveError on the first difference: a missing, extra or
-    changed member, or a stream that does not decompress.
+    changed member, or a stream that does not decompress; CryptoError when an encrypted
+    archive does not decrypt with *encryption*.
     """
     found: dict[str, tuple[str, int, int, str | None, str]] = {}
     manifest_bytes: bytes | None = None
     try:
-        with open_stream(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with (
+            open_stream(archive, encryption) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
             for info in tar:
                 if info.name == top:
                     continue

@@ -250,7 +250,14 @@ def _run(
         path = policy.backup_dir / f"{name}{policy.archive_suffix}"
         staging = store.staging(name)
         try:
-            with archive.Writer(path, policy.compression, name, on_progress, cancel) as writer:
+            with archive.Writer(
+                path,
+                policy.compression,
+                name,
+                on_progress=on_progress,
+                cancel=cancel,
+                encryption=policy.gpg,
+            ) as writer:
                 reports = []
                 for source in built:
                     report = SourceReport(source.component, source.name)

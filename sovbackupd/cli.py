@@ -183,7 +183,7 @@ def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
         targets = [store.find(arguments.name)]
     else:
         targets = [store.latest()]
-    verdicts = [verify.check(item, arguments.deep) for item in targets]
+    verdicts = [verify.check(item, arguments.deep, policy.gpg) for item in targets]
     if arguments.json:
         print(json.dumps([asdict(verdict) for verdict in verdicts], indent=1))
     else:

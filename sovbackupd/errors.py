@@ -74,3 +74,17 @@ class NotFoundError(SovbackupdError):
 
 class CryptoError(SovbackupdError):
     """gpg could not encrypt or decrypt: a wrong passphrase, a missing key, a damaged file."""
+
+
+class TargetError(SovbackupdError):
+    """A remote copy failed in a way that retrying will not fix.
+
+    Bad credentials, an unknown host key, a missing bucket, or a local file that does not
+    match its recorded checksum: an operator has to act.
+    """
+
+
+class TransientTargetError(TargetError):
+    """A remote was unreachable or dropped the connection; a later attempt may succeed."""
+
+    exit_code = ExitCode.TEMPFAIL

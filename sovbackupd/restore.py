@@ -34,7 +34,7 @@ import zstandard
 from pydantic import ValidationError
 
 from sovbackupd import archive, backup, hooks, redis_server
-from sovbackupd.config.models import Hooks, Policy, RedisSource, SourcePath, Sources
+from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, SAFETY_TIER, FileEntry, Manifest
 from sovbackupd.metrics import Metrics
@@ -112,17 +112,26 @@ class Plan:
     """The policy's excludes: files they match are carried over from live directories."""
     refusal: str | None = None
     """Why the restore must not go ahead (Redis runs and nothing would stop it)."""
+    encryption: Gpg | None = None
+    """How to decrypt the archive, when it is encrypted."""
 
     @property
     def staging_dirs(self) -> list[Path]:
         """Return the staging directories, one per destination directory."""
         return sorted({unit.staged.parent for unit in self.units})
 
+    def _decrypt_step(self) -> list[str]:
+        if self.encryption is None or not archive.encrypted(self.backup.path):
+            return []
+        how = "the secret key" if self.encryption.recipients else "the passphrase"
+        return [f"decrypt it with gpg and {how}, checking its integrity at the end"]
+
     def steps(self) -> list[str]:
         """Describe each step in order, as a runbook a person could follow."""
         name = self.backup.path.name
         steps = [
             f"verify {name} against {archive.sidecar_path(self.backup.path).name} (sha256)",
+            *self._decrypt_step(),
             f"extract {sum(unit.file_count for unit in self.units)} files "
             f"({human_size(_unit_bytes(self.units))}) into "
             + ", ".join(str(path) for path in self.staging_dirs)
@@ -416,6 +425,11 @@ def plan(
     something unsafe.
     """
     manifest = load_manifest(stored)
+    if archive.encrypted(stored.path) and policy.gpg is None:
+        raise RestoreError(
+            f"{stored.path.name} is encrypted: set encryption.gpg in the policy "
+            "(passphrase_file, or secret_keys_file on the recovery machine)"
+        )
     selected = only or set(COMPONENTS)
     units = _units(manifest, selected, to, policy, outside_links)
     if not units:
@@ -466,6 +480,7 @@ def plan(
         else None,
         exclude=tuple(policy.sources.exclude),
         refusal=refusal,
+        encryption=policy.gpg,
     )
 
 
@@ -712,7 +727,7 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
             try:
                 with ExitStack() as stack:
                     stream = stack.enter_context(
-                        archive.decompressing(handle, archive.compression_of(plan.backup.path))
+                        archive.readable(handle, plan.backup.path, plan.encryption)
                     )
                     tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
                     extraction.run(tar)

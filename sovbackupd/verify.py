@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sovbackupd import archive
-from sovbackupd.errors import ArchiveError
+from sovbackupd.config.models import Gpg
+from sovbackupd.errors import SovbackupdError
 from sovbackupd.store import StoredBackup
 
 
@@ -19,16 +20,17 @@ class Verdict:
     problem: str | None = None
 
 
-def check(backup: StoredBackup, deep: bool) -> Verdict:
+def check(backup: StoredBackup, deep: bool, encryption: Gpg | None = None) -> Verdict:
     """Verify *backup*: its sidecar checksum, and with *deep* every member.
 
-    Deep verification decompresses the whole archive, hashes every member and compares it
-    with the manifest inside, and that manifest with the copy kept beside the archive.
+    Deep verification decrypts (with *encryption*) and decompresses the whole archive,
+    hashes every member and compares it with the manifest inside, and that manifest with
+    the copy kept beside the archive.
     """
     try:
         archive.verify_checksum(backup.path)
-        inside = archive.verify_members(backup.path, backup.name) if deep else None
-    except ArchiveError as error:
+        inside = archive.verify_members(backup.path, backup.name, encryption) if deep else None
+    except SovbackupdError as error:
         return Verdict(backup.name, ok=False, deep=deep, problem=str(error))
     beside = backup.manifest()
     if inside is not None and beside is not None and beside != inside:

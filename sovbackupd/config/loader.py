@@ -11,13 +11,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from sovbackupd.config.models import Policy
+from sovbackupd.config.models import RSYNC_URL_PATTERN, Policy
 from sovbackupd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/sovbackupd/policy.yaml")
 CONFIG_ENV = "SOVBACKUPD_CONFIG"
 SEED_DAILY_SCHEDULE = "0 2 * * *"  # the seed's crontab line for daily backups
-ENV_REMOTE_NAME = "remote-backup-path"
+ENV_REMOTE_NAME = "remote"  # the rsync remote that REMOTE_BACKUP_PATH adds or points
 
 Location = tuple[str | int, ...]
 
@@ -76,12 +76,29 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list
                 f"RETENTION_DAYS (environment): must be a whole number of days, "
                 f"not {retention_days!r}"
             )
-    if environ.get("REMOTE_BACKUP_PATH"):
-        problems.append(
-            "REMOTE_BACKUP_PATH (environment): remote copies are not supported by this "
-            "version of sovbackupd; unset it or copy backup_dir with rsync yourself"
-        )
+    if remote_path := environ.get("REMOTE_BACKUP_PATH"):
+        problems.extend(_apply_remote_path(data, remote_path))
     return problems
+
+
+def _apply_remote_path(data: dict[str, Any], url: str) -> list[str]:
+    """Point the rsync remote named ENV_REMOTE_NAME at *url*, adding it when missing."""
+    if not re.fullmatch(RSYNC_URL_PATTERN, url):
+        return [f"REMOTE_BACKUP_PATH (environment): must be user@host:/path, not {url!r}"]
+    remotes = data.setdefault("remotes", [])
+    if not isinstance(remotes, list):
+        return []  # reported by validation
+    for index, remote in enumerate(remotes):
+        if isinstance(remote, dict) and remote.get("name") == ENV_REMOTE_NAME:
+            if remote.get("type") != "rsync":
+                return [
+                    f"REMOTE_BACKUP_PATH (environment): the policy's remote "
+                    f"{ENV_REMOTE_NAME!r} is not an rsync remote, so it cannot take the url"
+                ]
+            remotes[index] = {**remote, "url": url}
+            return []
+    remotes.append({"name": ENV_REMOTE_NAME, "type": "rsync", "url": url})
+    return []
 
 
 def _child(container: object, key: str | int) -> tuple[bool, object]:

@@ -335,8 +335,9 @@ class Restore(_Model):
 
     stop: list[Argv] = Field(
         default_factory=list,
-        description="Commands run in order before live files are replaced, e.g. "
-        "[systemctl, stop, redis]. Without them, restoring Redis is refused while it runs.",
+        description="Commands run in order before live files are replaced (any live "
+        "restore), e.g. [systemctl, stop, sovereigncore] then [systemctl, stop, redis-server]. "
+        "Without them, restoring Redis is refused while it runs.",
     )
     start: list[Argv] = Field(
         default_factory=list,
@@ -360,6 +361,188 @@ class TestRestore(_Model):
         description="Cron expression of the drill (the seed's monthly test: '0 5 1 * *'); "
         "none runs no drill from the daemon.",
     )
+
+
+def _credential_name(name: str) -> str:
+    # systemd's own rule for credential names: one path component, not . or ..
+    if not name or "/" in name or name in {".", ".."}:
+        raise ValueError(f"must be a credential name without '/', not {name!r}")
+    return name
+
+
+def _recipient(recipient: str) -> str:
+    if not recipient.strip():
+        raise ValueError("must be a key id or fingerprint, not empty")
+    return recipient.strip()
+
+
+_GPG_MODES = ("passphrase_file", "passphrase_credential", "recipients")
+_RECIPIENT_ONLY = ("public_keys_file", "secret_keys_file", "secret_key_passphrase_file")
+
+
+class Gpg(_Model):
+    """GnuPG settings: a passphrase (symmetric AES256) or public-key recipients, not both."""
+
+    passphrase_file: AbsolutePath | None = Field(
+        default=None,
+        description="File whose first line is the passphrase (AES256), read as gpg "
+        "--passphrase-file reads it. Keep it 0600 and out of the backups.",
+    )
+    passphrase_credential: Annotated[str, AfterValidator(_credential_name)] | None = Field(
+        default=None,
+        description="Name of a systemd credential (LoadCredential= or "
+        "LoadCredentialEncrypted= in the unit) holding the passphrase; read from "
+        "$CREDENTIALS_DIRECTORY/<name>.",
+    )
+    recipients: list[Annotated[str, AfterValidator(_recipient)]] = Field(
+        default_factory=list,
+        description="Fingerprints (or key ids) of the public keys to encrypt to. "
+        "Recommended: the server then holds no secret that can read its backups.",
+    )
+    public_keys_file: AbsolutePath | None = Field(
+        default=None,
+        description="The recipients' public keys (gpg --armor --export KEY...), imported "
+        "into a throwaway keyring for each backup; required with recipients.",
+    )
+    secret_keys_file: AbsolutePath | None = Field(
+        default=None,
+        description="A recipient's secret key (gpg --armor --export-secret-keys KEY), for "
+        "restores. Set it on the recovery machine only, never on the server.",
+    )
+    secret_key_passphrase_file: AbsolutePath | None = Field(
+        default=None,
+        description="File whose first line unlocks the secret key, when it has a passphrase.",
+    )
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Gpg:
+        modes = [name for name in _GPG_MODES if getattr(self, name)]
+        if len(modes) != 1:
+            given = " and ".join(modes) if modes else "none of them"
+            raise ValueError(
+                "set exactly one of passphrase_file, passphrase_credential, recipients "
+                f"(got {given})"
+            )
+        if self.recipients and self.public_keys_file is None:
+            raise ValueError("recipients need public_keys_file, the public keys to encrypt to")
+        stray = [name for name in _RECIPIENT_ONLY if getattr(self, name) is not None]
+        if not self.recipients and stray:
+            raise ValueError(f"{', '.join(stray)} only apply with recipients")
+        return self
+
+
+class Encryption(_Model):
+    """How archives are encrypted before they are stored: <name>.tar.gz.gpg."""
+
+    gpg: Gpg = Field(description="GnuPG, the only engine: plain gpg --decrypt opens archives.")
+
+
+REMOTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# [user@]host:path, the host a name or a bracketed IPv6 address, as rsync and scp write it.
+RSYNC_URL_PATTERN = r"^(?:[^@\s:/]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@\s:/\[\]]+):\S.*$"
+HTTP_URL_PATTERN = r"^https?://\S+$"
+
+
+class RsyncRemote(_Model):
+    """A directory on another machine, written with rsync over SSH."""
+
+    name: str = Field(
+        pattern=REMOTE_NAME_PATTERN,
+        description="Names the remote for --remote and --from and in the metrics' remote label.",
+    )
+    type: Literal["rsync"] = Field(description="The kind of remote.")
+    url: str = Field(
+        pattern=RSYNC_URL_PATTERN,
+        description="user@host:/path of the directory that holds the backups (created if "
+        "missing). The host needs rsync, sha256sum and a POSIX shell.",
+    )
+    port: int = Field(default=22, ge=1, le=65535, description="SSH port of the host.")
+    identity_file: AbsolutePath | None = Field(
+        default=None,
+        description="Private key (without a passphrase) to log in with; none uses the "
+        "default keys of the user sovbackupd runs as.",
+    )
+    known_hosts_file: AbsolutePath | None = Field(
+        default=None,
+        description="known_hosts file holding the host's key. Host keys are always "
+        "checked (StrictHostKeyChecking=yes); none uses ~/.ssh/known_hosts of the user "
+        "sovbackupd runs as.",
+    )
+    ssh_options: list[Annotated[str, Field(pattern=r"^[A-Za-z]+=\S.*$")]] = Field(
+        default_factory=list,
+        description="More ssh options as Key=value (ProxyJump=bastion); they cannot turn "
+        "off host key checking or batch mode.",
+    )
+    timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait for the connection, and for a stalled transfer to move.",
+    )
+
+
+class S3Remote(_Model):
+    """A bucket of Amazon S3 or an S3-compatible store (MinIO, Ceph, R2, Wasabi)."""
+
+    name: str = Field(
+        pattern=REMOTE_NAME_PATTERN,
+        description="Names the remote for --remote and --from and in the metrics' remote label.",
+    )
+    type: Literal["s3"] = Field(description="The kind of remote.")
+    bucket: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Bucket name.")
+    prefix: str = Field(
+        default="",
+        description="Key prefix the backups are stored under, like a folder "
+        "(backups/sovereigncore/); a trailing / is implied.",
+    )
+    endpoint_url: Annotated[str, Field(pattern=HTTP_URL_PATTERN)] | None = Field(
+        default=None,
+        description="http(s) URL of an S3-compatible store (path-style requests); none is AWS.",
+    )
+    region: str | None = Field(
+        default=None,
+        description="Region of the bucket; none takes AWS_REGION or the AWS config file's.",
+    )
+    storage_class: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]*$")] | None = Field(
+        default=None,
+        description="Storage class of uploads (STANDARD_IA, GLACIER_IR, ...); none keeps "
+        "the bucket's default. GLACIER and DEEP_ARCHIVE objects need an S3 restore before "
+        "restore --from can read them.",
+    )
+    credentials_file: AbsolutePath | None = Field(
+        default=None,
+        description="AWS credentials file whose [default] section has aws_access_key_id "
+        "and aws_secret_access_key; none uses boto3's chain (AWS_ACCESS_KEY_ID and "
+        "friends, ~/.aws/credentials, an instance role).",
+    )
+
+
+class GcsRemote(_Model):
+    """A bucket of Google Cloud Storage."""
+
+    name: str = Field(
+        pattern=REMOTE_NAME_PATTERN,
+        description="Names the remote for --remote and --from and in the metrics' remote label.",
+    )
+    type: Literal["gcs"] = Field(description="The kind of remote.")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Bucket name.")
+    prefix: str = Field(
+        default="",
+        description="Object name prefix the backups are stored under, like a folder "
+        "(backups/sovereigncore/); a trailing / is implied.",
+    )
+    credentials_file: AbsolutePath | None = Field(
+        default=None,
+        description="Service account key (JSON); none uses Application Default "
+        "Credentials (GOOGLE_APPLICATION_CREDENTIALS, the metadata server).",
+    )
+    endpoint: Annotated[str, Field(pattern=HTTP_URL_PATTERN)] | None = Field(
+        default=None,
+        description="http(s) URL of the JSON API for an emulator or a private endpoint; "
+        "without credentials_file its requests carry no credentials.",
+    )
+
+
+Remote = Annotated[RsyncRemote | S3Remote | GcsRemote, Field(discriminator="type")]
 
 
 class Policy(_Model):
@@ -390,6 +573,17 @@ class Policy(_Model):
     retention: Retention = Field(
         default_factory=Retention, description="More retention rules, and the size guard."
     )
+    encryption: Encryption | None = Field(
+        default=None,
+        description="Encrypt archives with gpg before they are stored or copied; none "
+        "stores them unencrypted.",
+    )
+    remotes: list[Remote] = Field(
+        default_factory=list,
+        description="Where every backup is copied off the server, each under a unique name. "
+        "Environment: REMOTE_BACKUP_PATH adds the rsync remote 'remote' with that url (or "
+        "sets the url of the policy's rsync remote named 'remote').",
+    )
     hooks: Hooks = Field(default_factory=Hooks, description="Commands around each backup.")
     notify: list[Webhook] = Field(
         default_factory=list, description="Where to report backup results."
@@ -403,15 +597,29 @@ class Policy(_Model):
         default_factory=TestRestore, description="Scheduled test restores."
     )
 
+    @field_validator("remotes")
+    @classmethod
+    def _unique_remote_names(cls, remotes: list[Remote]) -> list[Remote]:
+        names = [remote.name for remote in remotes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"remote names must be unique: {', '.join(duplicates)}")
+        return remotes
+
     @property
     def zone(self) -> ZoneInfo:
         """Return the policy's time zone."""
         return ZoneInfo(self.timezone)
 
     @property
+    def gpg(self) -> Gpg | None:
+        """Return the GnuPG settings when archives are encrypted, else None."""
+        return self.encryption.gpg if self.encryption is not None else None
+
+    @property
     def archive_suffix(self) -> str:
-        """Return the archive file suffix that the compression setting gives."""
-        return ARCHIVE_SUFFIXES[self.compression]
+        """Return the archive file suffix: the compression's, plus ``.gpg`` when encrypted."""
+        return ARCHIVE_SUFFIXES[self.compression] + (".gpg" if self.encryption else "")
 
 
 ARCHIVE_SUFFIXES: dict[Compression, str] = {"gzip": ".tar.gz", "zstd": ".tar.zst", "none": ".tar"}

@@ -51,9 +51,24 @@ EXAMPLE = Policy.model_validate(
         },
         "test_restore": {"schedule": "0 5 1 * *"},
         "restore": {
-            "stop": [["systemctl", "stop", "redis-server"]],
-            "start": [["systemctl", "start", "redis-server"]],
+            "stop": [
+                ["systemctl", "stop", "sovereigncore"],
+                ["systemctl", "stop", "redis-server"],
+            ],
+            "start": [
+                ["systemctl", "start", "redis-server"],
+                ["systemctl", "start", "sovereigncore"],
+            ],
         },
+        "remotes": [
+            {
+                "name": "backup-server",
+                "type": "rsync",
+                "url": "backup@backup-server:/backups/sovereigncore",
+                "identity_file": "/etc/sovbackupd/ssh/id_ed25519",
+                "known_hosts_file": "/etc/sovbackupd/ssh/known_hosts",
+            },
+        ],
         "notify": [
             {"type": "webhook", "url": "https://hc-ping.com/YOUR-UUID", "on": ["success"]},
             {"type": "webhook", "url": "https://hc-ping.com/YOUR-UUID/fail", "on": ["failure"]},
@@ -69,7 +84,7 @@ HEADER = """\
 
 
 def _scalar(value: Any) -> str:  # noqa: ANN401 (any YAML scalar or flow collection)
-    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
@@ -124,7 +139,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             candidate
             for candidate in getattr(annotation, "__args__", (annotation,))
             if isinstance(candidate, type) and issubclass(candidate, BaseModel)
-        ]
+        ] or _variants(annotation)
         if field.is_required():
             default = "required"
         elif nested:
@@ -135,8 +150,29 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         kind = _type_name(annotation)
         rows.append(f"| `{key}` | {kind} | `{default}` | {field.description or ''} |")
         for submodel in nested:
-            rows.extend(_rows(submodel, f"{key}."))
+            kind_field = submodel.model_fields.get("type")
+            variant = get_args(kind_field.annotation) if kind_field is not None else ()
+            if len(nested) > 1 and len(variant) == 1:  # a union told apart by its type key
+                rows.extend(_rows(submodel, f"{key}[type={variant[0]}]."))
+            else:
+                rows.extend(_rows(submodel, f"{key}."))
     return rows
+
+
+def _variants(annotation: Any) -> list[type[BaseModel]]:  # noqa: ANN401 (any typing annotation)
+    """Return the models of a list of a union of models (remotes), else none."""
+    if get_origin(annotation) is not list:
+        return []
+    (item,) = get_args(annotation)
+    if get_origin(item) is Annotated:
+        item = get_args(item)[0]
+    if get_origin(item) not in (Union, UnionType):
+        return []
+    return [
+        variant
+        for variant in get_args(item)
+        if isinstance(variant, type) and issubclass(variant, BaseModel)
+    ]
 
 
 def _type_name(annotation: Any) -> str:  # noqa: ANN401 (any typing annotation)
@@ -145,7 +181,7 @@ def _type_name(annotation: Any) -> str:  # noqa: ANN401 (any typing annotation)
     if origin is Annotated:
         return _type_name(arguments[0])
     if origin in (Union, UnionType):
-        return " or ".join(_type_name(argument) for argument in arguments)
+        return " or ".join(dict.fromkeys(_type_name(argument) for argument in arguments))
     if origin is list:
         return f"list of {_type_name(arguments[0])}"
     if origin is Literal:
@@ -181,8 +217,9 @@ def reference_markdown() -> str:
         "",
         "Environment variables from the seed's scripts override the file: `BACKUP_DIR` "
         "sets `backup_dir`, `RETENTION_DAYS` sets `tiers.daily.keep` (adding a daily "
-        "tier at `0 2 * * *` when the policy has none). `REMOTE_BACKUP_PATH` is refused "
-        "until remote copies ship.",
+        "tier at `0 2 * * *` when the policy has none), `REMOTE_BACKUP_PATH` adds the "
+        "rsync remote `remote` with that url (or sets the url of the policy's rsync remote "
+        "`remote`).",
         "",
         "A source path is a string, or `{path: ..., optional: true}` for one that may be missing.",
         "",

@@ -10,7 +10,7 @@ import pytest
 
 from sovbackupd import config
 from sovbackupd.config.loader import SEED_DAILY_SCHEDULE
-from sovbackupd.config.models import Policy, SourcePath
+from sovbackupd.config.models import GcsRemote, Policy, RsyncRemote, S3Remote, SourcePath
 from sovbackupd.errors import ConfigError, ExitCode
 
 VALID = """\
@@ -301,12 +301,74 @@ def test_relative_backup_dir_from_the_environment_names_the_variable() -> None:
     assert problems == ("BACKUP_DIR (environment): must be an absolute path, not 'backups'",)
 
 
-def test_remote_backup_path_is_reported_as_unsupported() -> None:
-    """REMOTE_BACKUP_PATH is not silently ignored while remotes are not implemented."""
-    problems = problems_of(MINIMAL, {"REMOTE_BACKUP_PATH": "user@backup-server:/backups"})
-    assert len(problems) == 1
-    assert problems[0].startswith("REMOTE_BACKUP_PATH (environment): ")
-    assert "not supported" in problems[0]
+def test_remote_backup_path_adds_the_rsync_remote_named_remote() -> None:
+    """REMOTE_BACKUP_PATH, as the seed exports it, becomes the rsync remote 'remote'."""
+    policy = parse(MINIMAL, {"REMOTE_BACKUP_PATH": "user@backup-server:/backups/sovereigncore"})
+    [remote] = policy.remotes
+    assert isinstance(remote, RsyncRemote)
+    assert (remote.name, remote.url, remote.port) == (
+        "remote",
+        "user@backup-server:/backups/sovereigncore",
+        22,
+    )
+
+
+def test_remote_backup_path_sets_the_url_of_the_policy_remote_named_remote() -> None:
+    """A policy's rsync remote 'remote' keeps its settings and takes the variable's url."""
+    text = MINIMAL + textwrap.dedent("""\
+        remotes:
+          - {name: remote, type: rsync, url: "old@host:/old", port: 2222}
+          - {name: s3, type: s3, bucket: your-bucket}
+        """)
+    policy = parse(text, {"REMOTE_BACKUP_PATH": "new@host:/new"})
+    first, second = policy.remotes
+    assert isinstance(first, RsyncRemote)
+    assert (first.url, first.port) == ("new@host:/new", 2222)
+    assert isinstance(second, S3Remote)
+
+
+def test_remote_backup_path_problems_name_the_variable() -> None:
+    """A malformed REMOTE_BACKUP_PATH, or a non-rsync remote 'remote', is named as such."""
+    problems = problems_of(MINIMAL, {"REMOTE_BACKUP_PATH": "/just/a/path"})
+    assert problems == (
+        "REMOTE_BACKUP_PATH (environment): must be user@host:/path, not '/just/a/path'",
+    )
+    text = MINIMAL + "remotes: [{name: remote, type: gcs, bucket: b}]\n"
+    [problem] = problems_of(text, {"REMOTE_BACKUP_PATH": "u@h:/p"})
+    assert problem.startswith("REMOTE_BACKUP_PATH (environment): the policy's remote 'remote'")
+
+
+def test_remotes_of_each_type_load_and_names_must_be_unique() -> None:
+    """rsync, s3 and gcs remotes load by their type; a name used twice is an error."""
+    text = MINIMAL + textwrap.dedent("""\
+        remotes:
+          - {name: backup-server, type: rsync, url: "user@backup-server:/backups"}
+          - {name: s3, type: s3, bucket: your-bucket, endpoint_url: "http://minio:9000"}
+          - {name: gcs, type: gcs, bucket: your-bucket, prefix: backups/}
+        """)
+    assert [type(remote) for remote in parse(text).remotes] == [RsyncRemote, S3Remote, GcsRemote]
+    duplicated = MINIMAL + textwrap.dedent("""\
+        remotes:
+          - {name: offsite, type: s3, bucket: a}
+          - {name: offsite, type: gcs, bucket: b}
+        """)
+    assert problems_of(duplicated) == (
+        "policy.yaml:3: remotes: remote names must be unique: offsite",
+    )
+
+
+def test_remote_problems_name_the_key_without_the_union_branch() -> None:
+    """A bad field of a remote is reported at remotes[i].field, and an unknown type too."""
+    text = MINIMAL + textwrap.dedent("""\
+        remotes:
+          - {name: backup-server, type: rsync, url: "no-colon-here", port: 0}
+          - {name: tape, type: tape}
+        """)
+    problems = problems_of(text)
+    assert problems[0].startswith("policy.yaml:4: remotes[0].url: String should match pattern")
+    assert problems[1].startswith("policy.yaml:4: remotes[0].port: ")
+    assert problems[2].startswith("policy.yaml:5: remotes[1]")
+    assert "'rsync', 's3', 'gcs'" in problems[2]
 
 
 def test_empty_environment_variables_change_nothing() -> None:

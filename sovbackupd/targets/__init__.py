@@ -1,0 +1,130 @@
+"""Targets: one module per kind of remote, behind the Protocol in base.py.
+
+A backup on a remote is the three files it has locally: the archive, its manifest and
+its ``.sha256`` sidecar. The sidecar goes up last and comes down first, so a remote
+backup whose sidecar is there was uploaded whole and verified: :func:`list_backups`
+calls only those complete.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import assert_never
+
+from sovbackupd import archive
+from sovbackupd.config.models import GcsRemote, Remote, RsyncRemote, S3Remote
+from sovbackupd.store import ARCHIVE_SUFFIX_PATTERN, TIMESTAMP_FORMAT
+from sovbackupd.targets.base import Listing, RemoteObject, Target
+from sovbackupd.targets.retry import Backoff, RetryingTarget
+
+DEFAULT_BACKOFF = Backoff()
+
+
+def build_target(config: Remote, *, backoff: Backoff | None = DEFAULT_BACKOFF) -> Target:
+    """Return the target that *config* describes, retrying as *backoff* says (None: not)."""
+    # boto3 and google-cloud-storage take half a second to import: only a policy with
+    # such a remote makes the CLI pay for it.
+    target: Target
+    match config:
+        case RsyncRemote():
+            from sovbackupd.targets.rsync import RsyncTarget  # noqa: PLC0415
+
+            target = RsyncTarget(config)
+        case S3Remote():
+            from sovbackupd.targets.s3 import S3Target  # noqa: PLC0415
+
+            target = S3Target(config)
+        case GcsRemote():
+            from sovbackupd.targets.gcs import GcsTarget  # noqa: PLC0415
+
+            target = GcsTarget(config)
+        case _:
+            assert_never(config)
+    return target if backoff is None else RetryingTarget(target, backoff)
+
+
+def backup_files(archive_path: Path) -> tuple[Path, Path, Path]:
+    """Return the archive's files in upload order: archive, manifest, sidecar."""
+    return archive_path, archive.manifest_path(archive_path), archive.sidecar_path(archive_path)
+
+
+def upload_backup(target: Target, archive_path: Path) -> list[RemoteObject]:
+    """Copy the backup of *archive_path* to *target*: archive, manifest, then sidecar.
+
+    The archive is verified against the digest its sidecar records. The remote sidecar
+    is removed first, so that a backup being uploaded again is incomplete on the remote
+    until every file is verified there once more.
+    """
+    archive_file, manifest, sidecar = backup_files(archive_path)
+    digest = archive.read_sidecar(archive_file)
+    target.delete(sidecar.name)
+    return [
+        target.upload(archive_file, archive_file.name, sha256=digest),
+        target.upload(manifest, manifest.name),
+        target.upload(sidecar, sidecar.name),
+    ]
+
+
+def delete_backup(target: Target, archive_name: str) -> None:
+    """Delete the backup whose archive is *archive_name* from *target*: sidecar first."""
+    _, manifest, sidecar = backup_files(Path(archive_name))
+    for remote_name in (sidecar.name, archive_name, manifest.name):
+        target.delete(remote_name)
+
+
+@dataclass(frozen=True)
+class RemoteBackup:
+    """A backup as a remote holds it: its archive, and whether it is complete there."""
+
+    name: str
+    created: datetime
+    archive: RemoteObject
+    manifest: RemoteObject | None
+    sidecar: RemoteObject | None
+
+    @property
+    def complete(self) -> bool:
+        """Tell whether every file arrived and was verified (the sidecar came last)."""
+        return self.sidecar is not None and self.manifest is not None
+
+
+def list_backups(listing: Listing, prefix: str) -> list[RemoteBackup]:
+    """Group a remote's *listing* into the backups named *prefix*_..., oldest first."""
+    pattern = re.compile(
+        rf"^(?P<name>{re.escape(prefix)}_(?P<stamp>\d{{8}}_\d{{6}}))(?:{ARCHIVE_SUFFIX_PATTERN})$"
+    )
+    by_name = {stored.name: stored for stored in listing}
+    found = []
+    for stored in listing:
+        match = pattern.match(stored.name)
+        if match is None:
+            continue
+        _, manifest, sidecar = backup_files(Path(stored.name))
+        found.append(
+            RemoteBackup(
+                name=match["name"],
+                created=datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC),
+                archive=stored,
+                manifest=by_name.get(manifest.name),
+                sidecar=by_name.get(sidecar.name),
+            )
+        )
+    return sorted(found, key=lambda backup: (backup.created, backup.name))
+
+
+__all__ = [
+    "Backoff",
+    "Listing",
+    "RemoteBackup",
+    "RemoteObject",
+    "RetryingTarget",
+    "Target",
+    "backup_files",
+    "build_target",
+    "delete_backup",
+    "list_backups",
+    "upload_backup",
+]
