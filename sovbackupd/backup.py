@@ -23,7 +23,7 @@ from sovbackupd import __version__, archive, hooks, notify, retention, sources
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import HookError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, Manifest, SourceResult
-from sovbackupd.metrics import LOCAL, Metrics
+from sovbackupd.metrics import Metrics
 from sovbackupd.sources import Estimate, SourceReport
 from sovbackupd.store import Store, check_free_space, human_size
 
@@ -180,7 +180,7 @@ def run(
         raise
     if metrics is not None:
         metrics.backup_succeeded(result.manifest, result.size, result.duration_seconds)
-        metrics.set_stored(LOCAL, Store(policy.backup_dir, policy.name_prefix).backups())
+        metrics.set_local(Store(policy.backup_dir, policy.name_prefix).backups())
         metrics.refresh_disk(policy.backup_dir)
     log.info(
         "backup.finished",

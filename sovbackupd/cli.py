@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
-from sovbackupd import __version__, backup, config, restore, retention, verify
+from sovbackupd import __version__, backup, config, replicate, restore, retention, verify
 from sovbackupd import logging as sovlogging
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
@@ -41,6 +41,10 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
     print(result.name)
     for warning in result.warnings:
         print(f"sovbackupd: warning: {warning}", file=sys.stderr)
+    # The backup is committed: a remote that fails is reported, and caught up next time.
+    for report in replicate.run(policy):
+        for failure in report.failures:
+            print(f"sovbackupd: warning: remote {report.remote}: {failure}", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -59,7 +63,44 @@ def _summary(stored: StoredBackup, decision: gfs.Decision | None) -> dict[str, o
     }
 
 
+def _list_remote(arguments: argparse.Namespace, policy: Policy) -> int:
+    held = replicate.listing(policy, arguments.remote)
+    candidates = [gfs.Candidate(item.name, item.created, ok=item.complete) for item in held]
+    decisions = {
+        decision.name: decision
+        for decision in gfs.decide(candidates, gfs.Rules.from_policy(policy), policy.zone)
+    }
+    rows = [
+        {
+            "name": item.name,
+            "remote": arguments.remote,
+            "object": item.archive.name,
+            "created": item.created.isoformat(),
+            "size": item.archive.size,
+            "complete": item.complete,
+            "kept_by": list(decisions[item.name].reasons),
+        }
+        for item in reversed(held)
+    ]
+    if arguments.json:
+        print(json.dumps(rows, indent=1))
+        return ExitCode.OK
+    if not rows:
+        print(f"no backups on remote {arguments.remote}", file=sys.stderr)
+        return ExitCode.OK
+    print(f"{'NAME':<40} {'CREATED':<25} {'SIZE':>10} {'STATE':<10}  KEPT BY")
+    for item, row in zip(reversed(held), rows, strict=True):
+        created = item.created.astimezone(policy.zone).isoformat()
+        state = "complete" if item.complete else "incomplete"
+        kept_by = ", ".join(row["kept_by"]) or "(to be pruned)"
+        size = human_size(item.archive.size)
+        print(f"{item.name:<40} {created:<25} {size:>10} {state:<10}  {kept_by}")
+    return ExitCode.OK
+
+
 def _list(arguments: argparse.Namespace, policy: Policy) -> int:
+    if arguments.remote:
+        return _list_remote(arguments, policy)
     stored = Store(policy.backup_dir, policy.name_prefix).backups()
     decisions = {
         decision.name: decision
@@ -175,7 +216,26 @@ def _simulate(arguments: argparse.Namespace, policy: Policy) -> int:
     return ExitCode.OK
 
 
+def _verify_remote(arguments: argparse.Namespace, policy: Policy) -> int:
+    verdicts = replicate.verify(
+        policy, arguments.remote, arguments.name, every=arguments.all, deep=arguments.deep
+    )
+    if arguments.json:
+        print(json.dumps([asdict(verdict) for verdict in verdicts], indent=1))
+    else:
+        for verdict in verdicts:
+            if verdict.ok:
+                print(
+                    f"{verdict.name}: ok on {arguments.remote}{' (deep)' if verdict.deep else ''}"
+                )
+            else:
+                print(f"sovbackupd: error: {verdict.problem}", file=sys.stderr)
+    return ExitCode.OK if all(verdict.ok for verdict in verdicts) else ExitCode.FAILURE
+
+
 def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
+    if arguments.remote:
+        return _verify_remote(arguments, policy)
     store = Store(policy.backup_dir, policy.name_prefix)
     if arguments.all:
         targets = store.backups()
@@ -208,6 +268,9 @@ def _components(text: str) -> set[restore.Component]:
 
 
 def _chosen(arguments: argparse.Namespace, policy: Policy) -> StoredBackup:
+    source = getattr(arguments, "source", None)
+    if source is not None:
+        return replicate.fetch(policy, source, arguments.name)
     store = Store(policy.backup_dir, policy.name_prefix)
     return store.find(arguments.name) if arguments.name else store.latest()
 
@@ -310,6 +373,12 @@ def _add_restore_commands(commands: argparse._SubParsersAction[argparse.Argument
         help=f"restore only these components (comma-separated: {','.join(restore.COMPONENTS)})",
     )
     restore_parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="REMOTE",
+        help="download the backup from this remote first (disaster recovery)",
+    )
+    restore_parser.add_argument(
         "--to",
         type=Path,
         metavar="DIR",
@@ -371,6 +440,7 @@ def _parser() -> argparse.ArgumentParser:
 
     list_parser = commands.add_parser("list", help="list the backups, newest first")
     list_parser.add_argument("--json", action="store_true", help="print JSON")
+    list_parser.add_argument("--remote", metavar="NAME", help="list what this remote holds")
     list_parser.set_defaults(handler=_list)
 
     verify_parser = commands.add_parser("verify", help="check backups against their checksums")
@@ -382,6 +452,11 @@ def _parser() -> argparse.ArgumentParser:
         "--deep", action="store_true", help="also check every member against the manifest"
     )
     verify_parser.add_argument("--json", action="store_true", help="print JSON")
+    verify_parser.add_argument(
+        "--remote",
+        metavar="NAME",
+        help="verify the copies on this remote (--deep downloads them to scratch space)",
+    )
     verify_parser.set_defaults(handler=_verify)
 
     _add_restore_commands(commands)

@@ -20,7 +20,7 @@ import sdnotify
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from sovbackupd import backup, config, restore, scheduler
+from sovbackupd import backup, config, replicate, restore, scheduler
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import ConfigError, SovbackupdError
 from sovbackupd.metrics import Metrics
@@ -73,6 +73,8 @@ class Daemon:
         self._idle.set()
         self._cancel: threading.Event | None = None
         self._work = threading.Lock()  # backups and test restores take turns
+        self._replicating = threading.Lock()  # one pass over the remotes at a time
+        self._shutdown = threading.Event()  # stops a pass over the remotes between uploads
         self._heartbeat = time.monotonic()
         self._scheduler = scheduler.Scheduler(self._backup, policy.zone)
 
@@ -110,11 +112,23 @@ class Daemon:
                 self._wake.set()  # refresh STATUS= and the next-run metrics now
 
     def _backup(self, tiers: list[str]) -> None:
-        """Run one backup of *tiers*."""
+        """Run one backup of *tiers*, then copy it off-site on another worker."""
         self._exclusive(
             lambda policy, cancel: backup.run(policy, tiers, cancel=cancel, metrics=self._metrics),
             "backup.crashed",
         )
+        if self._policy.remotes and not self._stop_requested:
+            self._scheduler.submit(self._replicate)
+
+    def _replicate(self) -> None:
+        """Bring every remote up to date; passes queue up rather than overlap."""
+        with self._replicating:
+            try:
+                replicate.run(self._policy, metrics=self._metrics, cancel=self._shutdown)
+            except SovbackupdError as error:
+                log.info("remote.pass_stopped", reason=str(error))
+            except Exception:
+                log.exception("remote.crashed")
 
     def _test_restore(self) -> None:
         """Run the scheduled test restore of the newest backup."""
@@ -177,6 +191,7 @@ class Daemon:
             self._scheduler.reschedule(_schedules(policy), policy.zone)
             self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
             self._metrics.declare_tiers(_schedules(policy))
+            self._metrics.declare_remotes(remote.name for remote in policy.remotes)
             self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
             self._metrics.reloaded(success=True)
             log.info("config.reloaded", path=str(self._config_path))
@@ -198,6 +213,7 @@ class Daemon:
             signal.signal(signum, self._on_signal)
         self._metrics.reloaded(success=True)
         self._metrics.declare_tiers(_schedules(policy))
+        self._metrics.declare_remotes(remote.name for remote in policy.remotes)
         self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
         self._metrics.refresh_disk(policy.backup_dir)
         previous = restore.last_drill(policy)
@@ -218,6 +234,8 @@ class Daemon:
             scheduler.Timing(policy.workers, policy.daemon.misfire_grace_seconds),
         )
         self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
+        if policy.remotes:
+            self._scheduler.submit(self._replicate)  # uploads what a stopped daemon missed
         self._scheduler.every(HEARTBEAT_SECONDS, self._beat, "heartbeat")
         self._scheduler.every(policy.daemon.disk_refresh_seconds, self._housekeeping, "disk")
         log.info("daemon.started", config=str(self._config_path), metrics=policy.metrics.listen)
@@ -228,6 +246,7 @@ class Daemon:
         finally:
             self._notify("STOPPING=1")
             log.info("daemon.stopping")
+            self._shutdown.set()
             self._scheduler.shutdown()
             self._finish_running_backup()
             if server is not None:

@@ -174,12 +174,31 @@ class Metrics:
             # A restore's safety backup holds only what it replaced: not a tier's backup.
             if head is not None and head.tiers != [SAFETY_TIER]:
                 self._newest(head, backup.size)
-        self.set_stored(LOCAL, backups)
+        self.set_local(backups)
 
-    def set_stored(self, location: str, backups: Sequence[StoredBackup]) -> None:
+    def set_local(self, backups: Sequence[StoredBackup]) -> None:
+        """Set how many backups the backup directory holds, and their bytes."""
+        self.set_stored(LOCAL, len(backups), sum(backup.size for backup in backups))
+
+    def set_stored(self, location: str, count: int, size: int) -> None:
         """Set how many backups *location* holds, and their bytes."""
-        self.stored.labels(location=location).set(len(backups))
-        self.stored_bytes.labels(location=location).set(sum(backup.size for backup in backups))
+        self.stored.labels(location=location).set(count)
+        self.stored_bytes.labels(location=location).set(size)
+
+    def declare_remotes(self, names: Iterable[str]) -> None:
+        """Create each remote's series at zero, so that increase() sees its first failure."""
+        for name in names:
+            for result in RESULTS:
+                self.remote_uploads.labels(remote=name, result=result)
+            self.remote_last_success.labels(remote=name)
+
+    def remote_uploaded(self, remote: str, ok: bool) -> None:
+        """Count one backup uploaded to *remote* (archive, manifest, sidecar), or not."""
+        self.remote_uploads.labels(remote=remote, result="success" if ok else "failure").inc()
+
+    def remote_synced(self, remote: str) -> None:
+        """Record that *remote* now holds a verified copy of every local backup."""
+        self.remote_last_success.labels(remote=remote).set(time.time())
 
     def refresh_disk(self, path: Path) -> None:
         """Measure the disk holding *path*."""

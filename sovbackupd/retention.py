@@ -16,7 +16,7 @@ from sovbackupd import policy as gfs
 from sovbackupd.archive import fsync_dir, manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
 from sovbackupd.manifest import SAFETY_TIER
-from sovbackupd.metrics import LOCAL, Metrics
+from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
 
 log = structlog.get_logger("sovbackupd.retention")
@@ -110,7 +110,7 @@ def apply(
     if deleted:
         fsync_dir(store.directory)
     if metrics is not None:
-        metrics.set_stored(LOCAL, store.backups())
+        metrics.set_local(store.backups())
     return Outcome(decisions, deleted)
 
 

@@ -266,6 +266,11 @@ class Scheduler:
         moment: datetime | None = job.next_run_time if job is not None else None
         return moment
 
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run *job* once, now, on a worker (not counted against a tier's instances)."""
+        assert self._scheduler is not None  # noqa: S101 (start() was called)
+        self._scheduler.add_job(job)
+
     def every(self, seconds: float, job: Callable[[], None], name: str) -> None:
         """Run *job* every *seconds* on the housekeeping executor."""
         assert self._scheduler is not None  # noqa: S101 (start() was called)

@@ -1,0 +1,289 @@
+"""Off-site copies: every remote brought up to date with the local backups, then pruned.
+
+One pass per remote lists what the remote holds, uploads each local backup it lacks
+(newest first: archive, manifest, then the sidecar that marks it complete, each verified
+on arrival), then applies the local GFS decision to the remote's complete backups, by
+name. A remote that fails is reported and caught up on the next pass; it never fails the
+local backup, which is already committed when a pass starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from sovbackupd import archive, retention, targets
+from sovbackupd import policy as gfs
+from sovbackupd.config.models import Policy, Remote
+from sovbackupd.errors import (
+    AbortedError,
+    ArchiveError,
+    NotFoundError,
+    SovbackupdError,
+    TransientTargetError,
+)
+from sovbackupd.manifest import SAFETY_TIER
+from sovbackupd.metrics import Metrics
+from sovbackupd.store import Store, StoredBackup
+from sovbackupd.verify import check
+
+log = structlog.get_logger("sovbackupd.replicate")
+
+
+@dataclass
+class RemoteReport:
+    """What one pass did on one remote."""
+
+    remote: str
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    held: str | None = None
+    """Why pruning was held (the size guard), when it was."""
+
+    @property
+    def ok(self) -> bool:
+        """Tell whether every upload went through."""
+        return not self.failures
+
+
+def remote_config(policy: Policy, name: str) -> Remote:
+    """Return the policy's remote called *name*."""
+    for config in policy.remotes:
+        if config.name == name:
+            return config
+    known = ", ".join(config.name for config in policy.remotes) or "none configured"
+    raise NotFoundError(f"no remote named {name!r} in the policy (remotes: {known})")
+
+
+def _replicated(backup: StoredBackup) -> bool:
+    """Tell whether *backup* goes off-site: every backup but a restore's safety backup."""
+    head = backup.head()
+    return head is not None and head.tiers != [SAFETY_TIER]
+
+
+def prune(policy: Policy, target: targets.Target, held: list[targets.RemoteBackup]) -> list[str]:
+    """Delete from *target* what the policy's GFS decision drops among *held* backups.
+
+    Only complete backups (sidecar and manifest there, so verified on arrival) count or
+    may be deleted; an incomplete one is left for the next upload to finish.
+    """
+    candidates = [
+        gfs.Candidate(name=backup.name, time=backup.created, ok=backup.complete) for backup in held
+    ]
+    decisions = gfs.decide(candidates, gfs.Rules.from_policy(policy), policy.zone)
+    doomed = {decision.name for decision in decisions if not decision.keep}
+    deleted = []
+    for backup in held:
+        if backup.name in doomed:
+            targets.delete_backup(target, backup.archive.name)
+            deleted.append(backup.name)
+            log.info("remote.deleted", remote=target.name, backup=backup.name)
+    return deleted
+
+
+def _upload_missing(
+    target: targets.Target,
+    local: list[StoredBackup],
+    complete: set[str],
+    report: RemoteReport,
+    *,
+    metrics: Metrics | None,
+    cancel: threading.Event | None,
+) -> None:
+    """Upload the local backups *target* lacks, newest first.
+
+    A transient error (the remote is down, retried already) ends the pass; a permanent
+    one (a local archive that no longer matches its sidecar) skips that backup only.
+    """
+    for backup in reversed(local):
+        if cancel is not None and cancel.is_set():
+            raise AbortedError(f"copying to {target.name} stopped: shutting down")
+        if backup.name in complete or not _replicated(backup):
+            continue
+        try:
+            targets.upload_backup(target, backup.path)
+        except FileNotFoundError:
+            continue  # pruned locally since the listing
+        except TransientTargetError as error:
+            _failed(report, backup, error, metrics)
+            raise
+        except SovbackupdError as error:
+            _failed(report, backup, error, metrics)
+            continue
+        report.uploaded.append(backup.name)
+        log.info("remote.uploaded", remote=target.name, backup=backup.name)
+        if metrics is not None:
+            metrics.remote_uploaded(target.name, ok=True)
+
+
+def _failed(
+    report: RemoteReport, backup: StoredBackup, error: Exception, metrics: Metrics | None
+) -> None:
+    report.failures.append(f"{backup.name}: {error}")
+    log.warning("remote.upload_failed", remote=report.remote, backup=backup.name, error=str(error))
+    if metrics is not None:
+        metrics.remote_uploaded(report.remote, ok=False)
+
+
+def sync(
+    policy: Policy,
+    config: Remote,
+    *,
+    metrics: Metrics | None = None,
+    cancel: threading.Event | None = None,
+) -> RemoteReport:
+    """Bring the remote *config* up to date with the local backups, then prune it.
+
+    Setting *cancel* stops the pass between two uploads.
+    """
+    report = RemoteReport(config.name)
+    store = Store(policy.backup_dir, policy.name_prefix)
+    target = targets.build_target(config)
+    try:
+        listed = targets.list_backups(target.list(), policy.name_prefix)
+        local = store.backups()
+        complete = {backup.name for backup in listed if backup.complete}
+        _upload_missing(target, local, complete, report, metrics=metrics, cancel=cancel)
+        listed = targets.list_backups(target.list(), policy.name_prefix)
+        report.held = retention.size_guard(policy, local, retention.candidates(local))
+        if report.held is None:
+            report.deleted = prune(policy, target, listed)
+            listed = [backup for backup in listed if backup.name not in report.deleted]
+    except SovbackupdError as error:
+        if not report.failures:  # the listing or a deletion failed, not an upload
+            report.failures.append(str(error))
+            log.warning("remote.failed", remote=config.name, error=str(error))
+        return report
+    if metrics is not None:
+        kept = [backup for backup in listed if backup.complete]
+        metrics.set_stored(config.name, len(kept), sum(backup.archive.size for backup in kept))
+        if report.ok:
+            metrics.remote_synced(config.name)
+    log.info(
+        "remote.synced",
+        remote=config.name,
+        uploaded=len(report.uploaded),
+        deleted=len(report.deleted),
+        failures=len(report.failures),
+    )
+    return report
+
+
+def run(
+    policy: Policy, *, metrics: Metrics | None = None, cancel: threading.Event | None = None
+) -> list[RemoteReport]:
+    """Sync every remote of *policy*, one after the other; return what each pass did."""
+    return [sync(policy, config, metrics=metrics, cancel=cancel) for config in policy.remotes]
+
+
+def listing(policy: Policy, name: str) -> list[targets.RemoteBackup]:
+    """Return the backups the remote *name* holds, oldest first."""
+    target = targets.build_target(remote_config(policy, name))
+    return targets.list_backups(target.list(), policy.name_prefix)
+
+
+def _pick(held: list[targets.RemoteBackup], name: str | None, remote: str) -> targets.RemoteBackup:
+    complete = [backup for backup in held if backup.complete]
+    if name is None:
+        if not complete:
+            raise NotFoundError(f"remote {remote} holds no complete backup")
+        return complete[-1]
+    for backup in complete:
+        if name in (backup.name, backup.archive.name):
+            return backup
+    raise NotFoundError(f"remote {remote} holds no complete backup named {name!r}")
+
+
+def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
+    """Download backup *name* (the newest by default) from *remote* into the backup dir.
+
+    The three files land in staging first and are checked against the sidecar; the
+    archive takes its final name last, as a backup made here would. A backup already
+    here whose checksum holds is not downloaded again.
+    """
+    config = remote_config(policy, remote)
+    target = targets.build_target(config)
+    chosen = _pick(targets.list_backups(target.list(), policy.name_prefix), name, remote)
+    store = Store(policy.backup_dir, policy.name_prefix)
+    with store.lock():
+        present = next((item for item in store.backups() if item.name == chosen.name), None)
+        if present is not None:
+            try:
+                archive.verify_checksum(present.path)
+            except ArchiveError:
+                log.warning("remote.local_copy_damaged", backup=present.name)
+            else:
+                return present
+        staging = store.staging(f"fetch-{chosen.name}")
+        try:
+            files = targets.backup_files(staging / chosen.archive.name)
+            for path in files:
+                target.download(path.name, path)
+            archive.verify_checksum(files[0])
+            for path in (*files[1:], files[0]):
+                path.replace(policy.backup_dir / path.name)
+            archive.fsync_dir(policy.backup_dir)
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+    log.info("remote.fetched", remote=remote, backup=chosen.name)
+    return store.find(chosen.name)
+
+
+@dataclass(frozen=True)
+class RemoteVerdict:
+    """The outcome of verifying one backup on a remote."""
+
+    name: str
+    ok: bool
+    deep: bool
+    problem: str | None = None
+
+
+def verify(
+    policy: Policy, remote: str, name: str | None, *, every: bool, deep: bool
+) -> list[RemoteVerdict]:
+    """Verify backups on *remote*: complete there, and their recorded sha256 the sidecar's.
+
+    With *deep* each archive is downloaded to scratch space and verified member by member
+    (decrypted first when encrypted), then removed.
+    """
+    config = remote_config(policy, remote)
+    target = targets.build_target(config)
+    held = targets.list_backups(target.list(), policy.name_prefix)
+    chosen = held if every else [_pick(held, name, remote)]
+    return [_verify_one(policy, target, backup, deep) for backup in chosen]
+
+
+def _verify_one(
+    policy: Policy, target: targets.Target, backup: targets.RemoteBackup, deep: bool
+) -> RemoteVerdict:
+    if not backup.complete:
+        problem = f"{backup.archive.name}: incomplete on {target.name} (no sidecar or manifest)"
+        return RemoteVerdict(backup.name, ok=False, deep=deep, problem=problem)
+    store = Store(policy.backup_dir, policy.name_prefix)
+    store.ensure()
+    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=policy.backup_dir))
+    try:
+        files = targets.backup_files(scratch / backup.archive.name)
+        wanted = files if deep else files[2:]
+        for path in wanted:
+            target.download(path.name, path)
+        recorded = backup.archive.sha256
+        if not deep and recorded is not None and recorded != archive.read_sidecar(files[0]):
+            problem = f"{backup.archive.name}: the remote's sha256 differs from its sidecar"
+            return RemoteVerdict(backup.name, ok=False, deep=deep, problem=problem)
+        if deep:
+            stored = StoredBackup(backup.name, files[0], backup.created, backup.archive.size)
+            verdict = check(stored, deep=True, encryption=policy.gpg)
+            return RemoteVerdict(backup.name, verdict.ok, deep, verdict.problem)
+    except SovbackupdError as error:
+        return RemoteVerdict(backup.name, ok=False, deep=deep, problem=str(error))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return RemoteVerdict(backup.name, ok=True, deep=deep)
