@@ -44,7 +44,7 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
     # The backup is committed: a remote that fails is reported, and caught up next time.
     for report in replicate.run(policy):
         for failure in report.failures:
-            print(f"sovbackupd: warning: remote {report.remote}: {failure}", file=sys.stderr)
+            print(f"sovbackupd: warning: {failure}", file=sys.stderr)
     return ExitCode.OK
 
 

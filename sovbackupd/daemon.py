@@ -124,11 +124,16 @@ class Daemon:
         """Bring every remote up to date; passes queue up rather than overlap."""
         with self._replicating:
             try:
-                replicate.run(self._policy, metrics=self._metrics, cancel=self._shutdown)
+                reports = replicate.run(self._policy, metrics=self._metrics, cancel=self._shutdown)
             except SovbackupdError as error:
                 log.info("remote.pass_stopped", reason=str(error))
+                return
             except Exception:
                 log.exception("remote.crashed")
+                return
+        for report in reports:
+            if not report.ok:
+                log.warning("remote.pass_failed", remote=report.remote, failures=report.failures)
 
     def _test_restore(self) -> None:
         """Run the scheduled test restore of the newest backup."""

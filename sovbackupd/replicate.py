@@ -122,11 +122,26 @@ def _upload_missing(
             metrics.remote_uploaded(target.name, ok=True)
 
 
+def _describe(remote: str, error: Exception) -> str:
+    """Return *error* as one line that names *remote* once."""
+    text = str(error)
+    return text if text.startswith(f"remote {remote}") else f"remote {remote}: {text}"
+
+
 def _failed(
-    report: RemoteReport, backup: StoredBackup, error: Exception, metrics: Metrics | None
+    report: RemoteReport, backup: StoredBackup | None, error: Exception, metrics: Metrics | None
 ) -> None:
-    report.failures.append(f"{backup.name}: {error}")
-    log.warning("remote.upload_failed", remote=report.remote, backup=backup.name, error=str(error))
+    """Record a failed upload (or, with no *backup*, a pass that could not even start).
+
+    Logged at info: the caller reports the failures of a pass once, as a warning.
+    """
+    report.failures.append(_describe(report.remote, error))
+    log.info(
+        "remote.upload_failed",
+        remote=report.remote,
+        backup=backup.name if backup is not None else None,
+        error=str(error),
+    )
     if metrics is not None:
         metrics.remote_uploaded(report.remote, ok=False)
 
@@ -156,9 +171,10 @@ def sync(
             report.deleted = prune(policy, target, listed)
             listed = [backup for backup in listed if backup.name not in report.deleted]
     except SovbackupdError as error:
-        if not report.failures:  # the listing or a deletion failed, not an upload
-            report.failures.append(str(error))
-            log.warning("remote.failed", remote=config.name, error=str(error))
+        if not report.failures:
+            # The listing or a deletion failed: the remote cannot take this pass's copies,
+            # which counts as a failed upload, so that the alerts see a remote that is down.
+            _failed(report, None, error, metrics)
         return report
     if metrics is not None:
         kept = [backup for backup in listed if backup.complete]

@@ -333,6 +333,9 @@ class TcpProxy:
         """Stop listening and drop every connection: the remote is down."""
         with self._lock:
             sockets, self._sockets = self._sockets, []
+        # shutdown() first: close() alone leaves a blocked accept() to take one more.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for sock in sockets:
             with contextlib.suppress(OSError):

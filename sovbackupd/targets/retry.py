@@ -96,7 +96,7 @@ class RetryingTarget:
                     raise TransientTargetError(
                         f"{error} (gave up after {attempt} attempts)"
                     ) from error
-                log.warning(
+                log.info(
                     "target.retrying",
                     target=self.name,
                     operation=operation,
@@ -114,7 +114,9 @@ class RetryingTarget:
     def _failed(
         self, operation: str, remote_name: str | None, error: SovbackupdError, attempts: int
     ) -> None:
-        log.error(
+        # Info: the error goes up to the caller, which reports it once, as a warning
+        # (the daemon's remote.pass_failed) or one line on the terminal (the CLI).
+        log.info(
             f"target.{operation}_failed",
             target=self.name,
             object=remote_name,
