@@ -652,11 +652,12 @@ def _write_file(source: IO[bytes], target: Path, entry: FileEntry) -> str:
     except FileExistsError:
         raise ArchiveError(f"{entry.path} appears twice in the archive") from None
     digest = hashlib.sha256()
+    # No fsync per file: one syncfs() per staging filesystem before the swap (see
+    # _sync_staging) costs a fraction of thousands of fsyncs.
     with open(descriptor, "wb", buffering=0, closefd=True) as out:  # noqa: PTH123 (an fd)
         while chunk := source.read(archive.CHUNK_BYTES):
             digest.update(chunk)
             out.write(chunk)
-        os.fsync(out.fileno())
     return digest.hexdigest()
 
 
@@ -741,11 +742,28 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
             extraction.finish()
         _check_inside_manifest(plan, extraction.inside)
         _synthesize_aof(plan)
+        _sync_staging(plan)
     except BaseException:
         cleanup(plan)
         _remove_empty(created)
         raise
     return extraction.files, extraction.bytes
+
+
+def _sync_staging(plan: Plan) -> None:
+    """Make every staged file durable before anything is swapped: syncfs(2) per directory.
+
+    Raise RestoreError when the filesystem reports a write error.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    for directory in plan.staging_dirs:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if libc.syncfs(descriptor) != 0:
+                code = ctypes.get_errno()
+                raise RestoreError(f"cannot flush {directory} to disk: {os.strerror(code)}")
+        finally:
+            os.close(descriptor)
 
 
 def _make_parents(directory: Path) -> list[Path]:
