@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from sovbackupd import daemon, redis_server, verify
+from sovbackupd import daemon, redis_server, restore, verify
 from sovbackupd.config import reference, render
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import SovbackupdError
@@ -89,6 +89,7 @@ def _rerooted(root: Path, port: int | None) -> Policy:
             url=f"redis://127.0.0.1:{port}/0", username=None, password_file=None
         )
     data["notify"] = []  # the example's ping URLs are placeholders
+    data["remotes"] = []  # so is its backup server
     data["tiers"] = {
         tier: {"schedule": DEMO_SCHEDULES.get(tier), "keep": settings["keep"]}
         for tier, settings in data["tiers"].items()
@@ -133,5 +134,11 @@ def run(root: Path, say: Callable[[str], None], seconds: float | None) -> int:
         if not verdict.ok:
             raise SovbackupdError(f"demo backup failed verification: {verdict.problem}")
     say(f"{len(stored)} backups in {policy.backup_dir}, each verified member by member")
+    if stored:
+        drilled = restore.drill(policy)
+        for check in drilled.checks:
+            say(f"test restore: {'ok' if check.ok else 'FAILED'} {check.what}: {check.detail}")
+        if not drilled.ok:
+            raise SovbackupdError(f"demo backup {drilled.name} failed its test restore")
     say(f"try: sovbackupd --config {policy_path} list")
     return code
