@@ -18,6 +18,8 @@ def test_demo_runs_the_daemon_and_leaves_verified_backups(tmp_path: Path) -> Non
     result = run_cli("demo", "--dir", str(tmp_path), "--seconds", "12", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "each verified member by member" in result.stdout
+    for check in ("archive", "sqlite sovereign_rekor.db", "redis rdb"):
+        assert f"test restore: ok {check}: " in result.stdout, result.stdout
     assert "/metrics" in result.stdout
     landed = [
         json.loads(line)
