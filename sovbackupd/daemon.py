@@ -20,7 +20,7 @@ import sdnotify
 import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
-from sovbackupd import backup, config, replicate, restore, scheduler
+from sovbackupd import backup, config, replicate, restore, retention, scheduler
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import ConfigError, SovbackupdError
 from sovbackupd.metrics import Metrics
@@ -195,13 +195,23 @@ class Daemon:
             self._policy = policy
             self._scheduler.reschedule(_schedules(policy), policy.zone)
             self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
-            self._metrics.declare_tiers(_schedules(policy))
-            self._metrics.declare_remotes(remote.name for remote in policy.remotes)
-            self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
+            self._metrics_from_disk(policy)
             self._metrics.reloaded(success=True)
             log.info("config.reloaded", path=str(self._config_path))
         self._refresh()  # before READY=1: then STATUS= and next-run metrics show the new policy
         self._notify("READY=1")
+
+    def _metrics_from_disk(self, policy: Policy) -> None:
+        """Declare the policy's series and set what the backup directory already says.
+
+        The size guard is read from disk too: a restart must not clear a held retention.
+        """
+        self._metrics.declare_tiers(_schedules(policy))
+        self._metrics.declare_remotes(remote.name for remote in policy.remotes)
+        stored = Store(policy.backup_dir, policy.name_prefix).backups()
+        self._metrics.rebuild(stored)
+        held = retention.size_guard(policy, stored, retention.candidates(stored))
+        self._metrics.retention_held.set(1 if held else 0)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -217,9 +227,7 @@ class Daemon:
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self._metrics.reloaded(success=True)
-        self._metrics.declare_tiers(_schedules(policy))
-        self._metrics.declare_remotes(remote.name for remote in policy.remotes)
-        self._metrics.rebuild(Store(policy.backup_dir, policy.name_prefix).backups())
+        self._metrics_from_disk(policy)
         self._metrics.refresh_disk(policy.backup_dir)
         previous = restore.last_drill(policy)
         if previous is not None:

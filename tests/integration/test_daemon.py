@@ -935,3 +935,24 @@ def test_scheduled_test_restore_passes_sets_its_metrics_and_survives_a_restart(
     assert after.value("sovbackupd_restore_test_last_result") == 1
     last = after.value("sovbackupd_restore_test_last_success_timestamp_seconds")
     assert last >= when
+
+
+def test_daemon_reads_a_held_retention_from_disk_at_start(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """A collapsed newest backup on disk sets retention_held from the first scrape."""
+    policy, listen = daemon_policy(tmp_path, sandbox, None, {"daily": daily_far_away()})
+    for _ in range(3):
+        assert run_cli("backup", config=policy).returncode == 0
+    (sandbox.app / "data" / "nested" / "deeper" / "blob.bin").unlink()
+    collapsed = run_cli("backup", config=policy)
+    assert collapsed.returncode == 0, collapsed.stderr
+
+    notified = notify_socket.mark()
+    start_daemon(policy)
+    notify_socket.wait_for(has("READY", "1"), "READY=1", notified)
+
+    assert scrape_when_up(listen).value("sovbackupd_retention_held") == 1
