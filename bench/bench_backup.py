@@ -1,4 +1,4 @@
-"""Benchmark ``sovbackupd backup`` against tar on a generated SovereignCore-like tree.
+"""Benchmark ``sovbackupd backup`` and ``restore`` against tar on a SovereignCore-like tree.
 
 The tree is generated from a fixed seed, so runs of the same size are comparable: a WAL
 SQLite database (~15%), an RDB-like blob (~20%), thousands of small text and JSON files
@@ -8,6 +8,8 @@ server is started: the RDB-like blob is archived as a plain file inside ``data/`
 Each tool runs as a child process. Wall and CPU time (user + sys) come from ``os.wait4``,
 peak RSS from GNU time around the tool; all three include the tool's own children (tar's
 gzip, pigz or zstd).
+The restore side times ``sovbackupd restore NAME --to DIR`` of sovbackupd's gzip and zstd
+archives against ``tar -xzf`` and ``tar --zstd -xf``, each into a fresh directory.
 The page cache cannot be dropped reliably, so the tree is read once before timing and
 every run starts from a warm cache. Run ``bench_backup.py --help`` for the options.
 """
@@ -70,6 +72,9 @@ NOTES = (
     "sovbackupd also copies the SQLite database with the online backup API, runs "
     "integrity_check on the copy, hashes every member and fsyncs the archive; tar reads "
     "the live database file and does not fsync.",
+    "sovbackupd restore --to first checks the archive against its sidecar sha256, then "
+    "checks every member against the manifest (sha256 included) and makes the files "
+    "durable before moving them into place; tar -xf does neither.",
 )
 
 
@@ -384,6 +389,11 @@ def warm_cache(root: Path) -> int:
     return total
 
 
+def policy_path(work: Path, compression: str) -> Path:
+    """Return where the sovbackupd policy for *compression* is written below *work*."""
+    return work / f"policy-{compression}.yaml"
+
+
 def write_policy(path: Path, tree: Tree, backup_dir: Path, compression: str) -> Path:
     """Write a sovbackupd policy for *tree* (sqlite, config and dirs; no Redis)."""
     policy = {
@@ -420,19 +430,35 @@ class Sample:
 
 @dataclass(frozen=True)
 class Case:
-    """One timed command and the directory where it leaves exactly one *suffix* file."""
+    """One timed command and the directory it writes into, fresh before every run.
+
+    An archiver leaves exactly one *suffix* file there; a restore (no *suffix*) a tree.
+    """
 
     label: str
     argv: tuple[str, ...]
     output_dir: Path
-    suffix: str
+    suffix: str | None = None
 
     def archive(self) -> Path:
         """Return the archive the command wrote."""
-        found = [path for path in self.output_dir.iterdir() if path.name.endswith(self.suffix)]
+        if self.suffix is None:
+            raise BenchError(f"{self.label}: writes no archive")
+        suffix = self.suffix
+        found = [path for path in self.output_dir.iterdir() if path.name.endswith(suffix)]
         if len(found) != 1:
-            raise BenchError(f"{self.label}: expected one *{self.suffix} in {self.output_dir}")
+            raise BenchError(f"{self.label}: expected one *{suffix} in {self.output_dir}")
         return found[0]
+
+    def output_bytes(self) -> int:
+        """Return the archive's size, or for a restore the bytes of every file it wrote."""
+        if self.suffix is not None:
+            return self.archive().stat().st_size
+        return sum(
+            (Path(directory) / name).lstat().st_size
+            for directory, _, names in os.walk(self.output_dir)
+            for name in names
+        )
 
 
 def run_child(argv: Sequence[str], env: Mapping[str, str]) -> Sample:
@@ -515,7 +541,7 @@ def backup_cases(tree: Tree, work: Path) -> list[Case]:
     cases = []
     for compression, suffix in (("gzip", ".tar.gz"), ("zstd", ".tar.zst")):
         backup_dir = work / f"sovbackupd-{compression}"
-        policy = write_policy(work / f"policy-{compression}.yaml", tree, backup_dir, compression)
+        policy = write_policy(policy_path(work, compression), tree, backup_dir, compression)
         cases.append(
             Case(
                 f"sovbackupd {compression}",
@@ -540,8 +566,34 @@ def _fresh(directory: Path) -> None:
     directory.mkdir(parents=True)
 
 
-def measure_backups(cases: Sequence[Case], runner: Runner) -> dict[str, list[Sample]]:
-    """Run every case, interleaved, as often as *runner* says; the last archives stay."""
+def restore_cases(backups: Sequence[Case], work: Path) -> list[Case]:
+    """Return the restores of the archives *backups* left, each into *work*/restore.
+
+    ``tar -xf`` of sovbackupd's and tar's gzip archives, ``sovbackupd restore NAME --to``
+    of sovbackupd's gzip and zstd archives, and ``tar --zstd -xf`` of tar's zstd archive.
+    """
+    target = work / "restore"
+    archives = {case.label: case.archive() for case in backups}
+
+    def tar(flags: tuple[str, ...], label: str) -> Case:
+        argv = ("tar", *flags, str(archives[label]), "-C", str(target))
+        return Case(f"tar {' '.join(flags)} of {label}", argv, target)
+
+    cases = [tar(("-xzf",), "sovbackupd gzip"), tar(("-xzf",), "tar czf")]
+    for compression, suffix in (("gzip", ".tar.gz"), ("zstd", ".tar.zst")):
+        name = archives[f"sovbackupd {compression}"].name.removesuffix(suffix)
+        policy = str(policy_path(work, compression))
+        argv = (*SOVBACKUPD, "--config", policy, "restore", name, "--to", str(target))
+        cases.append(Case(f"sovbackupd restore --to {compression}", argv, target))
+    cases.append(tar(("--zstd", "-xf"), "tar --zstd"))
+    return cases
+
+
+def measure(cases: Sequence[Case], runner: Runner) -> dict[str, list[Sample]]:
+    """Run every case, interleaved, as often as *runner* says; the last outputs stay.
+
+    Each run starts in a fresh output directory; its sample records the bytes written.
+    """
     samples: dict[str, list[Sample]] = {case.label: [] for case in cases}
     for round_number in range(1, runner.repeat + 1):
         for case in cases:
@@ -551,23 +603,7 @@ def measure_backups(cases: Sequence[Case], runner: Runner) -> dict[str, list[Sam
                 f"  [{round_number}/{runner.repeat}] {case.label} ...", file=sys.stderr, flush=True
             )
             sample = runner.run(case.argv)
-            samples[case.label].append(replace(sample, output_bytes=case.archive().stat().st_size))
-    return samples
-
-
-def measure_extracts(
-    archives: Mapping[str, Path], work: Path, runner: Runner
-) -> dict[str, list[Sample]]:
-    """Time ``tar -xzf`` of each gzip archive into a fresh directory, interleaved."""
-    samples: dict[str, list[Sample]] = {label: [] for label in archives}
-    target = work / "extract"
-    for round_number in range(1, runner.repeat + 1):
-        for label, archive in archives.items():
-            _fresh(target)
-            os.sync()
-            print(f"  [{round_number}/{runner.repeat}] {label} ...", file=sys.stderr, flush=True)
-            samples[label].append(runner.run(("tar", "-xzf", str(archive), "-C", str(target))))
-    shutil.rmtree(target)
+            samples[case.label].append(replace(sample, output_bytes=case.output_bytes()))
     return samples
 
 
@@ -687,13 +723,26 @@ def checks(
                     RSS_SLACK_MIB,
                 )
             )
+
+    def unpack(label: str) -> float:
+        return extract[label].wall_seconds
+
     found += [
         Check(
             "tar -xzf sovbackupd gzip wall / tar -xzf tar czf wall",
-            extract["tar -xzf of sovbackupd gzip"].wall_seconds
-            / extract["tar -xzf of tar czf"].wall_seconds,
+            unpack("tar -xzf of sovbackupd gzip") / unpack("tar -xzf of tar czf"),
             "<=",
             1.0,
+        ),
+        Check(
+            "sovbackupd restore --to wall / tar -xzf of tar czf wall",
+            unpack("sovbackupd restore --to gzip") / unpack("tar -xzf of tar czf"),
+            "<=",
+            1.0,
+        ),
+        Check(
+            "sovbackupd restore --to zstd wall / tar --zstd -xf wall",
+            unpack("sovbackupd restore --to zstd") / unpack("tar --zstd -xf of tar --zstd"),
         ),
         Check("sovbackupd gzip size / tar czf size", size("sovbackupd gzip") / size("tar czf")),
         Check(
@@ -725,7 +774,7 @@ BACKUP_COLUMNS = (
     "out/in",
     "busy before",
 )
-EXTRACT_COLUMNS = ("wall s", "CPU s", "peak RSS MiB", "busy before")
+EXTRACT_COLUMNS = ("wall s", "CPU s", "CPU/wall", "peak RSS MiB", "output MiB", "busy before")
 
 
 def _row(label: str, cells: Sequence[str | float]) -> str:
@@ -765,21 +814,28 @@ def render(report: Report) -> Iterator[str]:
             ),
         )
     yield ""
-    yield _row("restore (extract)", EXTRACT_COLUMNS)
+    yield _row("restore", EXTRACT_COLUMNS)
     for label, sample in report.extract.items():
         yield _row(
             label,
-            (sample.wall_seconds, sample.cpu_seconds, sample.peak_rss_mib, sample.busy_before),
+            (
+                sample.wall_seconds,
+                sample.cpu_seconds,
+                sample.cpu_seconds / sample.wall_seconds,
+                sample.peak_rss_mib,
+                sample.output_bytes / MIB,
+                sample.busy_before,
+            ),
         )
     yield ""
-    yield f"{'ratio / figure':<52} {'value':>8}  goal"
+    yield f"{'ratio / figure':<56} {'value':>8}  goal"
     for check in report.checks:
         verdict = (
             "(reported only)"
             if check.met is None
             else f"{check.goal} {check.limit:g}  {'met' if check.met else 'NOT MET'}"
         )
-        yield f"{check.name:<52} {check.value:8.3f}  {verdict}"
+        yield f"{check.name:<56} {check.value:8.3f}  {verdict}"
     yield ""
     yield from (f"note: {note}" for note in report.notes)
 
@@ -837,13 +893,10 @@ def benchmark(arguments: argparse.Namespace, work: Path) -> Report:
     print(f"warming the page cache: read {warm_cache(tree.root) / MIB:.0f} MiB", file=sys.stderr)
     cases = backup_cases(tree, work)
     runner = Runner(env, arguments.repeat, arguments.idle_wait)
-    backup = measure_backups(cases, runner)
-    archives = {
-        f"tar -xzf of {case.label}": case.archive()
-        for case in cases
-        if case.label in ("sovbackupd gzip", "tar czf")
-    }
-    extract = measure_extracts(archives, work, runner)
+    backup = measure(cases, runner)
+    restores = restore_cases(cases, work)
+    extract = measure(restores, runner)
+    shutil.rmtree(restores[0].output_dir)
     medians = {label: median_sample(samples) for label, samples in backup.items()}
     extract_medians = {label: median_sample(samples) for label, samples in extract.items()}
     return Report(
