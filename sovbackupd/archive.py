@@ -409,7 +409,11 @@ class Writer:
         the rename, so an archive under its final name always has them. Return the
         archive's sha256.
         """
-        with tempfile.TemporaryFile(dir=self.path.parent) as manifest:
+        try:
+            manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed by the with below; its creation alone can hit ENOSPC)
+        except OSError as error:
+            raise _disk_error(error, self.partial) from error
+        with manifest:
             try:
                 self._add_manifest(head, manifest)
             except OSError as error:

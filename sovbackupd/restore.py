@@ -734,7 +734,10 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
                 raise ArchiveError(f"{name}: unreadable archive: {error}") from error
             except OSError as error:
                 if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise RestoreError(f"no space left while staging: {error.filename}") from error
+                    where = ", ".join(str(path.parent) for path in plan.staging_dirs)
+                    raise RestoreError(
+                        f"no space left in {where} to stage {plan.backup.path.name}"
+                    ) from error
                 raise ArchiveError(f"{plan.backup.path.name}: cannot restore: {error}") from error
             extraction.finish()
         _check_inside_manifest(plan, extraction.inside)

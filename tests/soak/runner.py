@@ -43,7 +43,7 @@ from tests.soak.services import (
     make_database,
 )
 
-DEFAULT_SECONDS = 150.0
+DEFAULT_SECONDS = 120.0
 SEED_ENV = "SOVBACKUPD_SOAK_SEED"
 PREFIX = "sovereigncore_backup"
 DISK_SIZE = "64m"
