@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from sovbackupd.config.models import SourcePath
-from sovbackupd.errors import SourceError
+from sovbackupd.errors import DiskSpaceError, SourceError
 from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 from sovbackupd.sources.files import MEMBER_OVERHEAD_BYTES, open_nofollow
 
@@ -119,6 +119,10 @@ class SqliteSource:
                 f"sqlite database {database} stayed locked for more than {self._timeout:g}s"
             ) from None
         except sqlite3.Error as error:
+            if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise DiskSpaceError(
+                    f"no space left on {copy.parent} while copying sqlite database {database}"
+                ) from error
             raise SourceError(f"sqlite database {database} cannot be copied: {error}") from error
         finally:
             target.close()

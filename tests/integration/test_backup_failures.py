@@ -25,10 +25,12 @@ import pytest
 import redis
 
 from sovbackupd import archive
+from sovbackupd.config.models import SourcePath
 from sovbackupd.errors import DiskSpaceError, ExitCode
 from sovbackupd.manifest import Manifest
 from sovbackupd.sources.base import Member, SourceReport
 from sovbackupd.sources.files import open_nofollow
+from sovbackupd.sources.sqlite import SqliteSource
 from sovbackupd.store import LOCK_NAME, STAGING_NAME
 from tests.conftest import (
     CliResult,
@@ -37,6 +39,7 @@ from tests.conftest import (
     SqliteLock,
     backup_files,
     free_port,
+    make_database,
     policy_data,
     require_tool,
     run_cli,
@@ -527,3 +530,20 @@ def test_backup_waits_for_a_bgsave_someone_else_started(
     assert result.returncode == ExitCode.OK, result.stderr
     saves = client.info("persistence")["rdb_saves"]
     assert saves >= 2, "the backup asked for a save of its own after the running one"
+
+
+@pytest.mark.root
+def test_sqlite_copy_onto_a_disk_that_filled_is_a_disk_space_error(
+    tmp_path: Path, mount_tmpfs: Mount
+) -> None:
+    """A disk that fills after the free-space check fails the SQLite copy with exit 73."""
+    database = tmp_path / "big.db"
+    make_database(database, rows=20_000)
+    staging = mount_tmpfs(tmp_path / "staging", "256k")
+    source = SqliteSource([SourcePath(path=database)], 5)
+
+    with pytest.raises(DiskSpaceError, match=f"no space left on {staging} while copying"):
+        list(source.members(staging, SourceReport("sqlite", "sqlite")))
+
+    assert DiskSpaceError.exit_code == ExitCode.CANT_CREATE
+    assert list(staging.iterdir()) == []
