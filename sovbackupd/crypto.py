@@ -355,7 +355,52 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
-class _Encryptor(io.RawIOBase):
+class _GpgStream(io.RawIOBase):
+    """One end of a running gpg, seen as a stream; a thread works the other end."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        stderr: IO[bytes],
+        describe: Callable[[_Report], str],
+        thread_name: str,
+    ) -> None:
+        super().__init__()
+        assert process.stdin is not None  # noqa: S101 (stdin=PIPE)
+        assert process.stdout is not None  # noqa: S101 (stdout=PIPE)
+        self._process = process
+        self._input = process.stdin
+        self._output = process.stdout
+        self._stderr = stderr
+        self._describe = describe
+        self._peer_error: BaseException | None = None  # raised by the thread's end
+        self.failure: BaseException | None = None
+        self._finished = False
+        self._abandoned = False
+        self.plain_bytes = 0
+        self.stored_bytes = 0
+        self._thread = threading.Thread(target=self._pump, name=thread_name, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        raise NotImplementedError
+
+    def _conclude(self, report: _Report, succeeded: bool) -> None:
+        """Record the failure, the thread's end's first, then gpg's; raise it."""
+        if self._peer_error is not None:
+            self.failure = self._peer_error
+        elif not succeeded:
+            self.failure = CryptoError(self._describe(report))
+        if self.failure is not None:
+            raise self.failure
+
+    def check(self) -> None:
+        """Raise the failure seen so far, if any."""
+        if self.failure is not None:
+            raise self.failure
+
+
+class _Encryptor(_GpgStream):
     """gpg's stdin: what is written here comes out of gpg, encrypted, into the sink.
 
     A thread moves gpg's output into the sink, which may be a Python object (hashing,
@@ -369,23 +414,8 @@ class _Encryptor(io.RawIOBase):
         sink: Sink,
         describe: Callable[[_Report], str],
     ) -> None:
-        super().__init__()
-        assert process.stdin is not None  # noqa: S101 (stdin=PIPE)
-        assert process.stdout is not None  # noqa: S101 (stdout=PIPE)
-        self._process = process
-        self._input = process.stdin
-        self._output = process.stdout
-        self._stderr = stderr
-        self._sink = sink
-        self._describe = describe
-        self._sink_error: BaseException | None = None
-        self.failure: BaseException | None = None
-        self._finished = False
-        self._abandoned = False
-        self.plain_bytes = 0
-        self.stored_bytes = 0
-        self._thread = threading.Thread(target=self._pump, name="gpg-output", daemon=True)
-        self._thread.start()
+        self._sink = sink  # before the thread starts
+        super().__init__(process, stderr, describe, "gpg-output")
 
     def _pump(self) -> None:
         try:
@@ -393,7 +423,7 @@ class _Encryptor(io.RawIOBase):
                 _write_all(self._sink, chunk)
                 self.stored_bytes += len(chunk)
         except BaseException as error:  # handed to the writing thread
-            self._sink_error = error
+            self._peer_error = error
             # gpg blocks on its full stdout once nobody reads it: stopping it wakes the
             # writer, which then raises this error.
             _stop(self._process)
@@ -425,17 +455,7 @@ class _Encryptor(io.RawIOBase):
         self._thread.join()
         returncode = self._process.wait()
         report = _Report.read(self._stderr, returncode)
-        if self._sink_error is not None:
-            self.failure = self._sink_error
-        elif returncode != 0 or not report.has("END_ENCRYPTION"):
-            self.failure = CryptoError(self._describe(report))
-        if self.failure is not None:
-            raise self.failure
-
-    def check(self) -> None:
-        """Raise the failure seen so far, if any."""
-        if self.failure is not None:
-            raise self.failure
+        self._conclude(report, returncode == 0 and report.has("END_ENCRYPTION"))
 
     def abandon(self) -> None:
         """Stop gpg and the thread without waiting for the output to end."""
@@ -456,7 +476,7 @@ class _Encryptor(io.RawIOBase):
             super().close()
 
 
-class _Decryptor(io.RawIOBase):
+class _Decryptor(_GpgStream):
     """gpg's stdout: plaintext decrypted from the source, which a thread feeds to gpg."""
 
     def __init__(
@@ -466,23 +486,8 @@ class _Decryptor(io.RawIOBase):
         source: Source,
         describe: Callable[[_Report], str],
     ) -> None:
-        super().__init__()
-        assert process.stdin is not None  # noqa: S101 (stdin=PIPE)
-        assert process.stdout is not None  # noqa: S101 (stdout=PIPE)
-        self._process = process
-        self._input = process.stdin
-        self._output = process.stdout
-        self._stderr = stderr
-        self._source = source
-        self._describe = describe
-        self._source_error: BaseException | None = None
-        self.failure: BaseException | None = None
-        self._finished = False
-        self._abandoned = False
-        self.plain_bytes = 0
-        self.stored_bytes = 0
-        self._thread = threading.Thread(target=self._pump, name="gpg-input", daemon=True)
-        self._thread.start()
+        self._source = source  # before the thread starts
+        super().__init__(process, stderr, describe, "gpg-input")
 
     def _pump(self) -> None:
         try:
@@ -492,7 +497,7 @@ class _Decryptor(io.RawIOBase):
         except BrokenPipeError:
             pass  # gpg stopped reading: it failed, and its status says why
         except BaseException as error:  # handed to the reading thread
-            self._source_error = error
+            self._peer_error = error
             _stop(self._process)
         finally:
             with contextlib.suppress(OSError):
@@ -521,23 +526,14 @@ class _Decryptor(io.RawIOBase):
         self._thread.join()
         returncode = self._process.wait()
         report = _Report.read(self._stderr, returncode)
-        if self._source_error is not None:
-            self.failure = self._source_error
-        elif (
-            returncode != 0
+        self._conclude(
+            report,
+            returncode == 0
             # An OpenPGP file need not be encrypted at all (gpg --store); that is no backup.
-            or not report.has("DECRYPTION_OKAY")
-            or report.has("BADMDC")
-            or report.has("DECRYPTION_FAILED")
-        ):
-            self.failure = CryptoError(self._describe(report))
-        if self.failure is not None:
-            raise self.failure
-
-    def check(self) -> None:
-        """Raise the failure seen so far, if any."""
-        if self.failure is not None:
-            raise self.failure
+            and report.has("DECRYPTION_OKAY")
+            and not report.has("BADMDC")
+            and not report.has("DECRYPTION_FAILED"),
+        )
 
     def abandon(self) -> None:
         """Stop gpg and the thread without reading to the end."""
