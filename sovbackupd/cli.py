@@ -347,16 +347,19 @@ def _run(arguments: argparse.Namespace) -> int:
     # Imported here: the daemon's libraries cost every one-shot command ~0.1 s to load.
     from sovbackupd import daemon  # noqa: PLC0415
 
-    sovlogging.configure(sys.stdout, logging.DEBUG if arguments.verbose else logging.INFO)
+    sovlogging.configure(
+        sys.stdout, logging.DEBUG if arguments.verbose else logging.INFO, arguments.log_format
+    )
     return daemon.run(arguments.config or config.default_path())
 
 
 def _demo(arguments: argparse.Namespace) -> int:
     from sovbackupd import demo  # noqa: PLC0415 (as for _run)
 
-    sovlogging.configure(sys.stdout, logging.INFO)
+    writer = sovlogging.configure(sys.stdout, logging.INFO, arguments.log_format)
     root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
-    return demo.run(root.resolve(), print, arguments.seconds)
+    # Its own lines go through the log's writer: never glued to a log line mid-write.
+    return demo.run(root.resolve(), writer.line, arguments.seconds)
 
 
 def _add_restore_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -423,6 +426,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"policy file (default: ${config.loader.CONFIG_ENV} or {config.loader.DEFAULT_PATH})",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument(
+        "--log-format",
+        choices=sovlogging.LOG_FORMATS,
+        default=None,
+        help="json (one object per line) or console (for people); default: console on a "
+        "terminal, json elsewhere (journald)",
+    )
     parser.add_argument("--version", action="version", version=f"sovbackupd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -513,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     arguments = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    sovlogging.configure(sys.stderr, logging.INFO if arguments.verbose else logging.WARNING)
+    sovlogging.configure(
+        sys.stderr, logging.INFO if arguments.verbose else logging.WARNING, arguments.log_format
+    )
     handler: Command | None = arguments.handler
     try:
         if handler is None:

@@ -9,6 +9,7 @@ successful backup of each tier on disk, is the catch-up of missed runs.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,25 @@ CONTROL = "control"  # the executor of housekeeping jobs, never starved by long 
 # months, DST); the cap keeps a schedule of every few seconds cheap.
 _INTERVAL_HORIZON = timedelta(days=366)
 _INTERVAL_FIRES = 1000
+
+_SKIPPED = 'Execution of job "%s" skipped: maximum number of running instances'
+
+
+def _quiet_busy_dispatcher(record: logging.LogRecord) -> bool:
+    """Drop APScheduler's warning that the dispatcher is busy; pass every other record.
+
+    While a backup runs, the dispatcher job is still running it, so each tick of its trigger
+    is "skipped: maximum number of running instances reached". That is expected, not a
+    fault: when the backup ends the running dispatcher asks again which tiers are due, so
+    the skipped tick is served then.
+    """
+    job = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    return not (
+        isinstance(record.msg, str)
+        and record.msg.startswith(_SKIPPED)
+        and getattr(job, "id", None) == DISPATCHER
+    )
+
 
 _CRON_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _FIELDS = ("minute", "hour", "day", "month", "day_of_week")
@@ -189,6 +209,7 @@ class Scheduler:
         timing: Timing,
     ) -> None:
         """Start with the tiers' cron *schedules*; catch up against *last_success*."""
+        logging.getLogger("apscheduler.scheduler").addFilter(_quiet_busy_dispatcher)
         self._scheduler = BackgroundScheduler(
             timezone=self._timezone,
             executors={
