@@ -356,10 +356,12 @@ def _run(arguments: argparse.Namespace) -> int:
 def _demo(arguments: argparse.Namespace) -> int:
     from sovbackupd import demo  # noqa: PLC0415 (as for _run)
 
-    writer = sovlogging.configure(sys.stdout, logging.INFO, arguments.log_format)
-    root = arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))
+    root = (arguments.dir or Path(tempfile.mkdtemp(prefix="sovbackupd-demo-"))).resolve()
+    writer = sovlogging.configure(
+        sys.stdout, logging.INFO, arguments.log_format, shorten=(str(root), "$SANDBOX")
+    )
     # Its own lines go through the log's writer: never glued to a log line mid-write.
-    return demo.run(root.resolve(), writer.line, arguments.seconds)
+    return demo.run(root, writer.line, arguments.seconds)
 
 
 def _add_restore_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

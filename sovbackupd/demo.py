@@ -40,6 +40,15 @@ def _redis_server(directory: Path) -> Iterator[int]:
         server.stop()
 
 
+DEMO_CONFIG_FILES = {
+    "prometheus.yml": "scrape_configs: [{job_name: sovereigncore}]\n",
+    "alertmanager.yml": "route: {receiver: ops}\nreceivers: [{name: ops}]\n",
+    "alerts.yml": "groups: []\n",
+    "docker-compose.yml": "services: {}\n",
+    "gunicorn.conf.py": "workers = 2\n",
+}
+
+
 def _lay_out(root: Path) -> None:
     app = root / "opt" / "sovereigncore"
     for directory in (app / "data" / "uploads", app / "mcp_data", app / "memory"):
@@ -48,6 +57,9 @@ def _lay_out(root: Path) -> None:
     (app / ".env").chmod(0o600)
     (app / "redis.conf").write_text("save 3600 1\ndir /var/lib/redis\n")
     (app / "users.acl").write_text("user backup on +bgsave +lastsave +info +ping\n")
+    # Every config file the example names exists here, so no backup warns of a missing one.
+    for name, text in DEMO_CONFIG_FILES.items():
+        (app / name).write_text(text)
     for number in range(200):
         (app / "data" / "uploads" / f"document-{number:03}.json").write_text(
             f'{{"id": {number}, "body": "{"lorem ipsum " * 40}"}}\n'
@@ -117,7 +129,7 @@ def run(root: Path, say: Callable[[str], None], seconds: float | None) -> int:
         policy = _rerooted(root, port)
         policy_path = root / "policy.yaml"
         policy_path.write_text(render(policy))
-        say(f"sandbox server under {root}")
+        say(f"sandbox server under {root} ($SANDBOX in log lines on a terminal)")
         say(f"redis-server on 127.0.0.1:{port}" if port else "no redis-server: Redis left out")
         say(f"policy {policy_path}: the shipped example, tiers every few seconds")
         say(f"metrics: http://{policy.metrics.listen}/metrics")

@@ -69,6 +69,25 @@ def _colours(stream: TextIO) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
+def _shortener(prefix: str, label: str) -> structlog.typing.Processor:
+    """Return a processor that writes *label* for *prefix* in every string value."""
+
+    def shorten(value: object) -> object:
+        if isinstance(value, str):
+            return value.replace(prefix, label)
+        if isinstance(value, list | tuple):
+            return [shorten(item) for item in value]
+        return value
+
+    def processor(
+        logger: object, method: str, event: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        del logger, method
+        return {key: shorten(value) for key, value in event.items()}
+
+    return processor
+
+
 def _renderer(log_format: LogFormat, stream: TextIO) -> structlog.typing.Processor:
     if log_format == "console":
         return structlog.dev.ConsoleRenderer(colors=_colours(stream), sort_keys=False)
@@ -84,16 +103,21 @@ def configure(
     stream: TextIO | None = None,
     level: int = logging.INFO,
     log_format: LogFormat | None = None,
+    shorten: tuple[str, str] | None = None,
 ) -> LineWriter:
     """Send events at *level* and above to *stream* (stdout by default); return its writer.
 
     *log_format* ``json`` gives one JSON object per line with an ISO timestamp in UTC and
     its level (journald, files, pipes); ``console`` gives a short line per event for
-    people. By default a terminal gets ``console`` and anything else ``json``.
+    people. By default a terminal gets ``console`` and anything else ``json``. In the
+    console format, *shorten* ``(prefix, label)`` writes *label* for *prefix* in values
+    (the demo's sandbox root in every path); JSON always carries the full values.
     """
     output = sys.stdout if stream is None else stream
     chosen = log_format or default_format(output)
-    renderer = _renderer(chosen, output)
+    rendering: list[structlog.typing.Processor] = [_renderer(chosen, output)]
+    if chosen == "console" and shorten is not None:
+        rendering.insert(0, _shortener(*shorten))
     writer = LineWriter(output)
     shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
@@ -107,7 +131,7 @@ def configure(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
         )
     )
     root = logging.getLogger()
@@ -119,7 +143,7 @@ def configure(
             *shared,
             # The console renderer formats exceptions itself, for people.
             *([structlog.processors.format_exc_info] if chosen == "json" else []),
-            renderer,
+            *rendering,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_: _LineLogger(writer),

@@ -28,6 +28,7 @@ def test_demo_runs_the_daemon_and_leaves_verified_backups(tmp_path: Path) -> Non
     ]
     assert landed, "backups are shown as they land"
     assert all(event["result"] == "success" for event in landed)
+    assert all(event["warnings"] == 0 for event in landed), "the sandbox has every file named"
     policy = tmp_path / "policy.yaml"
     rows = json.loads(run_cli("list", "--json", config=policy).stdout)
     # Retention runs after each backup: within one hour the example policy keeps the
@@ -47,3 +48,16 @@ def test_demo_runs_the_daemon_and_leaves_verified_backups(tmp_path: Path) -> Non
     port = int(started[1])
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_demo_on_a_terminal_shows_short_lines_with_the_sandbox_abbreviated(tmp_path: Path) -> None:
+    """--log-format console (a terminal's default) writes no JSON and says $SANDBOX for paths."""
+    result = run_cli(
+        "--log-format", "console", "demo", "--dir", str(tmp_path), "--seconds", "4", timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    log_lines = [line for line in result.stdout.splitlines() if " [info" in line]
+    assert any("backup.finished" in line for line in log_lines), result.stdout
+    assert not any(line.startswith("{") for line in result.stdout.splitlines())
+    assert all(str(tmp_path) not in line for line in log_lines)
+    assert any("$SANDBOX/" in line for line in log_lines)

@@ -133,3 +133,22 @@ def test_console_format_renders_exceptions_without_raw_json() -> None:
     text = stream.getvalue()
     assert "backup.crashed" in text
     assert "ValueError: invalid literal" in text
+
+
+def test_console_format_shortens_a_prefix_and_json_keeps_full_values() -> None:
+    """The console writes the label for the prefix, in strings and lists; JSON is untouched."""
+    console = io.StringIO()
+    sovlogging.configure(console, log_format="console", shorten=("/tmp/demo-x", "$SANDBOX"))
+    structlog.get_logger("test").info(
+        "restore.swapped", destination="/tmp/demo-x/opt/data", units=["/tmp/demo-x/a", 3]
+    )
+    logging.getLogger("apscheduler.scheduler").warning("job at /tmp/demo-x/b missed")
+    text = console.getvalue()
+    assert "/tmp/demo-x" not in text
+    assert "$SANDBOX/opt/data" in text
+    assert "$SANDBOX/a" in text
+    assert "$SANDBOX/b" in text
+    plain = io.StringIO()
+    sovlogging.configure(plain, log_format="json", shorten=("/tmp/demo-x", "$SANDBOX"))
+    structlog.get_logger("test").info("restore.swapped", destination="/tmp/demo-x/opt/data")
+    assert json.loads(plain.getvalue())["destination"] == "/tmp/demo-x/opt/data"
