@@ -254,6 +254,11 @@ class Retention(_Model):
     size_guard: SizeGuard = Field(
         default_factory=SizeGuard, description="Collapsed-backup protection."
     )
+    manual_keep: Annotated[str, AfterValidator(_duration)] = Field(
+        default="7d",
+        description="How long a manual backup (sovbackupd backup without --tier) is kept "
+        "after it was made, whatever the tiers keep (restic duration syntax; 0d turns it off).",
+    )
 
 
 Argv = Annotated[list[str], Field(min_length=1)]

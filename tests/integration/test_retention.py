@@ -99,6 +99,7 @@ def test_prune_dry_run_lists_then_prune_deletes_exactly_the_decision(
             [gfs.Candidate(item.name, item.created, ok=True) for item in stored],
             gfs.Rules.from_policy(policy),
             policy.zone,
+            now=datetime.now(UTC),
         )
         if not decision.keep
     )
