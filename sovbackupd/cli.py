@@ -223,7 +223,7 @@ def _prune(arguments: argparse.Namespace, policy: Policy) -> int:
             print(f"{verb} {name}")
         if not outcome.deleted and outcome.held is None:
             count = len(outcome.decisions)
-            print(f"nothing to prune: {count} backup{'' if count == 1 else 's'} all kept")
+            print(f"nothing to prune: {count} of {count} backups kept")
     _warn(outcome.plan.warnings)
     return ExitCode.OK
 

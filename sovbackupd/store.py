@@ -318,13 +318,14 @@ def read_pin(path: Path, name: str) -> gfs.Pin:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
         return gfs.Pin(problem=f"{path}: {error.strerror}")
-    with os.fdopen(descriptor, "rb") as handle:
+    try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             return gfs.Pin(problem=f"{path}: not a regular file")
-        try:
-            data = handle.read(PIN_LIMIT_BYTES + 1)
-        except OSError as error:
-            return gfs.Pin(problem=f"{path}: {error.strerror}")
+        data = os.read(descriptor, PIN_LIMIT_BYTES + 1)
+    except OSError as error:
+        return gfs.Pin(problem=f"{path}: {error.strerror}")
+    finally:
+        os.close(descriptor)
     if len(data) > PIN_LIMIT_BYTES:
         return gfs.Pin(problem=f"{path}: larger than {PIN_LIMIT_BYTES} bytes")
     try:

@@ -263,10 +263,10 @@ def test_backup_uploads_to_rsync_s3_and_gcs_where_list_and_verify_see_it_complet
 
 
 def keep_last(count: int) -> dict[str, Any]:
-    """Retention keeping the newest *count* backups, and no tier keeping more."""
+    """Retention keeping the newest *count* backups, and no tier (nor manual_keep) keeping more."""
     return {
         "tiers": {"daily": {"schedule": "0 2 * * *", "keep": 0}},
-        "retention": {"keep_last": count},
+        "retention": {"keep_last": count, "manual_keep": "0h"},
     }
 
 
