@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sovbackupd.redis_server import free_port
 from sovbackupd.store import PIN_LIMIT_BYTES
 from tests.conftest import CliResult, Sandbox, policy_data, run_cli, write_policy
+from tests.integration.test_daemon import (
+    EVERY_4_SECONDS,
+    DaemonProcess,
+    NotifySocket,
+    notify_socket,
+    start_daemon,
+)
 from tests.integration.test_retention import write_backup
+
+__all__ = ["notify_socket", "start_daemon"]  # fixtures, used by name
 
 DAILY_1 = {"daily": {"schedule": "0 2 * * *", "keep": 1}}
 
@@ -188,3 +200,35 @@ def test_pin_and_unpin_of_an_unknown_backup_fail_cleanly(tmp_path: Path, sandbox
             "sovbackupd: error: no backup named 'sovereigncore_backup_20000101_000000' in "
             f"{sandbox.backup_dir}"
         ]
+
+
+def test_the_daemons_retention_honours_pins_and_warns_of_damaged_ones(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """After each scheduled backup the daemon prunes around pins, damaged ones included."""
+    listen = f"127.0.0.1:{free_port()}"
+    data = policy_data(
+        sandbox,
+        None,
+        tiers={"hourly": {"schedule": EVERY_4_SECONDS, "keep": 1}},
+        retention={"manual_keep": "0h"},
+        metrics={"listen": listen},
+    )
+    config = write_policy(tmp_path / "policy.yaml", data)
+    pinned, damaged = history(sandbox, 3, 2)
+    cli_ok("pin", pinned, config=config)
+    (sandbox.backup_dir / f"{damaged}.pin.json").write_text("{")
+
+    daemon = start_daemon(config)
+    first, second = (event["backup"] for event in daemon.wait_for_backups(2))
+    warning = daemon.wait_for("retention.pin_unreadable", backup=damaged)
+    assert warning["level"] == "warning"
+    assert str(sandbox.backup_dir / f"{damaged}.pin.json") in warning["problem"]
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    names = set(listed(config))
+    assert {pinned, damaged, second} <= names
+    assert first not in names, "retention ran: the hourly rule keeps one"
