@@ -97,7 +97,7 @@ def _pin(arguments: argparse.Namespace, policy: Policy) -> int:
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         pinned = store.pin(arguments.name, until, now)
-    end = "it is unpinned" if until is None else until.astimezone(policy.zone).isoformat()
+    end = "it is unpinned" if until is None else gfs.format_time(until, policy.zone)
     print(f"pinned {pinned.name}: retention keeps it until {end}")
     return ExitCode.OK
 
@@ -239,14 +239,22 @@ def _span(text: str) -> timedelta:
     return int(match[1]) * _SPAN_UNITS[match[2]]
 
 
+def _offset_time(text: str) -> datetime:
+    """Parse an ISO 8601 time with an offset; raise ValueError saying what is wrong."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError("not an ISO 8601 time") from None
+    if moment.utcoffset() is None:
+        raise ValueError("the time needs an offset")
+    return moment
+
+
 def _aware_time(text: str) -> datetime:
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: not an ISO 8601 time") from None
-    if moment.utcoffset() is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: the time needs an offset, e.g. +00:00")
-    return moment
+        return _offset_time(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
 
 def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tuple[str, datetime]]:
@@ -261,11 +269,9 @@ def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tupl
         if not line.strip():
             continue
         try:
-            moment = datetime.fromisoformat(line.strip())
-        except ValueError:
-            raise SovbackupdError(f"{arguments.source}:{number}: not an ISO 8601 time") from None
-        if moment.tzinfo is None:
-            raise SovbackupdError(f"{arguments.source}:{number}: the time needs an offset")
+            moment = _offset_time(line)
+        except ValueError as error:
+            raise SovbackupdError(f"{arguments.source}:{number}: {error}") from None
         times.append((line.strip(), moment))
     return times
 

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 UNLIMITED: Final = -1
 """A count that keeps every period, as restic's ``--keep-daily -1``."""
 
+EARLIEST: Final = datetime(1, 1, 2, tzinfo=UTC)
+LATEST: Final = datetime(9999, 12, 30, tzinfo=UTC)
+"""The range of times that every zone can show: ends beyond it are clamped to it."""
+
 REASON_NO_RULE: Final = "no retention rule"
 REASON_NEWEST: Final = "newest successful backup"
 REASON_UNVERIFIED: Final = "unverified: never deleted by retention"
@@ -80,9 +84,9 @@ class Duration:
     def after(self, moment: datetime, timezone: tzinfo) -> datetime:
         """Return *moment* plus this duration, the same arithmetic as :meth:`before`.
 
-        A duration reaching past year 9999 gives the latest representable time.
+        A duration reaching past the end of year 9999 gives LATEST.
         """
-        return self._shift(moment, timezone, 1)
+        return min(self._shift(moment, timezone, 1), LATEST)
 
     def _shift(self, moment: datetime, timezone: tzinfo, sign: int) -> datetime:
         local = moment.astimezone(timezone)
@@ -94,8 +98,7 @@ class Duration:
             return wall.astimezone(UTC) + sign * timedelta(hours=self.hours)
         except (ValueError, OverflowError):
             # Past the calendar's ends: every backup is within the duration.
-            edge = datetime.min if sign < 0 else datetime.max
-            return edge.replace(tzinfo=UTC)
+            return datetime.min.replace(tzinfo=UTC) if sign < 0 else LATEST
 
 
 def parse_duration(text: str) -> Duration:
@@ -348,9 +351,10 @@ def _check(candidates: Sequence[Candidate], now: datetime) -> None:
         names.add(candidate.name)
 
 
-def _moment(moment: datetime, timezone: tzinfo) -> str:
-    """Return *moment* for a reason, to the minute in the policy's zone."""
-    return moment.astimezone(timezone).strftime("%Y-%m-%d %H:%M %Z")
+def format_time(moment: datetime, timezone: tzinfo) -> str:
+    """Return *moment* for people, to the minute in *timezone* (clamped to EARLIEST..LATEST)."""
+    shown = min(max(moment, EARLIEST), LATEST).astimezone(timezone)
+    return shown.strftime("%Y-%m-%d %H:%M %Z")
 
 
 def _pin_reason(pin: Pin, timezone: tzinfo, now: datetime) -> str | None:
@@ -359,7 +363,9 @@ def _pin_reason(pin: Pin, timezone: tzinfo, now: datetime) -> str | None:
         return REASON_PIN_UNREADABLE
     if not pin.holds(now):
         return None
-    return REASON_PINNED if pin.until is None else f"pinned until {_moment(pin.until, timezone)}"
+    if pin.until is None:
+        return REASON_PINNED
+    return f"pinned until {format_time(pin.until, timezone)}"
 
 
 def _held_by_operator(
@@ -372,7 +378,7 @@ def _held_by_operator(
         if reason is None and candidate.manual and rules.manual_within is not None:
             until = rules.manual_within.after(candidate.time, timezone)
             if now < until:
-                reason = f"manual (until {_moment(until, timezone)})"
+                reason = f"manual (until {format_time(until, timezone)})"
         if reason is not None:
             kept[candidate.name] = reason
     return kept

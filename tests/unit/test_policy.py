@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -571,8 +571,19 @@ def test_duration_after_adds_like_go_add_date(
 
 
 def test_duration_after_past_the_calendar_gives_the_latest_time() -> None:
-    """A duration reaching past year 9999 does not raise."""
-    assert Duration(years=9000).after(utc("2026-01-01 00:00"), UTC).year == 9999
+    """A duration reaching past year 9999 does not raise: it ends at LATEST."""
+    assert Duration(years=9000).after(utc("2026-01-01 00:00"), UTC) == policy.LATEST
+
+
+def test_ends_at_the_calendars_edge_are_shown_in_any_zone() -> None:
+    """A pin or manual window ending near year 9999 is a reason, not an OverflowError."""
+    far = datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-12)))
+    pinned = replace(candidate(utc("2026-01-01 02:00")), pin=Pin(until=far))
+    manual = replace(candidate(utc("2026-01-02 02:00")), manual=True)
+    rules = Rules(daily=1, manual_within=Duration(years=9000))
+    decisions = policy.decide([pinned, manual], rules, ZoneInfo("Pacific/Kiritimati"), now=NOW)
+    assert decisions[0].reasons[-1] == "manual (until 9999-12-30 14:00 +14)"
+    assert decisions[1].reasons == ("pinned until 9999-12-30 14:00 +14",)
 
 
 # --- properties ---------------------------------------------------------------------------
