@@ -155,7 +155,8 @@ def remote_plan(
     is, and pinned when backup_dir holds a pin by its name; the size guard is the local
     one, as the copies are of the local backups.
     """
-    manual = {candidate.name for candidate in candidates(local) if candidate.manual}
+    local_found = candidates(local)
+    manual = {candidate.name for candidate in local_found if candidate.manual}
     found = [
         gfs.Candidate(
             name=backup.name,
@@ -169,7 +170,7 @@ def remote_plan(
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
     names = {backup.name for backup in held}
     problems = {name: why for name, why in _problems(pins).items() if name in names}
-    return Plan(decisions, size_guard(policy, local, candidates(local)), problems)
+    return Plan(decisions, size_guard(policy, local, local_found), problems)
 
 
 def _delete(store: Store, backup: StoredBackup) -> None:
