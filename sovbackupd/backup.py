@@ -20,15 +20,15 @@ from typing import Literal
 import structlog
 
 from sovbackupd import __version__, archive, hooks, notify, retention, sources
+from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import HookError, SovbackupdError
-from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, Manifest, SourceResult
+from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, MANUAL_TIER, Manifest, SourceResult
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import Estimate, SourceReport
 from sovbackupd.store import Store, check_free_space, human_size
 
 log = structlog.get_logger("sovbackupd.backup")
-MANUAL_TIER = "manual"
 SPACE_MARGIN_BYTES = 1 << 20  # manifest, sidecars and tar padding beyond the estimate
 
 
@@ -42,6 +42,8 @@ class BackupResult:
     sha256: str
     duration_seconds: float
     manifest: Manifest  # without its files: they can be many; read them from the archive
+    retention: retention.Outcome | None = None
+    """What the retention after this backup did; None when it failed (logged)."""
 
     @property
     def warnings(self) -> list[str]:
@@ -134,6 +136,7 @@ def run(
     cancel: threading.Event | None = None,
     metrics: Metrics | None = None,
     redis_offline: bool = False,
+    pin: gfs.Pin | None = None,
 ) -> BackupResult:
     """Back up every source of *policy* into one new archive labelled with *tiers*.
 
@@ -142,6 +145,8 @@ def run(
     new archive, sidecar or temp file is left behind. Setting *cancel* aborts the run the
     same way. *metrics*, when given (the daemon's), records the attempt and its result.
     *redis_offline* archives a stopped Redis server's files (a restore's safety backup).
+    *pin* pins the new backup before retention runs; a pin that cannot be written fails
+    the run, though the archive stays (the error names it).
     """
     started = time.monotonic()
     if metrics is not None:
@@ -163,6 +168,7 @@ def run(
             metrics=metrics,
             started=started,
             redis_offline=redis_offline,
+            pin=pin,
         )
     except Exception as error:
         if metrics is not None:
@@ -213,12 +219,13 @@ def run(
     return result
 
 
-def _retain(store: Store, policy: Policy, metrics: Metrics | None) -> None:
+def _retain(store: Store, policy: Policy, metrics: Metrics | None) -> retention.Outcome | None:
     """Apply retention after a committed backup; its failure never fails the backup."""
     try:
-        retention.apply(store, policy, dry_run=False, metrics=metrics)
+        return retention.apply(store, policy, dry_run=False, metrics=metrics)
     except (OSError, SovbackupdError) as error:
         log.warning("retention.failed", error=str(error))
+        return None
 
 
 def _run(
@@ -231,6 +238,7 @@ def _run(
     metrics: Metrics | None,
     started: float,
     redis_offline: bool,
+    pin: gfs.Pin | None,
 ) -> BackupResult:
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
@@ -293,7 +301,9 @@ def _run(
             shutil.rmtree(staging, ignore_errors=True)
             if not any(staging.parent.iterdir()):
                 staging.parent.rmdir()
-        _retain(store, policy, metrics)
+        if pin is not None:
+            _pin(store, name, pin)
+        outcome = _retain(store, policy, metrics)
     return BackupResult(
         name=name,
         path=path,
@@ -301,4 +311,15 @@ def _run(
         sha256=sha256,
         duration_seconds=time.monotonic() - started,
         manifest=head,
+        retention=outcome,
     )
+
+
+def _pin(store: Store, name: str, pin: gfs.Pin) -> None:
+    """Pin the committed backup *name*; on failure say that the backup itself is there."""
+    try:
+        store.pin(name, pin.until, datetime.now(UTC))
+    except SovbackupdError as error:
+        raise SovbackupdError(
+            f"backup {name} was made but not pinned ({error}); pin it with: sovbackupd pin {name}"
+        ) from error

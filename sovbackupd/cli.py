@@ -11,7 +11,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -19,15 +19,51 @@ from sovbackupd import __version__, backup, config, replicate, restore, retentio
 from sovbackupd import logging as sovlogging
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
-from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdError
+from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdError, UsageError
+from sovbackupd.manifest import MANUAL_TIER
 from sovbackupd.progress import ProgressBar
 from sovbackupd.store import Store, StoredBackup, human_size
 
 Command = Callable[[argparse.Namespace, Policy], int]
 
 
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"sovbackupd: warning: {line}", file=sys.stderr)
+
+
+def _pin_end(text: str, policy: Policy, now: datetime) -> datetime:
+    """Return the end of a pin given as a duration from *now* (30d) or an ISO 8601 time.
+
+    A time without an offset is in the policy's time zone. Raise UsageError when the text
+    is neither, or the end is not in the future.
+    """
+    try:
+        end = gfs.parse_duration(text).after(now, policy.zone)
+    except ValueError:
+        try:
+            end = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise UsageError(
+                f"{text!r} is not a time: give a duration in y, M, d, h (e.g. 30d) or an "
+                "ISO 8601 date or time (e.g. 2027-01-31 or 2027-01-31T18:00+01:00)"
+            ) from None
+        if end.utcoffset() is None:
+            end = end.replace(tzinfo=policy.zone)
+    if end <= now:
+        raise UsageError(f"{text!r} is not in the future: a pin must end later than now")
+    return end
+
+
+def _requested_pin(arguments: argparse.Namespace, policy: Policy) -> gfs.Pin | None:
+    if arguments.keep_until is not None:
+        return gfs.Pin(until=_pin_end(arguments.keep_until, policy, datetime.now(UTC)))
+    return gfs.Pin() if arguments.pin else None
+
+
 def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
-    tiers = arguments.tier or [backup.MANUAL_TIER]
+    tiers = arguments.tier or [MANUAL_TIER]
+    pin = _requested_pin(arguments, policy)
     progress = ProgressBar(sys.stderr)
     try:
         result = backup.run(
@@ -35,20 +71,56 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
             tiers,
             on_progress=progress if progress.enabled else None,
             on_estimate=progress.set_total,
+            pin=pin,
         )
     finally:
         progress.finish()
     print(result.name)
-    for warning in result.warnings:
-        print(f"sovbackupd: warning: {warning}", file=sys.stderr)
+    _warn(result.warnings)
+    if result.retention is not None:
+        for name in result.retention.deleted:
+            print(f"sovbackupd: retention deleted {name}", file=sys.stderr)
+        _warn(result.retention.plan.warnings)
     # The backup is committed: a remote that fails is reported, and caught up next time.
     for report in replicate.run(policy):
-        for failure in report.failures:
-            print(f"sovbackupd: warning: {failure}", file=sys.stderr)
+        for name in report.deleted:
+            print(
+                f"sovbackupd: retention deleted {name} from remote {report.remote}", file=sys.stderr
+            )
+        _warn(report.failures)
     return ExitCode.OK
 
 
-def _summary(stored: StoredBackup, decision: gfs.Decision | None) -> dict[str, object]:
+def _pin(arguments: argparse.Namespace, policy: Policy) -> int:
+    now = datetime.now(UTC)
+    until = None if arguments.until is None else _pin_end(arguments.until, policy, now)
+    store = Store(policy.backup_dir, policy.name_prefix)
+    with store.lock():
+        pinned = store.pin(arguments.name, until, now)
+    end = "it is unpinned" if until is None else gfs.format_time(until, policy.zone)
+    print(f"pinned {pinned.name}: retention keeps it until {end}")
+    return ExitCode.OK
+
+
+def _unpin(arguments: argparse.Namespace, policy: Policy) -> int:
+    store = Store(policy.backup_dir, policy.name_prefix)
+    with store.lock():
+        had_pin = store.unpin(arguments.name)
+    if had_pin:
+        print(f"unpinned {arguments.name}: retention decides on it again from the next prune")
+    else:
+        print(f"{arguments.name} was not pinned")
+    return ExitCode.OK
+
+
+def _kept_by(decision: gfs.Decision, held: str | None) -> str:
+    """Return the KEPT BY cell: the reasons, or what happens to a backup no rule keeps."""
+    if decision.reasons:
+        return ", ".join(decision.reasons)
+    return "(no rule keeps it; retention is held)" if held else "(to be pruned)"
+
+
+def _summary(stored: StoredBackup, decision: gfs.Decision, held: str | None) -> dict[str, object]:
     manifest = stored.head()
     return {
         "name": stored.name,
@@ -59,17 +131,17 @@ def _summary(stored: StoredBackup, decision: gfs.Decision | None) -> dict[str, o
         "compression": manifest.compression if manifest else None,
         "files": manifest.file_count if manifest else None,
         "warnings": sum(len(source.warnings) for source in manifest.sources) if manifest else None,
-        "kept_by": list(decision.reasons) if decision else [],
+        "kept_by": list(decision.reasons),
+        "to_be_pruned": not decision.keep and held is None,
     }
 
 
 def _list_remote(arguments: argparse.Namespace, policy: Policy) -> int:
     held = replicate.listing(policy, arguments.remote)
-    candidates = [gfs.Candidate(item.name, item.created, ok=item.complete) for item in held]
-    decisions = {
-        decision.name: decision
-        for decision in gfs.decide(candidates, gfs.Rules.from_policy(policy), policy.zone)
-    }
+    store = Store(policy.backup_dir, policy.name_prefix)
+    decided = retention.remote_plan(policy, held, store.backups(), store.pins(), datetime.now(UTC))
+    decisions = {decision.name: decision for decision in decided.decisions}
+    _warn(decided.warnings)
     rows = [
         {
             "name": item.name,
@@ -79,6 +151,7 @@ def _list_remote(arguments: argparse.Namespace, policy: Policy) -> int:
             "size": item.archive.size,
             "complete": item.complete,
             "kept_by": list(decisions[item.name].reasons),
+            "to_be_pruned": not decisions[item.name].keep and decided.held is None,
         }
         for item in reversed(held)
     ]
@@ -89,10 +162,10 @@ def _list_remote(arguments: argparse.Namespace, policy: Policy) -> int:
         print(f"no backups on remote {arguments.remote}", file=sys.stderr)
         return ExitCode.OK
     print(f"{'NAME':<40} {'CREATED':<25} {'SIZE':>10} {'STATE':<10}  KEPT BY")
-    for item, row in zip(reversed(held), rows, strict=True):
+    for item in reversed(held):
         created = item.created.astimezone(policy.zone).isoformat()
         state = "complete" if item.complete else "incomplete"
-        kept_by = ", ".join(row["kept_by"]) or "(to be pruned)"
+        kept_by = _kept_by(decisions[item.name], decided.held)
         size = human_size(item.archive.size)
         print(f"{item.name:<40} {created:<25} {size:>10} {state:<10}  {kept_by}")
     return ExitCode.OK
@@ -101,14 +174,12 @@ def _list_remote(arguments: argparse.Namespace, policy: Policy) -> int:
 def _list(arguments: argparse.Namespace, policy: Policy) -> int:
     if arguments.remote:
         return _list_remote(arguments, policy)
-    stored = Store(policy.backup_dir, policy.name_prefix).backups()
-    decisions = {
-        decision.name: decision
-        for decision in gfs.decide(
-            retention.candidates(stored), gfs.Rules.from_policy(policy), policy.zone
-        )
-    }
-    rows = [_summary(item, decisions.get(item.name)) for item in reversed(stored)]
+    store = Store(policy.backup_dir, policy.name_prefix)
+    stored = store.backups()
+    decided = retention.plan(policy, stored, store.pins(), datetime.now(UTC))
+    decisions = {decision.name: decision for decision in decided.decisions}
+    _warn(decided.warnings)
+    rows = [_summary(item, decisions[item.name], decided.held) for item in reversed(stored)]
     if arguments.json:
         print(json.dumps(rows, indent=1))
         return ExitCode.OK
@@ -120,7 +191,7 @@ def _list(arguments: argparse.Namespace, policy: Policy) -> int:
         created = item.created.astimezone(policy.zone).isoformat()
         tiers = ",".join(row["tiers"]) or "?"  # type: ignore[arg-type]  # a list[str] built above
         files = "?" if row["files"] is None else row["files"]
-        kept_by = ", ".join(row["kept_by"]) or "(to be pruned)"  # type: ignore[arg-type]  # list[str]
+        kept_by = _kept_by(decisions[item.name], decided.held)
         print(
             f"{item.name:<40} {created:<25} {tiers:<14} {human_size(item.size):>10} "
             f"{files:>7}  {kept_by}"
@@ -150,8 +221,10 @@ def _prune(arguments: argparse.Namespace, policy: Policy) -> int:
         verb = "would delete" if outcome.dry_run else "deleted"
         for name in outcome.deleted:
             print(f"{verb} {name}")
-        if outcome.held is not None:
-            print(f"sovbackupd: warning: retention held: {outcome.held}", file=sys.stderr)
+        if not outcome.deleted and outcome.held is None:
+            count = len(outcome.decisions)
+            print(f"nothing to prune: {count} of {count} backups kept")
+    _warn(outcome.plan.warnings)
     return ExitCode.OK
 
 
@@ -166,9 +239,27 @@ def _span(text: str) -> timedelta:
     return int(match[1]) * _SPAN_UNITS[match[2]]
 
 
+def _offset_time(text: str) -> datetime:
+    """Parse an ISO 8601 time with an offset; raise ValueError saying what is wrong."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError("not an ISO 8601 time") from None
+    if moment.utcoffset() is None:
+        raise ValueError("the time needs an offset")
+    return moment
+
+
+def _aware_time(text: str) -> datetime:
+    try:
+        return _offset_time(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tuple[str, datetime]]:
     if arguments.source is None:
-        end = datetime.now(policy.zone).replace(minute=0, second=0, microsecond=0)
+        end = arguments.end or datetime.now(policy.zone).replace(minute=0, second=0, microsecond=0)
         count = int(arguments.span / arguments.every)
         moments = [end - step * arguments.every for step in range(count, -1, -1)]
         return [(moment.isoformat(), moment) for moment in moments]
@@ -178,11 +269,9 @@ def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tupl
         if not line.strip():
             continue
         try:
-            moment = datetime.fromisoformat(line.strip())
-        except ValueError:
-            raise SovbackupdError(f"{arguments.source}:{number}: not an ISO 8601 time") from None
-        if moment.tzinfo is None:
-            raise SovbackupdError(f"{arguments.source}:{number}: the time needs an offset")
+            moment = _offset_time(line)
+        except ValueError as error:
+            raise SovbackupdError(f"{arguments.source}:{number}: {error}") from None
         times.append((line.strip(), moment))
     return times
 
@@ -194,6 +283,7 @@ def _simulate(arguments: argparse.Namespace, policy: Policy) -> int:
         [gfs.Candidate(f"t{index}", moment, ok=True) for index, (_, moment) in enumerate(times)],
         gfs.Rules.from_policy(policy),
         policy.zone,
+        now=datetime.now(UTC),
     )
     rows = [
         {"time": given[item.name], "keep": item.keep, "reasons": list(item.reasons)}
@@ -417,6 +507,34 @@ def _add_restore_commands(commands: argparse._SubParsersAction[argparse.Argument
     drill_parser.set_defaults(handler=_test_restore)
 
 
+def _add_pin_options(backup_parser: argparse.ArgumentParser) -> None:
+    held = backup_parser.add_mutually_exclusive_group()
+    held.add_argument(
+        "--pin", action="store_true", help="keep this backup until `sovbackupd unpin NAME`"
+    )
+    held.add_argument(
+        "--keep-until",
+        metavar="TIME",
+        help="keep this backup until TIME: a duration (30d, 1M) or an ISO 8601 date or time",
+    )
+
+
+def _add_pin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pin_parser = commands.add_parser(
+        "pin", help="keep a backup whatever retention says, until unpinned or TIME"
+    )
+    pin_parser.add_argument("name", help="the backup to keep")
+    pin_parser.add_argument(
+        "--until",
+        metavar="TIME",
+        help="release it at TIME: a duration (30d, 1M) or an ISO 8601 date or time",
+    )
+    pin_parser.set_defaults(handler=_pin)
+    unpin_parser = commands.add_parser("unpin", help="release a pinned backup to retention")
+    unpin_parser.add_argument("name", help="the pinned backup")
+    unpin_parser.set_defaults(handler=_unpin)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovbackupd", description="Backups of a SovereignCore server."
@@ -445,15 +563,17 @@ def _parser() -> argparse.ArgumentParser:
     backup_parser.add_argument(
         "--tier",
         action="append",
-        choices=[*TIER_NAMES, backup.MANUAL_TIER],
+        choices=[*TIER_NAMES, MANUAL_TIER],
         help="label the backup with this tier (repeatable; default: manual)",
     )
+    _add_pin_options(backup_parser)
     backup_parser.set_defaults(handler=_backup)
 
     list_parser = commands.add_parser("list", help="list the backups, newest first")
     list_parser.add_argument("--json", action="store_true", help="print JSON")
     list_parser.add_argument("--remote", metavar="NAME", help="list what this remote holds")
     list_parser.set_defaults(handler=_list)
+    _add_pin_commands(commands)
 
     verify_parser = commands.add_parser("verify", help="check backups against their checksums")
     which = verify_parser.add_mutually_exclusive_group()
@@ -491,6 +611,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--every", type=_span, default=_span("1d"), help="series step (1d)")
     simulate.add_argument("--span", type=_span, default=_span("400d"), help="series length")
+    simulate.add_argument(
+        "--end", type=_aware_time, help="the series' newest time (default: this hour)"
+    )
     simulate.add_argument("--json", action="store_true", help="print JSON")
     simulate.set_defaults(handler=_simulate)
 

@@ -114,11 +114,22 @@ class Daemon:
     def _backup(self, tiers: list[str]) -> None:
         """Run one backup of *tiers*, then copy it off-site on another worker."""
         self._exclusive(
-            lambda policy, cancel: backup.run(policy, tiers, cancel=cancel, metrics=self._metrics),
+            lambda policy, cancel: self._backup_and_report(policy, tiers, cancel),
             "backup.crashed",
         )
         if self._policy.remotes and not self._stop_requested:
             self._scheduler.submit(self._replicate)
+
+    def _backup_and_report(self, policy: Policy, tiers: list[str], cancel: threading.Event) -> None:
+        """Run the backup; log as warnings what its retention could not do."""
+        result = backup.run(policy, tiers, cancel=cancel, metrics=self._metrics)
+        if result.retention is None:
+            return  # retention.failed is logged
+        decided = result.retention.plan
+        if decided.held is not None:
+            log.warning("retention.held", reason=decided.held)
+        for name, problem in decided.pin_problems.items():
+            log.warning("retention.pin_unreadable", backup=name, problem=problem)
 
     def _replicate(self) -> None:
         """Bring every remote up to date; passes queue up rather than overlap."""

@@ -25,6 +25,12 @@ class SovbackupdError(Exception):
     exit_code: ExitCode = ExitCode.FAILURE
 
 
+class UsageError(SovbackupdError):
+    """A command-line argument that parses but cannot be used (e.g. a time in the past)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class ConfigError(SovbackupdError):
     """The policy file is missing, unreadable or invalid."""
 

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 FORMAT_VERSION = 1
 SAFETY_TIER = "pre-restore"
 """The label of the backup a restore takes of the live data it is about to replace."""
+MANUAL_TIER = "manual"
+"""The label of a backup taken by hand (``sovbackupd backup`` without ``--tier``)."""
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "backup_info.txt"
 

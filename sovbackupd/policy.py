@@ -1,10 +1,12 @@
 """Which backups GFS retention keeps, and why: a pure function of the backups and the rules.
 
 The semantics are restic's ``forget --keep-last/hourly/daily/weekly/monthly/yearly/within``
-(``ApplyPolicy`` in restic's ``internal/data/snapshot_policy.go``, 0.16 and later), with two
-safety rules on top: a backup that did not verify is never deleted and never counts, and the
-newest successful backup is always kept. Nothing here reads a clock, a file or the network;
-``retention.py`` carries the decision out. See docs/retention.md.
+(``ApplyPolicy`` in restic's ``internal/data/snapshot_policy.go``, 0.16 and later), with
+safety rules on top: a backup that did not verify is never deleted and never counts, the
+newest successful backup is always kept, a pinned backup stays until its pin is released or
+runs out, and a manual backup stays for ``manual_within`` after it was made. Nothing here
+reads a clock, a file or the network (the caller passes ``now``); ``retention.py`` carries
+the decision out. See docs/retention.md.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ if TYPE_CHECKING:
 UNLIMITED: Final = -1
 """A count that keeps every period, as restic's ``--keep-daily -1``."""
 
+EARLIEST: Final = datetime(1, 1, 2, tzinfo=UTC)
+LATEST: Final = datetime(9999, 12, 30, tzinfo=UTC)
+"""The range of times that every zone can show: ends beyond it are clamped to it."""
+
 REASON_NO_RULE: Final = "no retention rule"
 REASON_NEWEST: Final = "newest successful backup"
 REASON_UNVERIFIED: Final = "unverified: never deleted by retention"
+REASON_PINNED: Final = "pinned"
+REASON_PIN_UNREADABLE: Final = "pinned (pin file unreadable)"
 
 _DURATION_UNITS: Final = {"y": "years", "M": "months", "d": "days", "h": "hours"}
 _DURATION_SHAPE: Final = re.compile(r"(?:\d+[yMdh])+")
@@ -71,16 +79,26 @@ class Duration:
         March 3 in a common year); hours are then subtracted as elapsed time. A duration
         reaching back past year 1 gives the earliest representable time.
         """
+        return self._shift(moment, timezone, -1)
+
+    def after(self, moment: datetime, timezone: tzinfo) -> datetime:
+        """Return *moment* plus this duration, the same arithmetic as :meth:`before`.
+
+        A duration reaching past the end of year 9999 gives LATEST.
+        """
+        return min(self._shift(moment, timezone, 1), LATEST)
+
+    def _shift(self, moment: datetime, timezone: tzinfo, sign: int) -> datetime:
         local = moment.astimezone(timezone)
-        month_index = (local.year - self.years) * 12 + (local.month - 1) - self.months
+        month_index = (local.year + sign * self.years) * 12 + (local.month - 1) + sign * self.months
         year, month = divmod(month_index, 12)
         try:
-            day = date(year, month + 1, 1) + timedelta(days=local.day - 1 - self.days)
+            day = date(year, month + 1, 1) + timedelta(days=local.day - 1 + sign * self.days)
             wall = datetime.combine(day, local.time(), tzinfo=timezone)
-            return wall.astimezone(UTC) - timedelta(hours=self.hours)
+            return wall.astimezone(UTC) + sign * timedelta(hours=self.hours)
         except (ValueError, OverflowError):
-            # Before year 1: every backup is within the duration.
-            return datetime.min.replace(tzinfo=UTC)
+            # Past the calendar's ends: every backup is within the duration.
+            return datetime.min.replace(tzinfo=UTC) if sign < 0 else LATEST
 
 
 def parse_duration(text: str) -> Duration:
@@ -105,6 +123,25 @@ def parse_duration(text: str) -> Duration:
 
 
 @dataclass(frozen=True)
+class Pin:
+    """An operator's hold on one backup: it is kept until released, or until *until*."""
+
+    until: datetime | None = None
+    """When the pin runs out (timezone-aware); None holds it until ``unpin``."""
+    problem: str | None = None
+    """Why the pin file could not be read; such a pin holds the backup like a plain pin."""
+
+    def __post_init__(self) -> None:
+        """Reject a naive *until*: a pin's end must be a point in time."""
+        if self.until is not None and self.until.utcoffset() is None:
+            raise ValueError(f"a pin's end needs a time zone, not {self.until}")
+
+    def holds(self, now: datetime) -> bool:
+        """Return whether the pin still keeps its backup at *now*."""
+        return self.until is None or now < self.until
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A backup that retention may keep or delete."""
 
@@ -116,6 +153,10 @@ class Candidate:
     """A successful backup that verified; only these can be kept by a rule, or deleted."""
     safety: bool = False
     """A restore's pre-restore safety backup: outside the tiers, kept for ``safety_within``."""
+    manual: bool = False
+    """Taken by hand (the ``manual`` tier): kept for ``manual_within`` after it was made."""
+    pin: Pin | None = None
+    """The operator's pin on this backup, if any."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +172,8 @@ class Rules:
     within: Duration | None = None
     safety_within: Duration | None = None
     """How long after the newest backup a pre-restore safety backup is kept."""
+    manual_within: Duration | None = None
+    """How long after it was made a manual backup is kept, whatever the other rules say."""
 
     def __post_init__(self) -> None:
         """Reject counts that are neither None, >= 0, nor UNLIMITED."""
@@ -171,15 +214,16 @@ class Rules:
 
     @classmethod
     def from_policy(cls, policy: Policy) -> Rules:
-        """Build the rules from tiers.*.keep and retention.keep_last / keep_within.
+        """Build the rules from tiers.*.keep and retention.keep_last / keep_within / manual_keep.
 
         A tier that is absent or has ``keep: 0`` is off; ``keep: unlimited`` is UNLIMITED.
-        Raise ValueError when keep_within is not a valid duration.
+        Raise ValueError when a duration is not valid.
         """
         tiers = policy.tiers
         retention = policy.retention
         within = parse_duration(retention.keep_within) if retention.keep_within else None
         safety_within = parse_duration(policy.restore.safety_keep)
+        manual_within = parse_duration(retention.manual_keep)
         return cls(
             last=retention.keep_last or None,
             hourly=_tier_count(tiers.hourly),
@@ -189,6 +233,7 @@ class Rules:
             yearly=_tier_count(tiers.yearly),
             within=None if within is None or within.is_zero else within,
             safety_within=None if safety_within.is_zero else safety_within,
+            manual_within=None if manual_within.is_zero else manual_within,
         )
 
 
@@ -294,7 +339,9 @@ def _within_rule(
     }
 
 
-def _check(candidates: Sequence[Candidate]) -> None:
+def _check(candidates: Sequence[Candidate], now: datetime) -> None:
+    if now.utcoffset() is None:
+        raise ValueError(f"the decision needs an aware now, not {now}")
     names: set[str] = set()
     for candidate in candidates:
         if candidate.time.tzinfo is None or candidate.time.utcoffset() is None:
@@ -304,21 +351,60 @@ def _check(candidates: Sequence[Candidate]) -> None:
         names.add(candidate.name)
 
 
-def decide(candidates: Sequence[Candidate], rules: Rules, timezone: tzinfo) -> list[Decision]:
+def format_time(moment: datetime, timezone: tzinfo) -> str:
+    """Return *moment* for people, to the minute in *timezone* (clamped to EARLIEST..LATEST)."""
+    shown = min(max(moment, EARLIEST), LATEST).astimezone(timezone)
+    return shown.strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _pin_reason(pin: Pin, timezone: tzinfo, now: datetime) -> str | None:
+    """Return why *pin* keeps its backup at *now*, or None once it has run out."""
+    if pin.problem is not None:
+        return REASON_PIN_UNREADABLE
+    if not pin.holds(now):
+        return None
+    if pin.until is None:
+        return REASON_PINNED
+    return f"pinned until {format_time(pin.until, timezone)}"
+
+
+def _held_by_operator(
+    candidates: Sequence[Candidate], rules: Rules, timezone: tzinfo, now: datetime
+) -> dict[str, str]:
+    """Return name -> reason for the backups a pin or the manual window keeps at *now*."""
+    kept: dict[str, str] = {}
+    for candidate in candidates:
+        reason = None if candidate.pin is None else _pin_reason(candidate.pin, timezone, now)
+        if reason is None and candidate.manual and rules.manual_within is not None:
+            until = rules.manual_within.after(candidate.time, timezone)
+            if now < until:
+                reason = f"manual (until {format_time(until, timezone)})"
+        if reason is not None:
+            kept[candidate.name] = reason
+    return kept
+
+
+def decide(
+    candidates: Sequence[Candidate], rules: Rules, timezone: tzinfo, *, now: datetime
+) -> list[Decision]:
     """Decide which backups to keep and why, newest first.
 
     Periods (hour, day, ISO week, month, year) are taken in *timezone*. Only successful
     backups (``ok``) count toward a rule or may be deleted; the newest successful backup is
     always kept; with no rule at all every backup is kept. Safety backups stay out of the
-    rules: each is kept while within ``safety_within`` of the newest backup. Raise
-    ValueError on a naive time or a repeated name.
+    rules: each is kept while within ``safety_within`` of the newest backup. Whatever the
+    rules, a pinned backup is kept while its pin holds at *now* (a pin that could not be
+    read holds for ever), and a manual backup while *now* is within ``manual_within`` of
+    its time. Raise ValueError on a naive time or a repeated name.
     """
-    _check(candidates)
+    _check(candidates, now)
     ordered = sorted(candidates, key=lambda candidate: (candidate.time, candidate.name))
     ordered.reverse()
     successful = [candidate for candidate in ordered if candidate.ok and not candidate.safety]
 
-    reasons: dict[str, list[str]] = {candidate.name: [] for candidate in ordered if candidate.ok}
+    reasons: dict[str, list[str]] = {
+        candidate.name: [] if candidate.ok else [REASON_UNVERIFIED] for candidate in ordered
+    }
 
     def grant(kept: dict[str, str]) -> None:
         for name, reason in kept.items():
@@ -348,11 +434,14 @@ def decide(candidates: Sequence[Candidate], rules: Rules, timezone: tzinfo) -> l
                 if candidate.time > threshold
             }
         )
+    grant(_held_by_operator(ordered, rules, timezone, now))
 
-    decisions: list[Decision] = []
-    for candidate in ordered:
-        why = tuple(reasons[candidate.name]) if candidate.ok else (REASON_UNVERIFIED,)
-        decisions.append(
-            Decision(name=candidate.name, time=candidate.time, keep=bool(why), reasons=why)
+    return [
+        Decision(
+            name=candidate.name,
+            time=candidate.time,
+            keep=bool(reasons[candidate.name]),
+            reasons=tuple(reasons[candidate.name]),
         )
-    return decisions
+        for candidate in ordered
+    ]

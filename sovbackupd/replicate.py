@@ -13,12 +13,12 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
 from sovbackupd import archive, retention, targets
-from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy, Remote
 from sovbackupd.errors import (
     AbortedError,
@@ -67,17 +67,16 @@ def _replicated(backup: StoredBackup) -> bool:
     return head is not None and head.tiers != [SAFETY_TIER]
 
 
-def prune(policy: Policy, target: targets.Target, held: list[targets.RemoteBackup]) -> list[str]:
-    """Delete from *target* what the policy's GFS decision drops among *held* backups.
+def prune(
+    target: targets.Target, decided: retention.Plan, held: list[targets.RemoteBackup]
+) -> list[str]:
+    """Delete from *target* the *held* backups that the plan *decided* drops.
 
-    Only complete backups (sidecar and manifest there, so verified on arrival) count or
-    may be deleted; an incomplete one is left for the next upload to finish.
+    The plan (:func:`retention.remote_plan`) counts only complete backups (sidecar and
+    manifest there, so verified on arrival) and never drops an incomplete one, which is
+    left for the next upload to finish, nor a pinned one; while it is held, nothing goes.
     """
-    candidates = [
-        gfs.Candidate(name=backup.name, time=backup.created, ok=backup.complete) for backup in held
-    ]
-    decisions = gfs.decide(candidates, gfs.Rules.from_policy(policy), policy.zone)
-    doomed = {decision.name for decision in decisions if not decision.keep}
+    doomed = set(decided.doomed)
     deleted = []
     for backup in held:
         if backup.name in doomed:
@@ -166,10 +165,10 @@ def sync(
         complete = {backup.name for backup in listed if backup.complete}
         _upload_missing(target, local, complete, report, metrics=metrics, cancel=cancel)
         listed = targets.list_backups(target.list(), policy.name_prefix)
-        report.held = retention.size_guard(policy, local, retention.candidates(local))
-        if report.held is None:
-            report.deleted = prune(policy, target, listed)
-            listed = [backup for backup in listed if backup.name not in report.deleted]
+        decided = retention.remote_plan(policy, listed, local, store.pins(), datetime.now(UTC))
+        report.held = decided.held
+        report.deleted = prune(target, decided, listed)
+        listed = [backup for backup in listed if backup.name not in report.deleted]
     except SovbackupdError as error:
         if not report.failures:
             # The listing or a deletion failed: the remote cannot take this pass's copies,

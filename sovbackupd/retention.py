@@ -1,39 +1,88 @@
 """Carry out the retention decision of policy.py: prune, dry-run, and the size guard.
 
-The decision is pure (policy.py); this module reads the backup directory, applies the
-size guard, and deletes what the decision says — archive first, then its sidecars, so a
-crash in between leaves only orphaned sidecars, which the next run removes.
+The decision is pure (policy.py); this module reads the backup directory (archives,
+manifests, pins), reads the clock, applies the size guard, and deletes what the decision
+says — archive first, then its sidecars, so a crash in between leaves only orphaned
+sidecars, which the next run removes. The same decision prunes the remotes
+(replicate.py), with the local pins and manual labels applied to their copies by name.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import structlog
 
 from sovbackupd import policy as gfs
 from sovbackupd.archive import fsync_dir, manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
-from sovbackupd.manifest import SAFETY_TIER
+from sovbackupd.manifest import MANUAL_TIER, SAFETY_TIER
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
 
+if TYPE_CHECKING:
+    from sovbackupd.targets import RemoteBackup
+
 log = structlog.get_logger("sovbackupd.retention")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What retention decides now, before anything is deleted."""
+
+    decisions: list[gfs.Decision]
+    held: str | None = None
+    """Why nothing may be deleted (the size guard), when it holds."""
+    pin_problems: dict[str, str] = field(default_factory=dict)
+    """Backup name -> why its pin file could not be read (the backup is kept)."""
+
+    @property
+    def doomed(self) -> list[str]:
+        """Return the names to delete, oldest first: none while retention is held."""
+        if self.held is not None:
+            return []
+        return [decision.name for decision in reversed(self.decisions) if not decision.keep]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Return what an operator should hear about this plan, one line each."""
+        lines = [
+            f"pin of {name} unreadable, so it is kept: {why}"
+            for name, why in self.pin_problems.items()
+        ]
+        if self.held is not None:
+            lines.append(f"retention held, nothing deleted: {self.held}")
+        return lines
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What a prune decided and did."""
 
-    decisions: list[gfs.Decision]
+    plan: Plan
     deleted: list[str] = field(default_factory=list)
-    held: str | None = None  # why nothing was deleted, when the size guard held it
+    """Deleted (or, in a dry run, to be deleted), oldest first."""
     dry_run: bool = False
 
+    @property
+    def decisions(self) -> list[gfs.Decision]:
+        """Return the decision for every backup, newest first."""
+        return self.plan.decisions
 
-def candidates(stored: list[StoredBackup]) -> list[gfs.Candidate]:
-    """Describe *stored* backups for the decision.
+    @property
+    def held(self) -> str | None:
+        """Return why nothing was deleted, when the size guard held it."""
+        return self.plan.held
+
+
+def candidates(
+    stored: Sequence[StoredBackup], pins: Mapping[str, gfs.Pin] | None = None
+) -> list[gfs.Candidate]:
+    """Describe *stored* backups for the decision, with their *pins*.
 
     A backup counts as successful and verified when its checksum sidecar and manifest
     are there and readable: both are written before the archive takes its final name.
@@ -41,6 +90,7 @@ def candidates(stored: list[StoredBackup]) -> list[gfs.Candidate]:
     --all`` and the test restores do that on their own schedule.
     """
     found = []
+    pinned = pins or {}
     for backup in stored:
         head = backup.head()
         found.append(
@@ -49,13 +99,15 @@ def candidates(stored: list[StoredBackup]) -> list[gfs.Candidate]:
                 time=backup.created,
                 ok=sidecar_path(backup.path).is_file() and head is not None,
                 safety=head is not None and head.tiers == [SAFETY_TIER],
+                manual=head is not None and MANUAL_TIER in head.tiers,
+                pin=pinned.get(backup.name),
             )
         )
     return found
 
 
 def size_guard(
-    policy: Policy, stored: list[StoredBackup], found: list[gfs.Candidate]
+    policy: Policy, stored: Sequence[StoredBackup], found: Sequence[gfs.Candidate]
 ) -> str | None:
     """Return why pruning must wait when the newest backup collapsed in size, else None.
 
@@ -77,32 +129,80 @@ def size_guard(
     return None
 
 
-def _delete(backup: StoredBackup) -> None:
+def _problems(pins: Mapping[str, gfs.Pin]) -> dict[str, str]:
+    return {name: pin.problem for name, pin in pins.items() if pin.problem is not None}
+
+
+def plan(
+    policy: Policy, stored: Sequence[StoredBackup], pins: Mapping[str, gfs.Pin], now: datetime
+) -> Plan:
+    """Decide what retention keeps of the local *stored* backups at *now*, and why."""
+    found = candidates(stored, pins)
+    decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
+    return Plan(decisions, size_guard(policy, stored, found), _problems(pins))
+
+
+def remote_plan(
+    policy: Policy,
+    held: Sequence[RemoteBackup],
+    local: Sequence[StoredBackup],
+    pins: Mapping[str, gfs.Pin],
+    now: datetime,
+) -> Plan:
+    """Decide what retention keeps of a remote's *held* backups at *now*.
+
+    Only complete copies count or may be deleted. A copy is manual when its local backup
+    is, and pinned when backup_dir holds a pin by its name; the size guard is the local
+    one, as the copies are of the local backups.
+    """
+    local_found = candidates(local)
+    manual = {candidate.name for candidate in local_found if candidate.manual}
+    found = [
+        gfs.Candidate(
+            name=backup.name,
+            time=backup.created,
+            ok=backup.complete,
+            manual=backup.name in manual,
+            pin=pins.get(backup.name),
+        )
+        for backup in held
+    ]
+    decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
+    names = {backup.name for backup in held}
+    problems = {name: why for name, why in _problems(pins).items() if name in names}
+    return Plan(decisions, size_guard(policy, local, local_found), problems)
+
+
+def _delete(store: Store, backup: StoredBackup) -> None:
     backup.path.unlink(missing_ok=True)
     sidecar_path(backup.path).unlink(missing_ok=True)
     manifest_path(backup.path).unlink(missing_ok=True)
+    store.pin_path(backup.name).unlink(missing_ok=True)  # a pin that ran out
 
 
 def apply(
-    store: Store, policy: Policy, *, dry_run: bool, metrics: Metrics | None = None
+    store: Store,
+    policy: Policy,
+    *,
+    dry_run: bool,
+    metrics: Metrics | None = None,
+    now: datetime | None = None,
 ) -> Outcome:
-    """Decide and (unless *dry_run*) delete; the caller holds the store's lock."""
+    """Decide at *now* (the clock's by default) and, unless *dry_run*, delete.
+
+    The caller holds the store's lock.
+    """
     stored = store.backups()
-    found = candidates(stored)
-    decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone)
-    held = size_guard(policy, stored, found)
+    decided = plan(policy, stored, store.pins(), now or datetime.now(UTC))
     if metrics is not None:
-        metrics.retention_held.set(1 if held else 0)
-    if held is not None:
-        log.warning("retention.held", reason=held)
-        return Outcome(decisions, held=held, dry_run=dry_run)
-    doomed = {decision.name for decision in decisions if not decision.keep}
+        metrics.retention_held.set(1 if decided.held else 0)
     if dry_run:
-        return Outcome(decisions, sorted(doomed), dry_run=True)
+        return Outcome(decided, decided.doomed, dry_run=True)
+    doomed = set(decided.doomed)
     deleted = []
     for backup in stored:
         if backup.name in doomed:
-            _delete(backup)
+            _delete(store, backup)
             deleted.append(backup.name)
             log.info("retention.deleted", backup=backup.name)
             if metrics is not None:
@@ -111,7 +211,7 @@ def apply(
         fsync_dir(store.directory)
     if metrics is not None:
         metrics.set_local(store.backups())
-    return Outcome(decisions, deleted)
+    return Outcome(decided, deleted)
 
 
 def prune(policy: Policy, *, dry_run: bool, metrics: Metrics | None = None) -> Outcome:

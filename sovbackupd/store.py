@@ -1,4 +1,4 @@
-"""The local backup directory: names, listing, the writers' lock, and leftovers."""
+"""The local backup directory: names, listing, the writers' lock, pins, and leftovers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +15,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
-from sovbackupd.archive import MANIFEST_SUFFIX, PARTIAL_SUFFIX, SIDECAR_SUFFIX, manifest_path
+from sovbackupd import policy as gfs
+from sovbackupd.archive import (
+    MANIFEST_SUFFIX,
+    PARTIAL_SUFFIX,
+    SIDECAR_SUFFIX,
+    fsync_dir,
+    manifest_path,
+    write_atomically,
+)
 from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
 from sovbackupd.manifest import Manifest, read_head
 
@@ -24,6 +33,20 @@ LOCK_NAME = ".sovbackupd.lock"
 STAGING_NAME = ".staging"
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 ARCHIVE_SUFFIX_PATTERN = r"\.tar(?:\.gz|\.zst)?(?:\.gpg)?"
+PIN_SUFFIX = ".pin.json"
+PIN_LIMIT_BYTES = 4096
+"""A pin file is a few dozen bytes; anything larger is not one of ours."""
+
+
+class PinFile(BaseModel):
+    """``<name>.pin.json`` beside an archive: the operator keeps that backup until released."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = 1
+    backup: str
+    pinned_at: AwareDatetime
+    until: AwareDatetime | None = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +109,9 @@ class Store:
         )
         self._owned = re.compile(
             rf"^{re.escape(prefix)}_{stamp}(?:{ARCHIVE_SUFFIX_PATTERN}(?:{re.escape(SIDECAR_SUFFIX)})?"
-            rf"|{re.escape(MANIFEST_SUFFIX)})(?:{re.escape(PARTIAL_SUFFIX)})?$"
+            rf"|{re.escape(MANIFEST_SUFFIX)}|{re.escape(PIN_SUFFIX)})(?:{re.escape(PARTIAL_SUFFIX)})?$"
         )
+        self._pin = re.compile(rf"^(?P<name>{re.escape(prefix)}_{stamp}){re.escape(PIN_SUFFIX)}$")
 
     def ensure(self) -> None:
         """Create the directory (0700) if needed and tighten its mode."""
@@ -152,6 +176,7 @@ class Store:
     def clean_leftovers(self) -> list[Path]:
         """Remove what a killed run left: partial files, staging, orphaned sidecars.
 
+        Pin files stay even without their archive: a pin also holds the remotes' copies.
         Call only while holding the lock. Return what was removed.
         """
         removed: list[Path] = []
@@ -210,6 +235,67 @@ class Store:
             raise NotFoundError(f"no backups in {self.directory}")
         return backups[-1]
 
+    def pin_path(self, name: str) -> Path:
+        """Return where the pin of backup *name* lives."""
+        return self.directory / f"{name}{PIN_SUFFIX}"
+
+    def pins(self) -> dict[str, gfs.Pin]:
+        """Return every pin in the directory by backup name, its archive here or not.
+
+        A pin file that cannot be read or is not one of ours still pins its backup (keeping
+        too much is the safe side) and carries the problem for the caller to report.
+        """
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            raise SovbackupdError(
+                f"backup_dir {self.directory} cannot be read: {error.strerror}"
+            ) from error
+        found = {}
+        for entry in entries:
+            match = self._pin.match(entry.name)
+            if match is not None:
+                found[match["name"]] = read_pin(entry, match["name"])
+        return found
+
+    def pin(self, name: str, until: datetime | None, now: datetime) -> StoredBackup:
+        """Pin backup *name* (kept until *until*, or until unpinned); return it.
+
+        Call while holding the lock, so that no prune decides between the write and the
+        rename. Pinning again replaces the pin's end.
+        """
+        backup = self.find(name)
+        record = PinFile(backup=backup.name, pinned_at=now, until=until)
+        path = self.pin_path(backup.name)
+        try:
+            write_atomically(path, record.model_dump_json(indent=1).encode() + b"\n")
+            fsync_dir(self.directory)
+        except OSError as error:
+            raise SovbackupdError(f"cannot write the pin {path}: {error.strerror}") from error
+        return backup
+
+    def unpin(self, name: str) -> bool:
+        """Remove the pin of backup *name* (with or without its suffix); return whether it had one.
+
+        Raise NotFoundError when there is neither such a backup nor a pin by that name.
+        """
+        match = self._archive.match(name)
+        plain = match["name"] if match is not None else name
+        path = self.pin_path(plain)
+        if not self._pin.match(path.name):
+            raise NotFoundError(f"no backup named {name!r} in {self.directory}")
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            self.find(plain)
+            return False
+        except OSError as error:
+            raise SovbackupdError(f"cannot remove the pin {path}: {error.strerror}") from error
+        fsync_dir(self.directory)
+        return True
+
     def free_name(self, moment: datetime) -> tuple[str, datetime]:
         """Return a name no backup has, waiting for the next second if *moment*'s is taken."""
         taken = {backup.name for backup in self.backups()}
@@ -219,6 +305,38 @@ class Store:
             moment = datetime.now(UTC)
             name = backup_name(self.prefix, moment)
         return name, moment
+
+
+def read_pin(path: Path, name: str) -> gfs.Pin:
+    """Read the pin file *path* of backup *name*, as untrusted input.
+
+    Never raise and never block: a file that is not a regular file, too large, not our
+    JSON, or about another backup gives a pin with its ``problem`` set, which holds the
+    backup for ever, as a pin without an end would.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        return gfs.Pin(problem=f"{path}: {error.strerror}")
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return gfs.Pin(problem=f"{path}: not a regular file")
+        data = os.read(descriptor, PIN_LIMIT_BYTES + 1)
+    except OSError as error:
+        return gfs.Pin(problem=f"{path}: {error.strerror}")
+    finally:
+        os.close(descriptor)
+    if len(data) > PIN_LIMIT_BYTES:
+        return gfs.Pin(problem=f"{path}: larger than {PIN_LIMIT_BYTES} bytes")
+    try:
+        record = PinFile.model_validate_json(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        return gfs.Pin(problem=f"{path}: {where}: {first['msg']}")
+    if record.backup != name or record.format_version != 1:
+        return gfs.Pin(problem=f"{path}: not a version 1 pin of {name}")
+    return gfs.Pin(until=record.until)
 
 
 def check_free_space(directory: Path, needed: int) -> None:

@@ -251,6 +251,11 @@ class Retention(_Model):
         description="Also keep every backup within this duration of the newest one, as "
         "restic writes it: 1y2M3d4h.",
     )
+    manual_keep: Annotated[str, AfterValidator(_duration)] = Field(
+        default="7d",
+        description="How long a manual backup (sovbackupd backup without --tier) is kept "
+        "after it was made, whatever the tiers keep (restic duration syntax; 0d turns it off).",
+    )
     size_guard: SizeGuard = Field(
         default_factory=SizeGuard, description="Collapsed-backup protection."
     )

@@ -263,10 +263,10 @@ def test_backup_uploads_to_rsync_s3_and_gcs_where_list_and_verify_see_it_complet
 
 
 def keep_last(count: int) -> dict[str, Any]:
-    """Retention keeping the newest *count* backups, and no tier keeping more."""
+    """Retention keeping the newest *count* backups, and no tier (nor manual_keep) keeping more."""
     return {
         "tiers": {"daily": {"schedule": "0 2 * * *", "keep": 0}},
-        "retention": {"keep_last": count},
+        "retention": {"keep_last": count, "manual_keep": "0h"},
     }
 
 
@@ -294,6 +294,45 @@ def test_remote_retention_keeps_by_name_what_local_retention_keeps(
         (made[2], True),
         (made[1], True),
     ]
+
+
+@pytest.mark.usefixtures("aws_environment")
+def test_remote_retention_keeps_pinned_and_manual_backups(
+    tmp_path: Path, sandbox: Sandbox, moto_server: MotoServer
+) -> None:
+    """A pin in backup_dir keeps the remote copy too, until unpin; so does manual_keep."""
+    bucket = s3_bucket(moto_server.endpoint_url)
+    entry, target = s3_remote(moto_server.endpoint_url, bucket)
+    config = write_policy(
+        tmp_path / "policy.yaml", policy_data(sandbox, None, remotes=[entry], **keep_last(1))
+    )
+    pinned = backup_now(config)
+    cli_ok("pin", pinned, config=config)
+    second = backup_now(config)
+    third = cli_ok("backup", config=config)
+    latest = third.stdout.strip()
+    assert third.stderr_lines == [
+        f"sovbackupd: retention deleted {second}",
+        f"sovbackupd: retention deleted {second} from remote s3",
+    ]
+    assert remote_backups(target) == {pinned: True, latest: True}
+    listed = json.loads(cli_ok("list", "--remote", "s3", "--json", config=config).stdout)
+    assert [row["kept_by"][-1] for row in listed] == ["newest successful backup", "pinned"]
+
+    cli_ok("unpin", pinned, config=config)
+    after = backup_now(config)
+    assert remote_backups(target) == {after: True}
+
+    manual = write_policy(
+        tmp_path / "manual.yaml",
+        policy_data(
+            sandbox, None, remotes=[entry], **keep_last(1) | {"retention": {"keep_last": 1}}
+        ),
+    )
+    newer = backup_now(manual)
+    assert remote_backups(target) == {after: True, newer: True}
+    listed = json.loads(cli_ok("list", "--remote", "s3", "--json", config=manual).stdout)
+    assert listed[1]["kept_by"][0].startswith("manual (until ")
 
 
 @pytest.mark.usefixtures("aws_environment")

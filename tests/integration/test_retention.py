@@ -99,6 +99,7 @@ def test_prune_dry_run_lists_then_prune_deletes_exactly_the_decision(
             [gfs.Candidate(item.name, item.created, ok=True) for item in stored],
             gfs.Rules.from_policy(policy),
             policy.zone,
+            now=datetime.now(UTC),
         )
         if not decision.keep
     )
@@ -136,13 +137,15 @@ def test_collapsed_newest_backup_holds_pruning(tmp_path: Path, sandbox: Sandbox)
 
 
 def test_backup_applies_retention_after_it_commits(tmp_path: Path, sandbox: Sandbox) -> None:
-    """With daily keep 1, each CLI backup prunes the one before it on the same day."""
+    """With daily keep 1, each daily backup prunes the one before it, and says so."""
     tiers = {"daily": {"schedule": "0 2 * * *", "keep": 1}}
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, tiers=tiers))
-    names = [run_cli("backup", config=policy).stdout.strip() for _ in range(3)]
+    results = [run_cli("backup", "--tier", "daily", config=policy) for _ in range(3)]
+    names = [result.stdout.strip() for result in results]
     rows = json.loads(run_cli("list", "--json", config=policy).stdout)
     assert [row["name"] for row in rows] == [names[-1]]
     assert rows[0]["kept_by"][0].startswith("daily ")
+    assert results[2].stderr_lines == [f"sovbackupd: retention deleted {names[1]}"]
 
 
 def test_retention_simulate_previews_a_policy(tmp_path: Path, sandbox: Sandbox) -> None:

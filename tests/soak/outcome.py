@@ -170,14 +170,18 @@ def retention_exact(run: SoakRun) -> list[str]:
         for candidate in found
         if not candidate.ok
     )
-    decided = gfs.decide(found, rules, policy.zone)
+    decided = gfs.decide(found, rules, policy.zone, now=datetime.now(UTC))
     problems.extend(
         f"{decision.name} is on disk but policy.decide deletes it{_held(run)}"
         for decision in decided
         if not decision.keep
     )
     history = [gfs.Candidate(name, backup_time(name), ok=True) for name in committed(run)]
-    kept = {decision.name for decision in gfs.decide(history, rules, policy.zone) if decision.keep}
+    kept = {
+        decision.name
+        for decision in gfs.decide(history, rules, policy.zone, now=datetime.now(UTC))
+        if decision.keep
+    }
     problems.extend(
         f"{name} was deleted, yet policy.decide over all {len(history)} committed backups keeps it"
         for name in sorted(kept - on_disk)

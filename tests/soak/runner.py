@@ -136,7 +136,8 @@ def base_policy(layout: Layout, redis: RedisService, listen: str) -> dict[str, A
             # Three ISO weeks: a run spans at most two, so "oldest weekly" keeps the oldest.
             "weekly": {"schedule": "*/13 * * * * *", "keep": 3},
         },
-        "retention": {"keep_last": 3},
+        # Manual (CLI) backups follow the tiers here, as the outcome checks recompute them.
+        "retention": {"keep_last": 3, "manual_keep": "0h"},
         "metrics": {"listen": listen},
         "daemon": {
             "backup_timeout_seconds": 60,

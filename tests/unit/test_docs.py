@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import shlex
 from pathlib import Path
+
+import yaml
+
+from tests.conftest import run_cli, write_policy
 
 GUIDE = Path(__file__).parents[2] / "docs" / "index.md"
 SEPARATOR = " \N{SINGLE RIGHT-POINTING ANGLE QUOTATION MARK} "
@@ -76,3 +82,40 @@ def test_every_row_points_at_a_command_or_setting() -> None:
         cells = [cell.strip() for cell in row.strip("|").split(" | ")]
         assert len(cells) == 2, row
         assert "`" in cells[1] or "](" in cells[1], row
+
+
+def documented_simulations() -> list[tuple[str, list[str], list[str]]]:
+    """Return each `$ sovbackupd retention simulate ...` in docs/: file, argv, printed lines.
+
+    A trailing `| tail -N` is kept as the last element of argv, to apply to the output.
+    """
+    found = []
+    for page in sorted(GUIDE.parent.glob("*.md")):
+        for block in page.read_text().split("```console\n")[1:]:
+            lines = block.split("```", maxsplit=1)[0].splitlines()
+            for index, line in enumerate(lines):
+                if not line.startswith("$ sovbackupd retention simulate"):
+                    continue
+                command, _, tail = line.removeprefix("$ sovbackupd ").partition(" | ")
+                printed = list(
+                    itertools.takewhile(lambda out: not out.startswith("$"), lines[index + 1 :])
+                )
+                found.append((page.name, [*shlex.split(command), tail], printed))
+    return found
+
+
+def test_documented_retention_simulations_print_what_the_docs_say(tmp_path: Path) -> None:
+    """Each `retention simulate` shown in docs/, run on the example policy, prints as shown."""
+    example = yaml.safe_load((GUIDE.parents[1] / "config" / "policy.example.yaml").read_text())
+    policy = {key: example[key] for key in ("timezone", "tiers", "retention")}
+    policy.update(backup_dir=str(tmp_path / "backups"), sources={"dirs": [str(tmp_path)]})
+    config = write_policy(tmp_path / "policy.yaml", policy)
+    runs = documented_simulations()
+    assert runs, "the guide shows retention simulate"
+    for page, (*argv, tail), printed in runs:
+        result = run_cli(*argv, config=config)
+        assert result.returncode == 0, result.stderr
+        output = result.stdout.splitlines()
+        if tail:
+            output = output[-int(tail.removeprefix("tail -")) :]
+        assert output == printed, f"{page}: $ sovbackupd {' '.join(argv)}"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 
 from sovbackupd import policy
 from sovbackupd.config.models import Policy
-from sovbackupd.policy import UNLIMITED, Candidate, Duration, Rules
+from sovbackupd.policy import UNLIMITED, Candidate, Duration, Pin, Rules
 
 BERLIN = ZoneInfo("Europe/Berlin")
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+"""When the hand-worked decisions are made: after every timeline, with no pin or manual backup."""
 
 
 def utc(text: str) -> datetime:
@@ -50,7 +53,7 @@ def kept(
     candidates: Sequence[Candidate], rules: Rules, timezone: ZoneInfo | None = None
 ) -> list[str]:
     """Return the kept backups' UTC times as ``YYYY-MM-DD HH:MM:SS``, newest first."""
-    decisions = policy.decide(candidates, rules, timezone or ZoneInfo("UTC"))
+    decisions = policy.decide(candidates, rules, timezone or ZoneInfo("UTC"), now=NOW)
     return [f"{d.time.astimezone(UTC):%Y-%m-%d %H:%M:%S}" for d in decisions if d.keep]
 
 
@@ -58,7 +61,7 @@ def reasons_by_time(
     candidates: Sequence[Candidate], rules: Rules, timezone: ZoneInfo | None = None
 ) -> dict[str, tuple[str, ...]]:
     """Return every backup's reasons, keyed by its UTC time."""
-    decisions = policy.decide(candidates, rules, timezone or ZoneInfo("UTC"))
+    decisions = policy.decide(candidates, rules, timezone or ZoneInfo("UTC"), now=NOW)
     return {f"{d.time.astimezone(UTC):%Y-%m-%d %H:%M:%S}": d.reasons for d in decisions}
 
 
@@ -330,7 +333,7 @@ def test_unlimited_keeps_every_period_and_the_oldest() -> None:
 def test_no_rules_keeps_every_backup() -> None:
     """With no rule at all nothing is deleted, as restic's forget without a policy."""
     backups = daily_backups(date(2026, 1, 1), date(2026, 1, 10))
-    decisions = policy.decide(backups, Rules(daily=0, within=Duration()), UTC)
+    decisions = policy.decide(backups, Rules(daily=0, within=Duration()), UTC, now=NOW)
     assert all(d.keep for d in decisions)
     assert decisions[-1].reasons == ("no retention rule",)
     assert decisions[0].reasons == ("no retention rule", "newest successful backup")
@@ -367,13 +370,13 @@ def test_only_unverified_backups_are_all_kept() -> None:
     """Without a successful backup nothing is deleted."""
     backups = [candidate(utc("2026-01-01 02:00"), ok=False)]
     assert kept(backups, Rules(daily=1)) == times("2026-01-01 02:00")
-    assert policy.decide([], Rules(daily=1), UTC) == []
+    assert policy.decide([], Rules(daily=1), UTC, now=NOW) == []
 
 
 def test_decisions_are_newest_first_whatever_the_input_order() -> None:
     """The result lists every candidate once, newest first."""
     backups = timeline("2026-01-02 02:00", "2026-01-03 02:00", "2026-01-01 02:00")
-    decisions = policy.decide(backups, Rules(daily=1), UTC)
+    decisions = policy.decide(backups, Rules(daily=1), UTC, now=NOW)
     assert [d.time for d in decisions] == sorted((c.time for c in backups), reverse=True)
 
 
@@ -381,10 +384,10 @@ def test_naive_times_and_repeated_names_are_rejected() -> None:
     """A naive time or a name given twice is a caller bug, not a retention decision."""
     naive = Candidate(name="a", time=datetime(2026, 1, 1), ok=True)
     with pytest.raises(ValueError, match="naive"):
-        policy.decide([naive], Rules(), UTC)
+        policy.decide([naive], Rules(), UTC, now=NOW)
     twice = timeline("2026-01-01 02:00") * 2
     with pytest.raises(ValueError, match="twice"):
-        policy.decide(twice, Rules(), UTC)
+        policy.decide(twice, Rules(), UTC, now=NOW)
 
 
 # --- durations and rules from the policy --------------------------------------------------
@@ -444,9 +447,14 @@ def test_rules_from_policy_map_tiers_and_retention(tmp_path: Path) -> None:
         yearly=UNLIMITED,
         within=Duration(years=1, months=2),
         safety_within=Duration(days=7),
+        manual_within=Duration(days=7),
     )
     bare = Policy.model_validate({"sources": {"dirs": [str(tmp_path)]}})
     assert Rules.from_policy(bare).is_empty
+    no_manual = Policy.model_validate(
+        {"sources": {"dirs": [str(tmp_path)]}, "retention": {"manual_keep": "0d"}}
+    )
+    assert Rules.from_policy(no_manual).manual_within is None
     assert str(Rules(daily=30, yearly=UNLIMITED, within=Duration(days=7))) == (
         "keep 30 daily, all yearly, within 7d of the newest"
     )
@@ -462,7 +470,9 @@ def test_safety_backups_stay_out_of_the_tiers_and_expire_after_safety_within() -
         Candidate("safety", day + timedelta(hours=1), ok=True, safety=True),
     ]
     rules = Rules(daily=2, safety_within=Duration(days=7))
-    decisions = {decision.name: decision for decision in policy.decide(candidates, rules, UTC)}
+    decisions = {
+        decision.name: decision for decision in policy.decide(candidates, rules, UTC, now=NOW)
+    }
     assert decisions["daily"].reasons == ("daily 2026-03-10", policy.REASON_NEWEST)
     assert decisions["daily-old"].reasons == ("daily 2026-03-09",)
     assert decisions["safety"].reasons == ("pre-restore safety backup, within 7d",)
@@ -476,7 +486,104 @@ def test_safety_backups_are_kept_when_no_rule_is_set() -> None:
         Candidate("safety", moment - timedelta(days=400), ok=True, safety=True),
         Candidate("regular", moment, ok=True),
     ]
-    assert all(decision.keep for decision in policy.decide(candidates, Rules(), UTC))
+    assert all(decision.keep for decision in policy.decide(candidates, Rules(), UTC, now=NOW))
+
+
+# --- manual backups and pins --------------------------------------------------------------
+
+
+def test_a_manual_backup_a_minute_before_another_is_kept_for_manual_within() -> None:
+    """backup; backup: the hourly bucket keeps the second, manual_within keeps the first."""
+    history = candidate(utc("2026-03-09 02:00"))
+    first = replace(candidate(utc("2026-03-10 14:00")), manual=True)
+    second = replace(candidate(utc("2026-03-10 14:01")), manual=True)
+    timeline = [history, first, second]
+    rules = Rules(hourly=24, daily=7, manual_within=Duration(days=7))
+    decisions = policy.decide(timeline, rules, UTC, now=utc("2026-03-10 14:02"))
+    by_name = {decision.name: decision for decision in decisions}
+    assert by_name[first.name].reasons == ("manual (until 2026-03-17 14:00 UTC)",)
+    assert by_name[second.name].keep
+    without = policy.decide(timeline, replace(rules, manual_within=None), UTC, now=NOW)
+    assert not next(d for d in without if d.name == first.name).keep, "what the window prevents"
+
+
+def test_a_manual_backup_follows_the_rules_once_manual_within_has_passed() -> None:
+    """After manual_within only the tiers' rules can keep a manual backup."""
+    first = replace(candidate(utc("2026-03-10 14:00")), manual=True)
+    second = candidate(utc("2026-03-10 14:30"))
+    rules = Rules(hourly=1, manual_within=Duration(days=7))
+    still = policy.decide([first, second], rules, UTC, now=utc("2026-03-17 13:59"))
+    assert [decision.keep for decision in still] == [True, True]
+    later = policy.decide([first, second], rules, UTC, now=utc("2026-03-17 14:00"))
+    assert [decision.keep for decision in later] == [True, False]
+
+
+def test_a_pinned_backup_is_kept_until_its_pin_ends() -> None:
+    """A pin keeps what no rule keeps; one with an end stops keeping at that end."""
+    end = utc("2026-04-01 00:00")
+    old = replace(candidate(utc("2026-01-01 02:00")), pin=Pin())
+    dated = replace(candidate(utc("2026-01-02 02:00")), pin=Pin(until=end))
+    newest = candidate(utc("2026-03-10 02:00"))
+    rules = Rules(daily=1)
+    before = {d.name: d for d in policy.decide([old, dated, newest], rules, BERLIN, now=NOW)}
+    assert before[old.name].reasons == (policy.REASON_PINNED,)
+    assert not before[dated.name].keep, "NOW is after the pin's end"
+    during = policy.decide([old, dated, newest], rules, BERLIN, now=end - timedelta(minutes=1))
+    assert during[1].reasons == ("pinned until 2026-04-01 02:00 CEST",)
+
+
+def test_an_unreadable_pin_keeps_its_backup_for_ever() -> None:
+    """A pin whose file could not be read holds like a pin without an end."""
+    broken = replace(candidate(utc("2026-01-01 02:00")), pin=Pin(problem="not JSON"))
+    newest = candidate(utc("2026-03-10 02:00"))
+    decisions = policy.decide([broken, newest], Rules(daily=1), UTC, now=NOW)
+    assert decisions[1].reasons == (policy.REASON_PIN_UNREADABLE,)
+
+
+def test_a_pin_on_an_unverified_backup_is_named_beside_the_unverified_reason() -> None:
+    """Unverified backups stay anyway; their pin still shows."""
+    pinned = replace(candidate(utc("2026-01-01 02:00"), ok=False), pin=Pin())
+    decisions = policy.decide([pinned], Rules(daily=1), UTC, now=NOW)
+    assert decisions[0].reasons == (policy.REASON_UNVERIFIED, policy.REASON_PINNED)
+
+
+def test_naive_now_and_naive_pin_ends_are_rejected() -> None:
+    """The decision's now and a pin's end are points in time."""
+    with pytest.raises(ValueError, match="aware now"):
+        policy.decide([], Rules(), UTC, now=datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="time zone"):
+        Pin(until=datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("start", "duration", "expected"),
+    [
+        ("2026-01-31 10:00", Duration(months=1), "2026-03-03 10:00"),
+        ("2026-03-10 14:00", Duration(days=7), "2026-03-17 14:00"),
+        ("2026-03-10 14:00", Duration(years=1, hours=36), "2027-03-12 02:00"),
+    ],
+)
+def test_duration_after_adds_like_go_add_date(
+    start: str, duration: Duration, expected: str
+) -> None:
+    """after() mirrors before(): calendar steps overflow as Go's time.Date, then hours."""
+    assert duration.after(utc(start), UTC) == utc(expected)
+
+
+def test_duration_after_past_the_calendar_gives_the_latest_time() -> None:
+    """A duration reaching past year 9999 does not raise: it ends at LATEST."""
+    assert Duration(years=9000).after(utc("2026-01-01 00:00"), UTC) == policy.LATEST
+
+
+def test_ends_at_the_calendars_edge_are_shown_in_any_zone() -> None:
+    """A pin or manual window ending near year 9999 is a reason, not an OverflowError."""
+    far = datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-12)))
+    pinned = replace(candidate(utc("2026-01-01 02:00")), pin=Pin(until=far))
+    manual = replace(candidate(utc("2026-01-02 02:00")), manual=True)
+    rules = Rules(daily=1, manual_within=Duration(years=9000))
+    decisions = policy.decide([pinned, manual], rules, ZoneInfo("Pacific/Kiritimati"), now=NOW)
+    assert decisions[0].reasons[-1] == "manual (until 9999-12-30 14:00 +14)"
+    assert decisions[1].reasons == ("pinned until 9999-12-30 14:00 +14",)
 
 
 # --- properties ---------------------------------------------------------------------------
@@ -525,9 +632,9 @@ def test_applying_the_decision_twice_deletes_nothing_more(
     candidates: list[Candidate], rules: Rules, timezone: ZoneInfo
 ) -> None:
     """Deciding again over the survivors keeps every survivor."""
-    survivors_names = kept_names(policy.decide(candidates, rules, timezone))
+    survivors_names = kept_names(policy.decide(candidates, rules, timezone, now=NOW))
     survivors = [c for c in candidates if c.name in survivors_names]
-    assert kept_names(policy.decide(survivors, rules, timezone)) == survivors_names
+    assert kept_names(policy.decide(survivors, rules, timezone, now=NOW)) == survivors_names
 
 
 @settings(max_examples=300, deadline=None)
@@ -545,10 +652,10 @@ def test_raising_a_count_never_deletes_more(
     current: int | None = getattr(rules, field)
     # No rule at all keeps everything, so turning the first rule on is not "raising" a count.
     assume(current != UNLIMITED and not rules.is_empty)
-    before = kept_names(policy.decide(candidates, rules, timezone))
+    before = kept_names(policy.decide(candidates, rules, timezone, now=NOW))
     for raised in ((current or 0) + extra, UNLIMITED):
         bigger = Rules(**{**rules.__dict__, field: raised})
-        assert before <= kept_names(policy.decide(candidates, bigger, timezone))
+        assert before <= kept_names(policy.decide(candidates, bigger, timezone, now=NOW))
 
 
 @settings(max_examples=300, deadline=None)
@@ -557,7 +664,7 @@ def test_safety_rules_hold_for_any_timeline(
     candidates: list[Candidate], rules: Rules, timezone: ZoneInfo
 ) -> None:
     """Newest ok kept, unverified kept, every kept backup has a reason, deleted ones none."""
-    decisions = policy.decide(candidates, rules, timezone)
+    decisions = policy.decide(candidates, rules, timezone, now=NOW)
     assert len(decisions) == len(candidates)
     by_name = {c.name: c for c in candidates}
     successful = sorted((c for c in candidates if c.ok), key=lambda c: c.time)
@@ -579,7 +686,7 @@ def test_no_more_periods_are_kept_than_the_counts_allow(
     candidates: list[Candidate], rules: Rules, timezone: ZoneInfo
 ) -> None:
     """Each count rule keeps at most its count of backups, the oldest one included."""
-    decisions = policy.decide(candidates, rules, timezone)
+    decisions = policy.decide(candidates, rules, timezone, now=NOW)
     for label in ("hourly", "daily", "weekly", "monthly", "yearly"):
         count: int | None = getattr(rules, label)
         if not count or count == UNLIMITED:
@@ -590,3 +697,90 @@ def test_no_more_periods_are_kept_than_the_counts_allow(
             if any(r.startswith((f"{label} ", f"oldest {label} ")) for r in d.reasons)
         ]
         assert len(by_rule) <= count
+
+
+pins = st.one_of(
+    st.none(),
+    st.just(Pin()),
+    st.just(Pin(problem="unreadable")),
+    st.builds(
+        lambda hours: Pin(until=START + timedelta(hours=hours)), st.integers(0, 3 * 365 * 24)
+    ),
+)
+manual_windows = st.one_of(st.none(), st.builds(Duration, hours=st.integers(1, 40 * 24)))
+
+
+@st.composite
+def marked_timelines(draw: st.DrawFn) -> tuple[list[Candidate], Rules, datetime]:
+    """Draw a timeline with manual and pinned backups, rules with a manual window, and a now.
+
+    The manual window is in hours only, so that "younger than" is plain elapsed time in
+    every zone; now is at or after the newest backup, up to 400 days later.
+    """
+    drawn = [
+        replace(c, manual=draw(st.booleans()), pin=draw(pins)) for c in draw(candidate_lists())
+    ]
+    rules = replace(draw(rules_strategy), manual_within=draw(manual_windows))
+    newest = max((c.time for c in drawn), default=START)
+    return drawn, rules, newest + timedelta(hours=draw(st.integers(0, 400 * 24)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(marked_timelines(), timezones)
+def test_a_pinned_backup_is_never_deleted(
+    marked: tuple[list[Candidate], Rules, datetime], timezone: ZoneInfo
+) -> None:
+    """A pinned backup is never in the delete set, whatever the timeline and policy.
+
+    That is: a pin without an end, an unreadable pin, and a pin whose end is after now.
+    """
+    candidates, rules, now = marked
+    deleted = {d.name for d in policy.decide(candidates, rules, timezone, now=now) if not d.keep}
+    for c in candidates:
+        if c.pin is not None and (c.pin.problem or c.pin.until is None or now < c.pin.until):
+            assert c.name not in deleted
+
+
+@settings(max_examples=300, deadline=None)
+@given(marked_timelines(), timezones)
+def test_a_manual_backup_younger_than_manual_within_is_never_deleted(
+    marked: tuple[list[Candidate], Rules, datetime], timezone: ZoneInfo
+) -> None:
+    """A manual backup younger than manual_keep is never deleted."""
+    candidates, rules, now = marked
+    assume(rules.manual_within is not None)
+    assert rules.manual_within is not None
+    window = timedelta(hours=rules.manual_within.hours)
+    deleted = {d.name for d in policy.decide(candidates, rules, timezone, now=now) if not d.keep}
+    for c in candidates:
+        if c.manual and now - c.time < window:
+            assert c.name not in deleted
+
+
+@settings(max_examples=300, deadline=None)
+@given(marked_timelines(), timezones)
+def test_the_newest_backup_is_never_deleted(
+    marked: tuple[list[Candidate], Rules, datetime], timezone: ZoneInfo
+) -> None:
+    """The newest backup is never deleted, and no unverified one, pins and manual or not."""
+    candidates, rules, now = marked
+    decisions = policy.decide(candidates, rules, timezone, now=now)
+    if decisions:
+        assert decisions[0].keep
+    unverified = {c.name for c in candidates if not c.ok}
+    assert all(d.keep for d in decisions if d.name in unverified)
+    assert all(d.keep == bool(d.reasons) for d in decisions)
+
+
+@settings(max_examples=200, deadline=None)
+@given(marked_timelines(), timezones)
+def test_pins_and_manual_windows_only_ever_keep_more(
+    marked: tuple[list[Candidate], Rules, datetime], timezone: ZoneInfo
+) -> None:
+    """Removing every pin and the manual window keeps a subset: they never cost a backup."""
+    candidates, rules, now = marked
+    plain = [replace(c, pin=None, manual=False) for c in candidates]
+    without = kept_names(
+        policy.decide(plain, replace(rules, manual_within=None), timezone, now=now)
+    )
+    assert without <= kept_names(policy.decide(candidates, rules, timezone, now=now))

@@ -6,15 +6,19 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sovbackupd.errors import LockedError, NotFoundError
-from sovbackupd.store import Store, backup_name
+from sovbackupd.policy import Pin
+from sovbackupd.store import PIN_LIMIT_BYTES, PIN_SUFFIX, PinFile, Store, backup_name, read_pin
 from tests.integration.test_retention import write_backup
 
 PREFIX = "sovereigncore_backup"
@@ -313,3 +317,59 @@ def test_head_reads_a_manifest_without_its_files(tmp_path: Path) -> None:
     assert full is not None
     assert len(full.files) == 1
     assert head == full.model_copy(update={"files": []})
+
+
+# --- pins ---------------------------------------------------------------------------------
+
+PINNED = f"{PREFIX}_20260101_000000"
+
+
+def test_pin_writes_a_private_pin_that_reads_back_and_unpin_removes_it(store: Store) -> None:
+    """A pin round-trips with its end; unpin removes it and says whether there was one."""
+    touch(store.directory, f"{PINNED}.tar.gz")
+    end = datetime(2027, 1, 1, tzinfo=UTC)
+    store.pin(f"{PINNED}.tar.gz", end, datetime(2026, 6, 1, tzinfo=UTC))
+    path = store.pin_path(PINNED)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert store.pins() == {PINNED: Pin(until=end)}
+    assert store.unpin(PINNED) is True
+    assert store.unpin(PINNED) is False
+    assert store.pins() == {}
+    with pytest.raises(NotFoundError, match="no backup named"):
+        store.pin(f"{PREFIX}_20990101_000000", None, datetime(2026, 6, 1, tzinfo=UTC))
+    with pytest.raises(NotFoundError, match="no backup named"):
+        store.unpin("../../etc/passwd")
+
+
+def test_a_pin_without_its_archive_still_pins_and_is_no_leftover(store: Store) -> None:
+    """Pins outlive a hand-deleted archive (they hold the remote copies), through cleaning."""
+    touch(store.directory, f"{PINNED}.tar.gz")
+    store.pin(PINNED, None, datetime(2026, 6, 1, tzinfo=UTC))
+    (store.directory / f"{PINNED}.tar.gz").unlink()
+    touch(store.directory, f"{PINNED}{PIN_SUFFIX}.partial")
+    store.clean_leftovers()
+    assert names_in(store.directory) == {f"{PINNED}{PIN_SUFFIX}"}
+    assert store.pins() == {PINNED: Pin()}
+    assert store.unpin(PINNED) is True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=PIN_LIMIT_BYTES + 64))
+def test_reading_any_bytes_as_a_pin_never_raises_and_always_pins(data: bytes) -> None:
+    """Whatever bytes a pin file holds, reading it never raises and its backup stays pinned.
+
+    Either the bytes are a valid pin of that backup, or the pin carries a problem, which
+    holds the backup for ever.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / f"{PINNED}{PIN_SUFFIX}"
+        path.write_bytes(data)
+        pin = read_pin(path, PINNED)
+    valid = pin.problem is None
+    if valid:
+        record = PinFile.model_validate_json(data)
+        assert record.backup == PINNED
+        assert pin.until == record.until
+    else:
+        assert str(path) in (pin.problem or "")
+        assert pin.holds(datetime.max.replace(tzinfo=UTC))
