@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
@@ -55,3 +60,60 @@ def test_failing_before_hook_stops_the_backup_and_runs_on_failure(
     (failure,) = recorded(record)
     assert failure["SOVBACKUPD_RESULT"] == "failure"
     assert "exited 3" in failure["SOVBACKUPD_ERROR"]
+
+
+def group_members(group: int) -> list[int]:
+    """Return the pids of process group *group* that still run (zombies do not count)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] not in {"Z", "X"}:
+            members.append(int(entry.name))
+    return members
+
+
+def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """SIGINT to `sovbackupd backup` ends the running hook's whole process group with it."""
+    pids = tmp_path / "hook.pids"
+    # The hook's shell writes its pid (its own group's id), then waits on a grandchild.
+    script = f"echo $$ > {pids}; sleep 300 & echo $! >> {pids}; wait"
+    hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 600}
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    group = 0
+    try:
+        deadline = time.monotonic() + 30
+        while len(pids.read_text().split() if pids.exists() else []) < 2:
+            assert time.monotonic() < deadline, "the hook did not start"
+            assert cli.poll() is None, cli.communicate()
+            time.sleep(0.02)
+        group, grandchild = (int(pid) for pid in pids.read_text().split())
+        assert set(group_members(group)) >= {group, grandchild}
+        cli.send_signal(signal.SIGINT)
+        _, stderr = cli.communicate(timeout=60)
+        assert cli.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        for _ in range(500):  # bounded: the kill's grace is 5 s, polled every 20 ms
+            if not group_members(group):
+                break
+            time.sleep(0.02)
+        assert group_members(group) == []
+    finally:
+        cli.kill()
+        cli.wait()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
