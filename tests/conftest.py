@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from sovbackupd import redis_server as redis_process
+from sovbackupd import tierstate
 from sovbackupd.errors import SovbackupdError
 
 
@@ -196,10 +197,11 @@ def stored_files(name: str) -> set[str]:
 
 
 def backup_files(backup_dir: Path) -> set[str]:
-    """Return the names in *backup_dir*, without the lock file."""
+    """Return the names in *backup_dir*, without the lock file and the tiers' state file."""
     if not backup_dir.exists():
         return set()
-    return {entry.name for entry in backup_dir.iterdir() if entry.name != ".sovbackupd.lock"}
+    bookkeeping = {".sovbackupd.lock", tierstate.STATE_NAME}
+    return {entry.name for entry in backup_dir.iterdir() if entry.name not in bookkeeping}
 
 
 @dataclass
