@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
 
 DUMP_ENV = (
@@ -78,10 +80,11 @@ def group_members(group: int) -> list[int]:
     return members
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
-    tmp_path: Path, sandbox: Sandbox
+    tmp_path: Path, sandbox: Sandbox, signum: signal.Signals
 ) -> None:
-    """SIGINT to `sovbackupd backup` ends the running hook's whole process group with it."""
+    """SIGINT (or SIGTERM) to `sovbackupd backup` ends the hook's whole process group with it."""
     pids = tmp_path / "hook.pids"
     # The hook's shell writes its pid (its own group's id), then waits on a grandchild.
     script = f"echo $$ > {pids}; sleep 300 & echo $! >> {pids}; wait"
@@ -102,7 +105,7 @@ def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
             time.sleep(0.02)
         group, grandchild = (int(pid) for pid in pids.read_text().split())
         assert set(group_members(group)) >= {group, grandchild}
-        cli.send_signal(signal.SIGINT)
+        cli.send_signal(signum)
         _, stderr = cli.communicate(timeout=60)
         assert cli.returncode == 130, stderr
         assert "Traceback" not in stderr
