@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from sovbackupd import archive, tierstate
 from sovbackupd import redis_server as redis_process
-from sovbackupd import tierstate
 from sovbackupd.errors import SovbackupdError
 
 
@@ -197,10 +197,15 @@ def stored_files(name: str) -> set[str]:
 
 
 def backup_files(backup_dir: Path) -> set[str]:
-    """Return the names in *backup_dir*, without the lock file and the tiers' state file."""
+    """Return the names in *backup_dir*, without the lock file and the tiers' state file.
+
+    The state file's own temp name is left out too: it exists for the instant of a write,
+    and the next write replaces it.
+    """
     if not backup_dir.exists():
         return set()
-    bookkeeping = {".sovbackupd.lock", tierstate.STATE_NAME}
+    state = tierstate.STATE_NAME
+    bookkeeping = {".sovbackupd.lock", state, f"{state}{archive.PARTIAL_SUFFIX}"}
     return {entry.name for entry in backup_dir.iterdir() if entry.name not in bookkeeping}
 
 

@@ -1038,7 +1038,7 @@ def labels_mislead(policy: Policy, history: History, now: datetime) -> bool:
     rerun = set(scheduler.due_tiers(triggers, from_labels, now)) & set(RARE_TIERS)
     misdated = any(from_labels[tier] != true.get(tier) for tier in RARE_TIERS)
     quiet = all(  # no rare tier fires while the test runs
-        trigger.get_next_fire_time(None, now) > now + timedelta(minutes=10)  # type: ignore[operator]
+        trigger.get_next_fire_time(None, now) > now + timedelta(minutes=10)
         for tier, trigger in triggers.items()
         if tier in RARE_TIERS
     )

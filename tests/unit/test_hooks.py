@@ -340,6 +340,7 @@ print(json.dumps({'daemon': status, 'hook': result.output_tail, 'ok': result.ok}
 CAP_DAC_READ_SEARCH = 1 << 2
 
 
+@pytest.mark.root
 def test_hook_does_not_inherit_the_ambient_capability_the_unit_grants() -> None:
     """Under AmbientCapabilities=CAP_DAC_READ_SEARCH as a system user, a hook gets no capability."""
     if os.geteuid() != 0:
@@ -371,4 +372,3 @@ def test_hook_does_not_inherit_the_ambient_capability_the_unit_grants() -> None:
     assert report["ok"]
     assert daemon["CapAmb"] == daemon["CapEff"] == CAP_DAC_READ_SEARCH
     assert hook["CapEff"] == hook["CapPrm"] == hook["CapAmb"] == hook["CapInh"] == 0
-
