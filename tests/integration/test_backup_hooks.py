@@ -8,11 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from sovbackupd import backup, config
+from sovbackupd.errors import AbortedError
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
 
 DUMP_ENV = (
@@ -80,6 +83,15 @@ def group_members(group: int) -> list[int]:
     return members
 
 
+def survivors(group: int) -> list[int]:
+    """Return the group's live members once they are gone, or after a bounded number of polls."""
+    for _ in range(500):  # the kill's grace is 5 s, polled every 20 ms
+        if not (members := group_members(group)):
+            return members
+        time.sleep(0.02)
+    return group_members(group)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
     tmp_path: Path, sandbox: Sandbox, signum: signal.Signals
@@ -109,14 +121,53 @@ def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
         _, stderr = cli.communicate(timeout=60)
         assert cli.returncode == 130, stderr
         assert "Traceback" not in stderr
-        for _ in range(500):  # bounded: the kill's grace is 5 s, polled every 20 ms
-            if not group_members(group):
-                break
-            time.sleep(0.02)
-        assert group_members(group) == []
+        assert survivors(group) == []
     finally:
         cli.kill()
         cli.wait()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+
+
+def test_cancelling_a_backup_during_its_before_hook_aborts_it_and_kills_the_hook(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The daemon's cancel (shutdown, time bound) ends the hook's group; the backup is aborted."""
+    pids = tmp_path / "hook.pids"
+    script = f"echo $$ > {pids}; sleep 600 & echo $! >> {pids}; wait"
+    hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 600}
+    policy = config.load(
+        write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
+    )
+    cancel = threading.Event()
+    raised: list[BaseException] = []
+
+    def run_backup() -> None:
+        try:
+            backup.run(policy, ["daily"], cancel=cancel)
+        except AbortedError as error:
+            raised.append(error)
+
+    runner = threading.Thread(target=run_backup)
+    runner.start()
+    group = 0
+    try:
+        for _ in range(1500):  # bounded: until the hook has written both pids
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                break
+            time.sleep(0.02)
+        group = int(pids.read_text().split()[0])
+        cancel.set()
+        runner.join(60)
+        assert not runner.is_alive()
+        assert [type(error) for error in raised] == [AbortedError]
+        assert "before_backup hook sh" in str(raised[0])
+        assert survivors(group) == []
+        assert not [name for name in backup_files(sandbox.backup_dir) if "backup_" in name]
+    finally:
+        cancel.set()
+        runner.join(60)
         if group:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
