@@ -19,10 +19,10 @@ from typing import Literal
 
 import structlog
 
-from sovbackupd import __version__, archive, hooks, notify, retention, sources
+from sovbackupd import __version__, archive, hooks, notify, retention, sources, tierstate
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy
-from sovbackupd.errors import HookError, SovbackupdError
+from sovbackupd.errors import AbortedError, HookError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, MANUAL_TIER, Manifest, SourceResult
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import Estimate, SourceReport
@@ -93,7 +93,11 @@ def _preflight(built: Sequence[sources.Source]) -> Estimate:
 
 
 def _hooks(
-    stage: str, policy: Policy, env: dict[str, str], metrics: Metrics | None
+    stage: str,
+    policy: Policy,
+    env: dict[str, str],
+    metrics: Metrics | None,
+    cancel: threading.Event | None = None,
 ) -> list[hooks.HookResult]:
     commands = getattr(policy.hooks, stage)
     results = hooks.run(
@@ -102,6 +106,7 @@ def _hooks(
         policy.hooks.timeout_seconds,
         env,
         stop_on_failure=stage == "before_backup",
+        cancel=cancel,
     )
     if metrics is not None:
         for result in results:
@@ -120,9 +125,16 @@ def _notify(
             metrics.notified(delivery.ok)
 
 
-def _before_hooks(policy: Policy, env: dict[str, str], metrics: Metrics | None) -> None:
-    """Run the before_backup hooks; raise HookError at the first that fails."""
-    for result in _hooks("before_backup", policy, env, metrics):
+def _before_hooks(
+    policy: Policy, env: dict[str, str], metrics: Metrics | None, cancel: threading.Event | None
+) -> None:
+    """Run the before_backup hooks; raise HookError at the first that fails.
+
+    Setting *cancel* kills the running hook and raises AbortedError.
+    """
+    for result in _hooks("before_backup", policy, env, metrics, cancel):
+        if result.cancelled:
+            raise AbortedError(f"backup cancelled during before_backup hook {result.argv[0]}")
         if not result.ok:
             raise HookError(f"before_backup hook {' '.join(result.argv)} failed: {result.failure}")
 
@@ -158,7 +170,7 @@ def run(
         "tiers": list(tiers),
     }
     try:
-        _before_hooks(policy, env, metrics)
+        _before_hooks(policy, env, metrics, cancel)
         result = _run(
             policy,
             tiers,
@@ -242,6 +254,7 @@ def _run(
 ) -> BackupResult:
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
+        tierstate.record_attempt(policy.backup_dir, tiers, datetime.now(UTC))
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
         built = sources.build_all(policy.sources, redis_offline=redis_offline)
@@ -297,6 +310,7 @@ def _run(
                 info = describe(head, path.name, writer.file_count, writer.file_bytes)
                 writer.add_bytes(INFO_NAME, info.encode(), time.time())
                 sha256 = writer.commit(head)
+            tierstate.record_success(policy.backup_dir, tiers, head.finished)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             if not any(staging.parent.iterdir()):

@@ -11,20 +11,30 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
 import sdnotify
 import structlog
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
-from sovbackupd import backup, config, replicate, restore, retention, scheduler
+from sovbackupd import (
+    backup,
+    config,
+    exposition,
+    replicate,
+    restore,
+    retention,
+    scheduler,
+    tierstate,
+)
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import ConfigError, SovbackupdError
 from sovbackupd.metrics import Metrics
-from sovbackupd.store import Store
+from sovbackupd.store import Store, StoredBackup
+from sovbackupd.tierstate import TierRecord
 
 log = structlog.get_logger("sovbackupd.daemon")
 STATUS_SECONDS = 30.0  # how often STATUS= and next-run metrics are refreshed at the least
@@ -41,14 +51,10 @@ def _schedules(policy: Policy) -> dict[str, str]:
     }
 
 
-def _last_success(policy: Policy) -> dict[str, datetime | None]:
-    """Return when each tier last succeeded, read from the archives on disk."""
-    last: dict[str, datetime | None] = {}
-    for stored in Store(policy.backup_dir, policy.name_prefix).backups():
-        head = stored.head()
-        for tier in head.tiers if head is not None else ():
-            last[tier] = head.finished if head is not None else None
-    return last
+def _tier_records(policy: Policy, stored: Sequence[StoredBackup]) -> dict[str, TierRecord]:
+    """Return each tier's last attempt and success: the state file, completed by *stored*."""
+    heads = [head for backup in stored if (head := backup.head()) is not None]
+    return tierstate.known(policy.backup_dir, heads, datetime.now(UTC))
 
 
 def _listen_address(listen: str) -> tuple[str, int]:
@@ -212,17 +218,20 @@ class Daemon:
         self._refresh()  # before READY=1: then STATUS= and next-run metrics show the new policy
         self._notify("READY=1")
 
-    def _metrics_from_disk(self, policy: Policy) -> None:
+    def _metrics_from_disk(self, policy: Policy) -> dict[str, TierRecord]:
         """Declare the policy's series and set what the backup directory already says.
 
         The size guard is read from disk too: a restart must not clear a held retention.
+        Return the tiers' last attempts and successes read on the way.
         """
         self._metrics.declare_tiers(_schedules(policy))
         self._metrics.declare_remotes(remote.name for remote in policy.remotes)
         stored = Store(policy.backup_dir, policy.name_prefix).backups()
-        self._metrics.rebuild(stored)
+        records = _tier_records(policy, stored)
+        self._metrics.rebuild(stored, records)
         held = retention.size_guard(policy, stored, retention.candidates(stored))
         self._metrics.retention_held.set(1 if held else 0)
+        return records
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         del frame
@@ -238,7 +247,7 @@ class Daemon:
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self._metrics.reloaded(success=True)
-        self._metrics_from_disk(policy)
+        records = self._metrics_from_disk(policy)
         self._metrics.refresh_disk(policy.backup_dir)
         previous = restore.last_drill(policy)
         if previous is not None:
@@ -247,14 +256,16 @@ class Daemon:
         if policy.metrics.listen is not None:
             host, port = _listen_address(policy.metrics.listen)
             try:
-                server, _ = start_http_server(port, host, registry=self._registry)
+                server = exposition.MetricsServer(self._registry, host, port)
             except OSError as error:
                 raise SovbackupdError(
                     f"cannot serve metrics on {policy.metrics.listen}: {error.strerror}"
                 ) from error
+        if server is not None:
+            server.start()
         self._scheduler.start(
             _schedules(policy),
-            _last_success(policy),
+            {tier: record.last_success for tier, record in records.items()},
             scheduler.Timing(policy.workers, policy.daemon.misfire_grace_seconds),
         )
         self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)

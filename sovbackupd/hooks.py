@@ -1,10 +1,14 @@
 """Operator hooks: argv lists run around a backup, without a shell, each within a bound.
 
-Each hook runs in its own session (process group), with stdin on /dev/null and stdout
+Each hook runs in its own session (process group), without the capability the systemd
+unit grants the daemon (:mod:`sovbackupd.privileges`), with stdin on /dev/null and stdout
 and stderr combined into one pipe, of which only the last few kilobytes are kept: a hook
-may print gigabytes without costing memory or disk. At its bound the whole group gets
-SIGTERM, then SIGKILL after :data:`KILL_GRACE_SECONDS`, so a hook cannot leave a stray
-``sleep`` or ``pg_dump`` behind when it overruns. A hook that exits in time may leave
+may print gigabytes without costing memory or disk. At its bound, when the run is
+cancelled, and on every other way out of the wait (Ctrl-C's KeyboardInterrupt, the CLI's
+SIGTERM exception) the whole group gets SIGTERM, then SIGKILL after
+:data:`KILL_GRACE_SECONDS`, so a hook cannot leave a stray ``sleep`` or ``pg_dump``
+behind. Its own session keeps it from the terminal's Ctrl-C, which is why sovbackupd must
+end it itself. A hook that exits in time may leave
 background processes running on purpose; they are not killed, and their output is
 drained and discarded until they close it.
 
@@ -23,9 +27,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import structlog
+
+from sovbackupd import privileges
 
 log = structlog.get_logger("sovbackupd.hooks")
 
@@ -37,6 +43,7 @@ OUTPUT_TAIL_CHARS = 2000
 _TAIL_BYTES = OUTPUT_TAIL_CHARS * 4  # the most UTF-8 needs for that many characters
 _READ_BYTES = 64 * 1024
 _POLL_SECONDS = 0.02
+_CANCEL_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class HookResult:
     duration_seconds: float
     output_tail: str  # the last OUTPUT_TAIL_CHARS of stdout and stderr combined, for logs
     error: str | None = None  # why it could not start, e.g. "not found: /usr/bin/x"
+    cancelled: bool = False  # killed because the run was cancelled
 
     @property
     def ok(self) -> bool:
@@ -58,6 +66,8 @@ class HookResult:
     @property
     def failure(self) -> str:
         """Say how the hook failed, for a one-line error."""
+        if self.cancelled:
+            return f"cancelled after {self.duration_seconds:.0f}s"
         if self.timed_out:
             return f"timed out after {self.duration_seconds:.0f}s"
         return self.error or f"exited {self.returncode}"
@@ -141,6 +151,34 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         process.wait(KILL_GRACE_SECONDS)
 
 
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill the hook's group on the way out of an exception, even if a second one comes."""
+    try:
+        _kill_group(process)
+    except BaseException:
+        # A second Ctrl-C during the grace: no more patience, but no survivor either.
+        _signal_group(process.pid, signal.SIGKILL)
+        raise
+
+
+def _wait(
+    process: subprocess.Popen[bytes], timeout: float, cancel: threading.Event | None
+) -> tuple[int | None, Literal["timed out", "cancelled"] | None]:
+    """Wait for the hook; return its exit code, or None and why it must be stopped."""
+    if cancel is None:
+        try:
+            return process.wait(timeout), None
+        except subprocess.TimeoutExpired:
+            return None, "timed out"
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        if cancel.is_set():
+            return None, "cancelled"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return process.wait(min(remaining, _CANCEL_POLL_SECONDS)), None
+    return None, "timed out"
+
+
 def _start_error(argv: Sequence[str], error: OSError | ValueError) -> str:
     if isinstance(error, FileNotFoundError):
         return f"not found: {argv[0]}"
@@ -151,7 +189,12 @@ def _start_error(argv: Sequence[str], error: OSError | ValueError) -> str:
     return f"cannot start {argv[0]}: {error}"
 
 
-def _run_one(argv: Sequence[str], timeout: float, environment: Mapping[str, str]) -> HookResult:
+def _run_one(
+    argv: Sequence[str],
+    timeout: float,
+    environment: Mapping[str, str],
+    cancel: threading.Event | None,
+) -> HookResult:
     started = time.monotonic()
     if not argv:
         return HookResult((), None, False, 0.0, "", error="empty command")
@@ -163,6 +206,16 @@ def _run_one(argv: Sequence[str], timeout: float, environment: Mapping[str, str]
             stderr=subprocess.STDOUT,
             env=dict(environment),
             start_new_session=True,
+            preexec_fn=privileges.drop_for_exec(),  # noqa: PLW1509 (two syscalls, prepared before fork)
+        )
+    except subprocess.SubprocessError:  # raised in the child by the capability drop
+        return HookResult(
+            tuple(argv),
+            None,
+            False,
+            time.monotonic() - started,
+            "",
+            error=f"cannot start {argv[0]}: its capabilities could not be dropped",
         )
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in argv or env
         return HookResult(
@@ -175,20 +228,21 @@ def _run_one(argv: Sequence[str], timeout: float, environment: Mapping[str, str]
         )
     assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
     output = _TailReader(process.stdout)
-    returncode: int | None
     try:
-        returncode = process.wait(timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
+        returncode, stopped = _wait(process, timeout, cancel)
+    except BaseException:
+        _stop_group(process)
+        raise
+    if stopped is not None:
         _kill_group(process)
-        returncode, timed_out = None, True
     output.wait(OUTPUT_DRAIN_SECONDS)
     return HookResult(
         tuple(argv),
         returncode,
-        timed_out,
+        stopped == "timed out",
         time.monotonic() - started,
         output.text(),
+        cancelled=stopped == "cancelled",
     )
 
 
@@ -199,6 +253,7 @@ def run(
     env: Mapping[str, str],
     *,
     stop_on_failure: bool,
+    cancel: threading.Event | None = None,
 ) -> list[HookResult]:
     """Run each argv of *commands* in order, each killed after *timeout* seconds.
 
@@ -206,17 +261,26 @@ def run(
     With *stop_on_failure* the first hook that fails (non-zero exit, killed, or not
     startable) ends the run and the later ones are skipped; otherwise all run. Return one
     result per hook that ran, in order; never raise for a hook's failure.
+
+    Setting *cancel* kills the running hook (and its group) as its bound would, and the
+    later hooks do not run. Any exception while a hook runs (KeyboardInterrupt included)
+    kills its group before it propagates.
     """
     environment = {**os.environ, **env, "SOVBACKUPD_STAGE": stage}
     results: list[HookResult] = []
     for index, argv in enumerate(commands):
-        result = _run_one(argv, timeout, environment)
+        if cancel is not None and cancel.is_set():
+            for skipped in commands[index:]:
+                log.info("hook.skipped", stage=stage, argv=list(skipped))
+            break
+        result = _run_one(argv, timeout, environment, cancel)
         results.append(result)
         fields = {
             "stage": stage,
             "argv": list(result.argv),
             "returncode": result.returncode,
             "timed_out": result.timed_out,
+            "cancelled": result.cancelled,
             "duration_seconds": round(result.duration_seconds, 3),
         }
         if result.ok:

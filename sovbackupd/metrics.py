@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sovbackupd import __version__
 from sovbackupd.manifest import SAFETY_TIER, Manifest
 from sovbackupd.store import StoredBackup
+from sovbackupd.tierstate import TierRecord
 
 PREFIX = "sovbackupd"
 LOCAL = "local"
@@ -160,20 +161,31 @@ class Metrics:
         finished = manifest.finished.timestamp()
         for tier in manifest.tiers:
             self.last_success.labels(tier=tier).set(finished)
+        self._sized(manifest, size)
+
+    def _sized(self, manifest: Manifest, size: int) -> None:
         self.last_size.set(size)
         self.last_duration.set((manifest.finished - manifest.created).total_seconds())
 
-    def rebuild(self, backups: Sequence[StoredBackup]) -> None:
-        """Set the last-success and stored metrics from the archives on disk.
+    def rebuild(self, backups: Sequence[StoredBackup], tiers: Mapping[str, TierRecord]) -> None:
+        """Set the last-attempt, last-success and stored metrics from the backup directory.
 
-        A restarted daemon thereby reports what it reported before, and never fires a
-        false "missed backup" alert.
+        *tiers* are the tiers' times as :func:`sovbackupd.tierstate.known` tells them: not
+        the archives' labels alone, which retention deletes by period. A restarted daemon
+        thereby reports what it reported before, and never fires a false "missed backup"
+        alert.
         """
-        for backup in backups:  # oldest first: the newest backup of each tier wins
+        for tier, record in tiers.items():
+            if record.last_attempt is not None:
+                self.last_attempt.labels(tier=tier).set(record.last_attempt.timestamp())
+            if record.last_success is not None:
+                self.last_success.labels(tier=tier).set(record.last_success.timestamp())
+        for backup in reversed(backups):
             head = backup.head()
             # A restore's safety backup holds only what it replaced: not a tier's backup.
             if head is not None and head.tiers != [SAFETY_TIER]:
-                self._newest(head, backup.size)
+                self._sized(head, backup.size)
+                break
         self.set_local(backups)
 
     def set_local(self, backups: Sequence[StoredBackup]) -> None:

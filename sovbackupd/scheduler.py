@@ -15,12 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 
+import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
+
+log = structlog.get_logger("sovbackupd.scheduler")
 
 # Triggers start in the past so that they can name scheduled times before they were made.
 _SINCE = datetime(2000, 1, 1, tzinfo=UTC)
@@ -225,7 +228,12 @@ class Scheduler:
         with self._lock:
             self._triggers = tier_triggers(schedules, self._timezone)
             self._handled = {tier: last_success.get(tier) for tier in self._triggers}
-            self._intervals = tier_intervals(self._triggers, datetime.now(self._timezone))
+            now = datetime.now(self._timezone)
+            self._intervals = tier_intervals(self._triggers, now)
+            due = due_tiers(self._triggers, self._handled, now)
+        # Said even when empty: an operator (and a test) can tell "nothing missed" from
+        # "not looked yet".
+        log.info("schedule.catch_up", tiers=due)
         self._scheduler.start()
         self._add_dispatcher(run_now=True)
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sovbackupd import archive, tierstate
 from sovbackupd import redis_server as redis_process
 from sovbackupd.errors import SovbackupdError
 
@@ -196,10 +197,16 @@ def stored_files(name: str) -> set[str]:
 
 
 def backup_files(backup_dir: Path) -> set[str]:
-    """Return the names in *backup_dir*, without the lock file."""
+    """Return the names in *backup_dir*, without the lock file and the tiers' state file.
+
+    The state file's own temp name is left out too: it exists for the instant of a write,
+    and the next write replaces it.
+    """
     if not backup_dir.exists():
         return set()
-    return {entry.name for entry in backup_dir.iterdir() if entry.name != ".sovbackupd.lock"}
+    state = tierstate.STATE_NAME
+    bookkeeping = {".sovbackupd.lock", state, f"{state}{archive.PARTIAL_SUFFIX}"}
+    return {entry.name for entry in backup_dir.iterdir() if entry.name not in bookkeeping}
 
 
 @dataclass

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
+from sovbackupd import backup, config
+from sovbackupd.errors import AbortedError
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
 
 DUMP_ENV = (
@@ -55,3 +65,109 @@ def test_failing_before_hook_stops_the_backup_and_runs_on_failure(
     (failure,) = recorded(record)
     assert failure["SOVBACKUPD_RESULT"] == "failure"
     assert "exited 3" in failure["SOVBACKUPD_ERROR"]
+
+
+def group_members(group: int) -> list[int]:
+    """Return the pids of process group *group* that still run (zombies do not count)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == group and fields[0] not in {"Z", "X"}:
+            members.append(int(entry.name))
+    return members
+
+
+def survivors(group: int) -> list[int]:
+    """Return the group's live members once they are gone, or after a bounded number of polls."""
+    for _ in range(500):  # the kill's grace is 5 s, polled every 20 ms
+        if not (members := group_members(group)):
+            return members
+        time.sleep(0.02)
+    return group_members(group)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
+    tmp_path: Path, sandbox: Sandbox, signum: signal.Signals
+) -> None:
+    """SIGINT (or SIGTERM) to `sovbackupd backup` ends the hook's whole process group with it."""
+    pids = tmp_path / "hook.pids"
+    # The hook's shell writes its pid (its own group's id), then waits on a grandchild.
+    script = f"echo $$ > {pids}; sleep 300 & echo $! >> {pids}; wait"
+    hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 600}
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    group = 0
+    try:
+        deadline = time.monotonic() + 30
+        while len(pids.read_text().split() if pids.exists() else []) < 2:
+            assert time.monotonic() < deadline, "the hook did not start"
+            assert cli.poll() is None, cli.communicate()
+            time.sleep(0.02)
+        group, grandchild = (int(pid) for pid in pids.read_text().split())
+        assert set(group_members(group)) >= {group, grandchild}
+        cli.send_signal(signum)
+        _, stderr = cli.communicate(timeout=60)
+        assert cli.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        assert survivors(group) == []
+    finally:
+        cli.kill()
+        cli.wait()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+
+
+def test_cancelling_a_backup_during_its_before_hook_aborts_it_and_kills_the_hook(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The daemon's cancel (shutdown, time bound) ends the hook's group; the backup is aborted."""
+    pids = tmp_path / "hook.pids"
+    script = f"echo $$ > {pids}; sleep 600 & echo $! >> {pids}; wait"
+    hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 600}
+    policy = config.load(
+        write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
+    )
+    cancel = threading.Event()
+    raised: list[BaseException] = []
+
+    def run_backup() -> None:
+        try:
+            backup.run(policy, ["daily"], cancel=cancel)
+        except AbortedError as error:
+            raised.append(error)
+
+    runner = threading.Thread(target=run_backup)
+    runner.start()
+    group = 0
+    try:
+        for _ in range(1500):  # bounded: until the hook has written both pids
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                break
+            time.sleep(0.02)
+        group = int(pids.read_text().split()[0])
+        cancel.set()
+        runner.join(60)
+        assert not runner.is_alive()
+        assert [type(error) for error in raised] == [AbortedError]
+        assert "before_backup hook sh" in str(raised[0])
+        assert survivors(group) == []
+        assert not [name for name in backup_files(sandbox.backup_dir) if "backup_" in name]
+    finally:
+        cancel.set()
+        runner.join(60)
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)

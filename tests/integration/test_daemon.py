@@ -26,8 +26,12 @@ import yaml
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from sovbackupd import __version__
+from sovbackupd import __version__, config, scheduler, tierstate
+from sovbackupd import policy as gfs
+from sovbackupd.config.models import Policy
+from sovbackupd.manifest import Manifest
 from sovbackupd.redis_server import free_port
+from sovbackupd.tierstate import TierRecord
 from tests.conftest import (
     RedisServer,
     Sandbox,
@@ -956,3 +960,194 @@ def test_daemon_reads_a_held_retention_from_disk_at_start(
     notify_socket.wait_for(has("READY", "1"), "READY=1", notified)
 
     assert scrape_when_up(listen).value("sovbackupd_retention_held") == 1
+
+
+# 5. Tier state across restarts under the default policy.
+
+DEFAULT_SCHEDULES = {
+    "hourly": "0 * * * *",
+    "daily": "0 2 * * *",
+    "weekly": "0 3 * * 0",
+    "monthly": "0 4 1 * *",
+}
+DEFAULT_KEEPS = {"hourly": 24, "daily": 30, "weekly": 12, "monthly": 12, "yearly": 7}
+RARE_TIERS = ("daily", "weekly", "monthly")
+BACKUP_SECONDS = 40
+
+
+@dataclass(frozen=True)
+class History:
+    """The backups a daemon under the default policy made since a start two days ago."""
+
+    heads: list[Manifest]
+    kept: list[Manifest]  # what GFS retention left of them
+
+    def last(self, tier: str, heads: list[Manifest] | None = None) -> Manifest | None:
+        """Return the newest backup labelled *tier* among *heads* (all of them by default)."""
+        labelled = [head for head in heads or self.heads if tier in head.tiers]
+        return labelled[-1] if labelled else None
+
+
+def simulate_history(policy: Policy, now: datetime) -> History:
+    """Replay two days of the policy's schedules from a first start, then its retention."""
+    triggers = scheduler.tier_triggers(_schedules_of(policy), policy.zone)
+    first = (now - timedelta(days=2)).replace(second=0, microsecond=0)
+    runs: dict[datetime, list[str]] = {first: list(triggers)}  # a new server's catch-up
+    for tier, trigger in triggers.items():
+        moment = trigger.get_next_fire_time(None, first + timedelta(seconds=1))
+        while moment is not None and moment <= now - timedelta(seconds=BACKUP_SECONDS):
+            runs.setdefault(moment.astimezone(UTC), []).append(tier)
+            moment = trigger.get_next_fire_time(None, moment + timedelta(seconds=1))
+    heads = [
+        Manifest(
+            id=f"{policy.name_prefix}_{moment.astimezone(UTC):%Y%m%d_%H%M%S}",
+            created=moment,
+            finished=moment + timedelta(seconds=BACKUP_SECONDS),
+            tiers=sorted(tiers, key=list(triggers).index),
+            host="simulated",
+            tool_version=__version__,
+            compression="gzip",
+            sources=[],
+            file_count=0,
+            file_bytes=0,
+        )
+        for moment, tiers in sorted(runs.items())
+    ]
+    candidates = [gfs.Candidate(head.id, head.created, ok=True) for head in heads]
+    decisions = gfs.decide(candidates, gfs.Rules.from_policy(policy), policy.zone, now=now)
+    kept = {decision.name for decision in decisions if decision.keep}
+    return History(heads, [head for head in heads if head.id in kept])
+
+
+def _schedules_of(policy: Policy) -> dict[str, str]:
+    return {
+        name: tier.schedule
+        for name, tier in policy.tiers.configured().items()
+        if tier.schedule is not None
+    }
+
+
+def labels_mislead(policy: Policy, history: History, now: datetime) -> bool:
+    """Tell whether the kept archives' labels alone would re-run or misdate a rare tier."""
+    triggers = scheduler.tier_triggers(_schedules_of(policy), policy.zone)
+    from_labels = {
+        tier: (head.finished if (head := history.last(tier, history.kept)) else None)
+        for tier in triggers
+    }
+    true = {tier: head.finished for tier in triggers if (head := history.last(tier))}
+    rerun = set(scheduler.due_tiers(triggers, from_labels, now)) & set(RARE_TIERS)
+    misdated = any(from_labels[tier] != true.get(tier) for tier in RARE_TIERS)
+    quiet = all(  # no rare tier fires while the test runs
+        trigger.get_next_fire_time(None, now) > now + timedelta(minutes=10)
+        for tier, trigger in triggers.items()
+        if tier in RARE_TIERS
+    )
+    return bool(rerun) and misdated and quiet
+
+
+def write_simulated_backups(backup_dir: Path, kept: list[Manifest]) -> None:
+    """Lay out *kept* as committed backups: archive, checksum sidecar and manifest."""
+    backup_dir.mkdir(mode=0o700, exist_ok=True)
+    for head in kept:
+        archive_path = backup_dir / f"{head.id}.tar.gz"
+        archive_path.write_bytes(b"simulated archive\n" * 1000)
+        (backup_dir / f"{head.id}.tar.gz.sha256").write_text(f"{'0' * 64}  {archive_path.name}\n")
+        (backup_dir / f"{head.id}.manifest.json").write_text(head.model_dump_json())
+
+
+def test_restart_two_days_into_the_default_policy_reruns_no_tier_and_keeps_last_success(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """Retention deleted the daily/weekly/monthly-labelled archives; the tier state remembers."""
+    now = datetime.now(UTC)
+    listen = f"127.0.0.1:{free_port()}"
+    # A zone where the labels left on disk do mislead (they do unless today is both a
+    # Sunday and the 1st there) and no rare tier is due within the test.
+    for offset in (0, *range(-12, 15)):
+        zone = f"Etc/GMT{-offset:+d}" if offset else "UTC"
+        data = policy_data(
+            sandbox,
+            None,
+            timezone=zone,
+            tiers={
+                tier: {
+                    "keep": keep,
+                    **({"schedule": DEFAULT_SCHEDULES[tier]} if tier in DEFAULT_SCHEDULES else {}),
+                }
+                for tier, keep in DEFAULT_KEEPS.items()
+            },
+            metrics={"listen": listen},
+        )
+        policy_path = write_policy(tmp_path / "policy.yaml", data)
+        policy = config.load(policy_path)
+        history = simulate_history(policy, now)
+        if labels_mislead(policy, history, now):
+            break
+    else:
+        pytest.fail("no time zone makes the archives' labels mislead; the test needs one")
+    write_simulated_backups(sandbox.backup_dir, history.kept)
+    records = {}
+    for tier in DEFAULT_SCHEDULES:
+        head = history.last(tier)
+        assert head is not None
+        records[tier] = TierRecord(last_attempt=head.created, last_success=head.finished)
+    tierstate.write(sandbox.backup_dir, records)
+
+    daemon = start_daemon(policy_path)
+    notify_socket.wait_for(has("READY", "1"), "READY=1")
+    metrics = scrape_when_up(listen)
+    for tier in RARE_TIERS:
+        head = history.last(tier)
+        assert head is not None
+        success = metrics.value("sovbackupd_last_success_timestamp_seconds", tier=tier)
+        attempt = metrics.value("sovbackupd_last_attempt_timestamp_seconds", tier=tier)
+        assert success == pytest.approx(head.finished.timestamp(), abs=1e-3), tier
+        assert attempt == pytest.approx(head.created.timestamp(), abs=1e-3), tier
+    caught_up = daemon.wait_for("schedule.catch_up")
+    assert set(caught_up["tiers"]) & set(RARE_TIERS) == set()
+    started = [event["tiers"] for event in daemon.named("backup.started")]
+    assert all(set(tiers) <= {"hourly"} for tiers in started), started
+
+
+# 6. The metrics endpoint under idle clients.
+
+HALF_OPEN_CONNECTIONS = 1000
+
+
+def thread_count(pid: int) -> int:
+    """Return how many threads process *pid* runs."""
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+def test_a_thousand_half_sent_requests_neither_grow_the_daemon_nor_block_metrics(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """Idle clients cost the daemon no thread each; /metrics answers while they hang on."""
+    policy, listen = daemon_policy(tmp_path, sandbox, None, {"daily": daily_far_away()})
+    made = run_cli("backup", "--tier", "daily", config=policy)  # nothing to catch up
+    assert made.returncode == 0, made.stderr
+    daemon = start_daemon(policy)
+    notify_socket.wait_for(has("READY", "1"), "READY=1")
+    scrape_when_up(listen)
+    threads = thread_count(daemon.process.pid)
+    host, port = listen.rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(HALF_OPEN_CONNECTIONS):
+            connection = socket.create_connection((host, int(port)), timeout=30)
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            held.append(connection)
+        # Served after every connection before it was accepted (accept order is FIFO).
+        assert scrape(listen).value("sovbackupd_backups_stored", location="local") == 1
+        assert thread_count(daemon.process.pid) <= threads + 2  # a housekeeping job, at most
+    finally:
+        for connection in held:
+            connection.close()
+    daemon.send(signal.SIGTERM)
+    assert daemon.wait_exit() == 0

@@ -274,3 +274,18 @@ def test_every_unit_directive_has_a_comment_above_it(unit: list[Directive]) -> N
 def test_unit_starts_with_the_system(unit: list[Directive]) -> None:
     """Enabling the unit starts it with multi-user.target."""
     assert single(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_unit_bounds_the_memory_and_tasks_of_the_service(unit: list[Directive]) -> None:
+    """MemoryMax= and TasksMax= are finite: a runaway hook or leak stops inside the service."""
+    memory = single(unit, "Service", "MemoryMax")
+    assert re.fullmatch(r"\d+[KMG]", memory), memory
+    tasks = int(single(unit, "Service", "TasksMax"))
+    assert 0 < tasks < 4096
+
+
+def test_unit_lets_the_daemon_drop_a_hooks_inheritable_capabilities(unit: list[Directive]) -> None:
+    """capset, removed with @privileged, is allowed again after it (hooks are exec'd without it)."""
+    filters = values(unit, "Service", "SystemCallFilter")
+    removed = next(index for index, entry in enumerate(filters) if "~@privileged" in entry.split())
+    assert "capset" in " ".join(filters[removed + 1 :]).split()

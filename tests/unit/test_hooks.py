@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -268,3 +271,104 @@ def test_failing_hook_without_stop_on_failure_logs_a_warning() -> None:
     assert [(event["event"], event["log_level"]) for event in events] == [
         ("hook.failed", "warning")
     ]
+
+
+def test_cancel_kills_the_running_hook_with_its_children_and_skips_the_rest(
+    tmp_path: Path, pids_to_kill: list[int]
+) -> None:
+    """Setting cancel ends the running hook's group at once; later hooks do not run."""
+    pid_file = tmp_path / "child.pid"
+    hook = python(
+        "import pathlib, subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '600'])\n"
+        "pathlib.Path(sys.argv[1]).write_text(str(child.pid))\n"
+        "time.sleep(600)\n",
+        str(pid_file),
+    )
+    later = tmp_path / "later"
+    cancel = threading.Event()
+    results: list[hooks.HookResult] = []
+    runner = threading.Thread(
+        target=lambda: results.extend(
+            hooks.run(
+                "before_backup",
+                [hook, touches(later)],
+                600,
+                {},
+                stop_on_failure=False,
+                cancel=cancel,
+            )
+        )
+    )
+    runner.start()
+    child = int(wait_for_file(pid_file))
+    pids_to_kill.append(child)
+    cancel.set()
+    runner.join(60)
+    assert not runner.is_alive()
+    [result] = results
+    assert result.cancelled
+    assert not result.timed_out
+    assert result.returncode is None
+    assert "cancelled" in result.failure
+    assert not is_running(child)
+    assert not later.exists()
+
+
+def capabilities(status: str) -> dict[str, int]:
+    """Return the Cap* sets of a /proc/PID/status text, as integers."""
+    return {
+        name: int(value, 16)
+        for name, _, value in (line.partition(":\t") for line in status.splitlines())
+        if name.startswith("Cap")
+    }
+
+
+CAPABILITY_PROBE = """
+import json, sys
+from sovbackupd import hooks
+status = open('/proc/self/status').read()
+[result] = hooks.run(
+    'before_backup',
+    [[sys.executable, '-c', 'print(open("/proc/self/status").read())']],
+    60,
+    {},
+    stop_on_failure=True,
+)
+print(json.dumps({'daemon': status, 'hook': result.output_tail, 'ok': result.ok}))
+"""
+CAP_DAC_READ_SEARCH = 1 << 2
+
+
+@pytest.mark.root
+def test_hook_does_not_inherit_the_ambient_capability_the_unit_grants() -> None:
+    """Under AmbientCapabilities=CAP_DAC_READ_SEARCH as a system user, a hook gets no capability."""
+    if os.geteuid() != 0:
+        pytest.fail("this test starts a process with an ambient capability: run it as root")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("setpriv (util-linux) is not installed")
+    # What the unit does: a non-root user holding the capability in its ambient set.
+    probe = subprocess.run(
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "--",
+            sys.executable,
+            "-c",
+            CAPABILITY_PROBE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(probe.stdout.splitlines()[-1])
+    daemon, hook = capabilities(report["daemon"]), capabilities(report["hook"])
+    assert report["ok"]
+    assert daemon["CapAmb"] == daemon["CapEff"] == CAP_DAC_READ_SEARCH
+    assert hook["CapEff"] == hook["CapPrm"] == hook["CapAmb"] == hook["CapInh"] == 0

@@ -1,0 +1,130 @@
+"""The /metrics server over real sockets: bounded connections, idle time and request size."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from sovbackupd.exposition import MAX_REQUEST_BYTES, MetricsServer
+
+HALF_OPEN = 1000
+CAP = 16
+
+
+@pytest.fixture
+def server() -> Iterator[MetricsServer]:
+    """A server on a free port with one gauge, at most CAP connections, 0.2 s idle."""
+    registry = CollectorRegistry()
+    Gauge("probe", "A probe.", registry=registry).set(42)
+    serving = MetricsServer(registry, "127.0.0.1", 0, max_connections=CAP, idle_seconds=0.2)
+    serving.start()
+    yield serving
+    serving.shutdown()
+
+
+def get(server: MetricsServer, path: str = "/metrics", method: str = "GET") -> tuple[int, bytes]:
+    """Return the status and body of one request to *server*."""
+    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        client.request(method, path)
+        response = client.getresponse()
+        return response.status, response.read()
+    finally:
+        client.close()
+
+
+def probe_value(body: bytes) -> float:
+    """Return the probe gauge's value in an exposition *body*."""
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "probe":
+                return float(sample.value)
+    raise AssertionError("no probe sample")
+
+
+def half_sent(port: int) -> socket.socket:
+    """Open a connection that sends the start of a request and never finishes it."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    return connection
+
+
+def test_a_thousand_half_sent_requests_cost_no_thread_and_metrics_stay_answered(
+    server: MetricsServer,
+) -> None:
+    """1000 idle clients: no thread per connection, at most CAP held, /metrics still served."""
+    threads = threading.active_count()
+    held = [half_sent(server.port) for _ in range(HALF_OPEN)]
+    try:
+        status, body = get(server)
+        assert status == 200
+        assert probe_value(body) == 42
+        assert threading.active_count() == threads
+        assert server.connections <= CAP
+        # The oldest were closed to make room: they read the end of the stream.
+        held[0].settimeout(30)
+        assert held[0].recv(1) == b""
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_an_idle_connection_is_closed_at_its_bound(server: MetricsServer) -> None:
+    """A client that never finishes its request is disconnected after idle_seconds."""
+    connection = half_sent(server.port)
+    with connection:
+        connection.settimeout(30)  # far beyond the bound: a hang fails, not a slow machine
+        assert connection.recv(1) == b""
+
+
+def test_an_oversized_request_head_gets_431(server: MetricsServer) -> None:
+    """Headers beyond MAX_REQUEST_BYTES are refused, not buffered."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * MAX_REQUEST_BYTES)
+        assert connection.recv(64).startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status"),
+    [("/metrics", "GET", 200), ("/", "GET", 200), ("/other", "GET", 404), ("/", "POST", 405)],
+)
+def test_paths_and_methods(server: MetricsServer, path: str, method: str, status: int) -> None:
+    """/metrics and / serve the registry; other paths are 404, other methods 405."""
+    assert get(server, path, method)[0] == status
+
+
+def test_head_gets_the_headers_without_the_body(server: MetricsServer) -> None:
+    """HEAD /metrics answers 200 with an empty body."""
+    assert get(server, "/metrics", "HEAD") == (200, b"")
+
+
+class Failing:
+    """A collector that raises on every scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("broken collector")
+
+
+def test_a_raising_collector_costs_one_scrape_not_the_endpoint() -> None:
+    """A scrape that raises answers 500 and is logged; the server keeps serving."""
+    registry = CollectorRegistry()
+    failing = Failing()
+    registry.register(failing)
+    serving = MetricsServer(registry, "127.0.0.1", 0)
+    serving.start()
+    try:
+        with capture_logs() as events:
+            assert get(serving)[0] == 500
+        assert [event["event"] for event in events] == ["metrics.scrape_failed"]
+        registry.unregister(failing)
+        assert get(serving)[0] == 200
+    finally:
+        serving.shutdown()
