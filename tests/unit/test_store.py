@@ -313,3 +313,18 @@ def test_head_reads_a_manifest_without_its_files(tmp_path: Path) -> None:
     assert full is not None
     assert len(full.files) == 1
     assert head == full.model_copy(update={"files": []})
+
+
+@pytest.mark.parametrize(
+    "planted", [b"[" * 100_000, b'{"id": ' * 50_000, b"[1, 2]", b"not json", b"\xff\xfe"]
+)
+def test_a_planted_manifest_beside_an_archive_reads_as_unreadable(
+    store: Store, planted: bytes
+) -> None:
+    """Invariant: any manifest bytes give a head or None, never an exception (daemon start)."""
+    name = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{name}.tar.gz")
+    (store.directory / f"{name}.manifest.json").write_bytes(planted)
+    (stored,) = store.backups()
+    assert stored.head() is None
+    assert stored.manifest() is None
