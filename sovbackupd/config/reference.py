@@ -245,7 +245,10 @@ def reference_markdown() -> str:
         "`credentials_file` to exist, and report each missing one as a config error with "
         "its key and line. `rdb_path` and `aof_dir` are not required, since Redis creates "
         "them, and a file that the checking user may not look at is taken on trust. A "
-        "reload that fails any check keeps the running policy (`config.reload_failed`).",
+        "reload that fails any check keeps the running policy (`config.reload_failed`). "
+        "Backups do not repeat the check: a file that goes missing later fails that "
+        "backup's source with its own error, and other commands (`list`, a `restore` on a "
+        "recovery machine) do not need the files at all.",
         "",
         "Limits, so that a damaged or hostile file is refused at once: a policy is at most "
         f"{loader.MAX_POLICY_BYTES >> 10} KiB, {loader.MAX_DEPTH} levels deep and "

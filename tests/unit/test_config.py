@@ -31,6 +31,7 @@ from sovbackupd.config.models import (
     SourcePath,
 )
 from sovbackupd.errors import ConfigError, ExitCode
+from tests.conftest import run_cli
 
 VALID = """\
 backup_dir: /var/backups/sovereigncore
@@ -930,3 +931,35 @@ def problems_of_files(text: str) -> tuple[str, ...]:
 def test_validation_alone_never_looks_at_the_disk(tmp_path: Path) -> None:
     """Without check_files, a policy naming absent files loads (the reference needs that)."""
     assert parse(policy_naming_files(tmp_path)).sources.sqlite[0].path == tmp_path / "app.db"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        (
+            "3000-deep nesting",
+            "sources:\n  dirs: " + "[" * 3000 + "]" * 3000 + "\n",
+            ":2: not valid YAML: exceeded maximum nesting depth",
+        ),
+        (
+            "5000-digit integer",
+            MINIMAL + "workers: " + "9" * 5000 + "\n",
+            ":3: a number longer than 32 characters in a policy",
+        ),
+        (
+            "missing password file",
+            "sources:\n  redis: {password_file: /nonexistent/redis-password}\n",
+            ":2: sources.redis.password_file: /nonexistent/redis-password does not exist",
+        ),
+    ],
+)
+def test_check_config_refuses_a_hostile_policy_with_one_line_and_exit_78(
+    tmp_path: Path, name: str, text: str, expected: str
+) -> None:
+    """The real command prints one config error line (never a traceback) and exits 78."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    result = run_cli("check-config", config=policy, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, name
+    assert result.stderr_lines == [f"sovbackupd: config error: {policy}{expected}"], name
+    assert result.stdout == ""
