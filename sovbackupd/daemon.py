@@ -189,6 +189,8 @@ class Daemon:
             self._apply(config.load(self._config_path, check_files=True))
         except ConfigError as error:
             self._reload_failed(list(error.problems or (str(error),)))
+        except SovbackupdError as error:  # the new backup_dir cannot be read, say
+            self._reload_failed([str(error)])
         except Exception as error:
             # A bug rather than a bad file: log its traceback, and go on serving.
             self._reload_failed([f"unexpected {type(error).__name__}: {error}"], exc_info=True)
@@ -208,24 +210,29 @@ class Daemon:
         )
 
     def _apply(self, policy: Policy) -> None:
-        """Reschedule for *policy*, then make it the daemon's policy."""
+        """Make *policy* the daemon's: its metrics from disk, then its schedules.
+
+        The disk is read first, so that a backup_dir that cannot be read fails the reload
+        before anything was rescheduled.
+        """
         if policy.metrics.listen != self._policy.metrics.listen:
             log.warning("config.restart_needed", key="metrics.listen")
+        self._metrics_from_disk(policy)
         self._scheduler.reschedule(_schedules(policy), policy.zone)
         self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
-        self._metrics_from_disk(policy)
         self._policy = policy
 
     def _metrics_from_disk(self, policy: Policy) -> None:
         """Declare the policy's series and set what the backup directory already says.
 
         The size guard is read from disk too: a restart must not clear a held retention.
+        Everything is read before any metric changes.
         """
+        stored = Store(policy.backup_dir, policy.name_prefix).backups()
+        held = retention.size_guard(policy, stored, retention.candidates(stored))
         self._metrics.declare_tiers(_schedules(policy))
         self._metrics.declare_remotes(remote.name for remote in policy.remotes)
-        stored = Store(policy.backup_dir, policy.name_prefix).backups()
         self._metrics.rebuild(stored)
-        held = retention.size_guard(policy, stored, retention.candidates(stored))
         self._metrics.retention_held.set(1 if held else 0)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

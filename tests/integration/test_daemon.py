@@ -961,15 +961,21 @@ def test_daemon_reads_a_held_retention_from_disk_at_start(
 # 4. Hostile policies and state files: logged and refused, and the daemon lives on.
 
 
-def hostile_policies(policy: Path, tmp_path: Path, sandbox: Sandbox) -> dict[str, str]:
-    """Return policy texts that once crashed, hung or fooled the daemon, by what they are."""
+def hostile_policies(policy: Path, tmp_path: Path, sandbox: Sandbox) -> dict[str, tuple[str, str]]:
+    """Return policy texts that once crashed, hung or fooled the daemon, by what they are.
+
+    With each comes what its first problem must start with: the policy's path and line,
+    or for a backup_dir that is a file, the backup_dir.
+    """
     base = yaml.safe_load(policy.read_text())
     valid = policy.read_text()
     bomb = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     bomb += [f"l{n}: &l{n} [{','.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 8)]
     http_redis = {**base, "sources": {**base["sources"], "redis": {"url": "http://cache:6379"}}}
     no_passphrase = {**base, "encryption": {"gpg": {"passphrase_file": str(tmp_path / "absent")}}}
-    return {
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    texts = {
         "alias bomb": "\n".join(bomb) + "\n",
         "3000-deep nesting": "sources:\n  dirs: " + "[" * 3000 + "]" * 3000 + "\n",
         "5000-digit integer": valid + "workers: " + "9" * 5000 + "\n",
@@ -979,6 +985,12 @@ def hostile_policies(policy: Path, tmp_path: Path, sandbox: Sandbox) -> dict[str
         "missing passphrase file": yaml.safe_dump(no_passphrase),
         "missing sqlite database": valid.replace(str(sandbox.database), "/nonexistent.db"),
     }
+    hostile = {what: (text, f"{policy}:") for what, text in texts.items()}
+    hostile["backup_dir that is a file"] = (
+        yaml.safe_dump({**base, "backup_dir": str(a_file)}),
+        f"backup_dir {a_file} cannot be read",
+    )
+    return hostile
 
 
 def test_sighup_with_each_hostile_policy_is_refused_and_the_daemon_serves_on(
@@ -998,13 +1010,13 @@ def test_sighup_with_each_hostile_policy_is_refused_and_the_daemon_serves_on(
     scheduled = scrape_when_up(listen).value(NEXT_RUN, tier="daily")
     valid = policy.read_text()
 
-    for what, text in hostile_policies(policy, tmp_path, sandbox).items():
+    for what, (text, first) in hostile_policies(policy, tmp_path, sandbox).items():
         policy.write_text(text)
         mark, notified = daemon.mark(), notify_socket.mark()
         daemon.send(signal.SIGHUP)
         failed = daemon.wait_for("config.reload_failed", mark)
-        assert failed["problems"], what
-        assert all(problem.startswith(str(policy)) for problem in failed["problems"]), failed
+        assert failed["problems"][0].startswith(first), (what, failed)
+        assert "exception" not in failed, (what, failed)  # an expected failure: no traceback
         reloading, _ = notify_socket.wait_for(has("RELOADING", "1"), "RELOADING=1", notified)
         notify_socket.wait_for(has("READY", "1"), f"READY=1 after the {what}", reloading + 1)
         assert daemon.process.poll() is None, what
