@@ -618,7 +618,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=_simulate)
 
     check_parser = commands.add_parser(
-        "check-config", help="validate the policy and print it as it takes effect"
+        "check-config",
+        help="validate the policy and the files it names; print it as it takes effect",
     )
     check_parser.set_defaults(handler=_check_config)
 
@@ -656,7 +657,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             standalone: Callable[[argparse.Namespace], int] = arguments.standalone
             return standalone(arguments)
-        policy = config.load(arguments.config or config.default_path())
+        # check-config also vouches that a backup would find its files; other commands
+        # (list, restore on a recovery machine) need not have them.
+        check_files = handler is _check_config
+        policy = config.load(arguments.config or config.default_path(), check_files=check_files)
         return handler(arguments, policy)
     except ConfigError as error:
         for problem in error.problems or (str(error),):

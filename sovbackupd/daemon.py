@@ -195,41 +195,63 @@ class Daemon:
         self._metrics.refresh_disk(self._policy.backup_dir)
 
     def _reload(self) -> None:
+        """Load the policy file again and serve it; on any failure keep the old policy.
+
+        A reload never stops the daemon: whatever goes wrong, from an invalid file to a
+        bug, is logged as ``config.reload_failed`` and the running policy stays.
+        """
         monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self._notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
         try:
-            policy = config.load(self._config_path)
+            self._apply(config.load(self._config_path, check_files=True))
         except ConfigError as error:
-            problems = list(error.problems or (str(error),))
+            self._reload_failed(list(error.problems or (str(error),)))
+        except SovbackupdError as error:  # the new backup_dir cannot be read, say
+            self._reload_failed([str(error)])
+        except Exception as error:
+            # A bug rather than a bad file: log its traceback, and go on serving.
+            self._reload_failed([f"unexpected {type(error).__name__}: {error}"], exc_info=True)
         else:
-            problems = []
-        if problems:
-            self._metrics.reloaded(success=False)
-            log.error("config.reload_failed", path=str(self._config_path), problems=problems)
-        else:
-            if policy.metrics.listen != self._policy.metrics.listen:
-                log.warning("config.restart_needed", key="metrics.listen")
-            self._policy = policy
-            self._scheduler.reschedule(_schedules(policy), policy.zone)
-            self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
-            self._metrics_from_disk(policy)
             self._metrics.reloaded(success=True)
             log.info("config.reloaded", path=str(self._config_path))
         self._refresh()  # before READY=1: then STATUS= and next-run metrics show the new policy
         self._notify("READY=1")
 
+    def _reload_failed(self, problems: list[str], *, exc_info: bool = False) -> None:
+        self._metrics.reloaded(success=False)
+        log.error(
+            "config.reload_failed",
+            path=str(self._config_path),
+            problems=problems,
+            exc_info=exc_info,
+        )
+
+    def _apply(self, policy: Policy) -> None:
+        """Make *policy* the daemon's: its metrics from disk, then its schedules.
+
+        The disk is read first, so that a backup_dir that cannot be read fails the reload
+        before anything was rescheduled.
+        """
+        if policy.metrics.listen != self._policy.metrics.listen:
+            log.warning("config.restart_needed", key="metrics.listen")
+        self._metrics_from_disk(policy)
+        self._scheduler.reschedule(_schedules(policy), policy.zone)
+        self._scheduler.cron(policy.test_restore.schedule, self._test_restore, TEST_RESTORE_JOB)
+        self._policy = policy
+
     def _metrics_from_disk(self, policy: Policy) -> dict[str, TierRecord]:
         """Declare the policy's series and set what the backup directory already says.
 
         The size guard is read from disk too: a restart must not clear a held retention.
-        Return the tiers' last attempts and successes read on the way.
+        Everything is read before any metric changes. Return the tiers' last attempts and
+        successes read on the way.
         """
-        self._metrics.declare_tiers(_schedules(policy))
-        self._metrics.declare_remotes(remote.name for remote in policy.remotes)
         stored = Store(policy.backup_dir, policy.name_prefix).backups()
         records = _tier_records(policy, stored)
-        self._metrics.rebuild(stored, records)
         held = retention.size_guard(policy, stored, retention.candidates(stored))
+        self._metrics.declare_tiers(_schedules(policy))
+        self._metrics.declare_remotes(remote.name for remote in policy.remotes)
+        self._metrics.rebuild(stored, records)
         self._metrics.retention_held.set(1 if held else 0)
         return records
 
@@ -325,5 +347,5 @@ class Daemon:
 
 def run(config_path: Path) -> int:
     """Load the policy at *config_path* and serve it until stopped; return the exit code."""
-    policy = config.load(config_path)
+    policy = config.load(config_path, check_files=True)
     return Daemon(config_path, policy, CollectorRegistry()).serve()

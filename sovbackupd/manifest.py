@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT_VERSION = 1
@@ -79,8 +80,11 @@ def read_head(path: Path) -> Manifest:
     with path.open("rb") as handle:
         head = handle.read(HEAD_LIMIT_BYTES)
     cut = head.find(FILES_MARKER)
-    data = json.loads(head[:cut] + b"\n}" if cut >= 0 else head)
-    data.pop("files", None)
+    # pydantic's parser bounds nesting with a ValueError; json.loads would raise
+    # RecursionError on a planted "[[[[...", and the daemon reads heads at start.
+    data = pydantic_core.from_json(head[:cut] + b"\n}" if cut >= 0 else head)
+    if isinstance(data, dict):  # anything else fails validation, a ValueError too
+        data.pop("files", None)
     return Manifest.model_validate(data)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import shutil
 import sqlite3
@@ -25,15 +24,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, Literal
 
 import structlog
 import zstandard
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
-from sovbackupd import archive, backup, hooks, redis_server
+from sovbackupd import archive, backup, hooks, redis_server, statefile
 from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, SAFETY_TIER, FileEntry, Manifest
@@ -1235,14 +1234,13 @@ def drill(
     return report
 
 
-@dataclass(frozen=True)
-class DrillState:
+class DrillState(statefile.State):
     """The last test restore's result, kept beside the backups across daemon restarts."""
 
-    backup: str
+    backup: str = Field(max_length=255)
     ok: bool
-    finished: float
-    last_success: float | None
+    finished: float = Field(ge=0)
+    last_success: float | None = Field(ge=0)
 
 
 def record_drill(policy: Policy, report: DrillReport, metrics: Metrics | None) -> DrillState:
@@ -1258,7 +1256,7 @@ def record_drill(policy: Policy, report: DrillReport, metrics: Metrics | None) -
     )
     path = policy.backup_dir / DRILL_STATE_NAME
     try:
-        archive.write_atomically(path, json.dumps(asdict(state)).encode())
+        statefile.write(path, state)
     except OSError as error:
         log.warning("test_restore.state_unsaved", path=str(path), error=error.strerror)
     if metrics is not None:
@@ -1267,9 +1265,5 @@ def record_drill(policy: Policy, report: DrillReport, metrics: Metrics | None) -
 
 
 def last_drill(policy: Policy) -> DrillState | None:
-    """Return the last recorded drill result, None when there is none or it is unreadable."""
-    try:
-        loaded = json.loads((policy.backup_dir / DRILL_STATE_NAME).read_bytes())
-        return DrillState(**loaded)
-    except (OSError, ValueError, TypeError):
-        return None
+    """Return the last recorded drill result; None when there is none or it is unusable."""
+    return statefile.read(policy.backup_dir / DRILL_STATE_NAME, DrillState)

@@ -10,6 +10,7 @@ successful backup of each tier on disk, is the catch-up of missed runs.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ class Scheduler:
             job_defaults={
                 "coalesce": True,
                 "max_instances": 1,
-                "misfire_grace_time": int(timing.misfire_grace_seconds),
+                "misfire_grace_time": math.ceil(timing.misfire_grace_seconds),
             },
         )
         with self._lock:

@@ -6,29 +6,105 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import ValidationError
+from yaml._yaml import CParser  # libyaml, which PyYAML's wheels carry
 
-from sovbackupd.config.models import RSYNC_URL_PATTERN, Policy
+from sovbackupd.config import files
+from sovbackupd.config.files import Location
+from sovbackupd.config.models import PATTERN_EXPECTATIONS, RSYNC_URL_PATTERN, Policy
 from sovbackupd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/sovbackupd/policy.yaml")
 CONFIG_ENV = "SOVBACKUPD_CONFIG"
 SEED_DAILY_SCHEDULE = "0 2 * * *"  # the seed's crontab line for daily backups
 ENV_REMOTE_NAME = "remote"  # the rsync remote that REMOTE_BACKUP_PATH adds or points
+Problem = tuple[int | None, Location, str]  # a problem's line (when known), key and message
 
-Location = tuple[str | int, ...]
+
+# Bounds on what a policy file may hold. A real policy is a few KiB, five levels deep, a
+# few hundred nodes; these leave room for hundreds of sources and hooks, and keep a hostile
+# file from costing more than a few MiB and milliseconds to refuse.
+MAX_POLICY_BYTES = 256 << 10
+MAX_DEPTH = 32
+MAX_NODES = 10_000
+MAX_SCALAR_CHARS = 16 << 10
+MAX_NUMBER_CHARS = 32  # int() refuses over 4300 digits, and no policy number needs 32
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. In YAML 1.1 the key ``on:`` (of notify) is True."""
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a policy must not contain, or too much of it."""
+
+
+class _Loader(
+    yaml.composer.Composer, CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver
+):
+    """A safe loader for policies: bounded, plain YAML, and YAML 1.2 booleans.
+
+    libyaml scans and parses (its C scanner costs a few milliseconds where the pure-Python
+    one takes seconds on deep or long input, and it caps flow nesting itself); the
+    composer is PyYAML's Python one, so that every event is checked before a node is
+    built from it. Anchors, aliases and explicit tags are refused: aliases are how a few
+    hundred bytes expand into gigabytes (the "billion laughs"), and a policy needs
+    neither. Nesting depth, node count and scalar length are capped for the same reason.
+    Only true/false are booleans: in YAML 1.1 the key ``on:`` (of notify) is True.
+    """
+
+    def __init__(self, stream: str) -> None:
+        """Read the policy document *stream*."""
+        CParser.__init__(self, stream)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """Compose one node, refusing what a policy must not contain before it is built."""
+        event = cast(yaml.Event, self.peek_event())  # the composer asks only inside a document
+        mark = event.start_mark
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _refusal("anchors and aliases (&name, *name) are not allowed", mark)
+        if (tag := getattr(event, "tag", None)) not in (None, "!"):
+            raise _refusal(f"explicit tags ({tag}) are not allowed", mark)
+        if isinstance(event, yaml.ScalarEvent):
+            if len(event.value) > MAX_SCALAR_CHARS:
+                raise _refusal(f"a value longer than {MAX_SCALAR_CHARS} characters", mark)
+            resolved = self.resolve(yaml.ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            if resolved in _NUMBER_TAGS and len(event.value) > MAX_NUMBER_CHARS:
+                raise _refusal(f"a number longer than {MAX_NUMBER_CHARS} characters", mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _refusal(f"more than {MAX_NODES} values", mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _refusal(f"nesting deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
+        """Build *node*; a scalar Python cannot convert (2026-13-45) is a YAML error."""
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as error:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {str(node.value)[:40]!r}: {error}", node.start_mark
+            ) from error
+
+
+def _refusal(problem: str, mark: object) -> _Refused:
+    # libyaml's marks have the line and column of yaml.error.Mark, which the stubs expect.
+    return _Refused(None, None, f"{problem} in a policy", cast(yaml.error.Mark, mark))
 
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool",
@@ -42,16 +118,27 @@ def default_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_PATH)
 
 
-def _key_lines(node: yaml.Node, location: Location, lines: dict[Location, int]) -> None:
+def _index(
+    node: yaml.Node, location: Location, lines: dict[Location, int], twice: list[Problem]
+) -> None:
+    """Record the line of every key under *node*; add each key set twice to *twice*.
+
+    Recursive: the loader has already bounded the depth.
+    """
     lines.setdefault(location, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             child = (*location, str(key_node.value))
-            lines[child] = key_node.start_mark.line + 1
-            _key_lines(value_node, child, lines)
+            line = key_node.start_mark.line + 1
+            if child in lines:
+                # YAML would silently take the last value; the first keeps its line.
+                twice.append((line, child, f"set twice: line {lines[child]} sets it first"))
+                continue
+            lines[child] = line
+            _index(value_node, child, lines, twice)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _key_lines(item, (*location, index), lines)
+            _index(item, (*location, index), lines, twice)
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
@@ -140,56 +227,104 @@ def _line_of(location: Location, lines: dict[Location, int]) -> int | None:
     return None
 
 
-def _problems(
-    error: ValidationError, data: object, lines: dict[Location, int], source: str
-) -> list[str]:
-    problems: list[tuple[int, str]] = []
+def _validation_problems(error: ValidationError, data: object) -> list[tuple[Location, str]]:
+    problems = []
     for detail in error.errors():
         location = _readable_location(tuple(detail["loc"]), data)
         if detail["type"] == "extra_forbidden":
             message = "unknown key"
         elif detail["type"] == "missing":
             message = "required key is missing"
+        elif detail["type"] == "string_pattern_mismatch":
+            expected = PATTERN_EXPECTATIONS[detail["ctx"]["pattern"]]
+            message = f"must be {expected}, not {detail['input']!r}"
         else:
             message = detail["msg"].removeprefix("Value error, ")
-        line = _line_of(location, lines)
-        where = f"{source}:{line}" if line is not None else source
-        problems.append((line or 0, f"{where}: {_dotted(location)}: {message}"))
-    return [text for _, text in sorted(problems, key=lambda problem: problem[0])]
+        problems.append((location, message))
+    return problems
 
 
-def parse(text: str, source: str, environ: Mapping[str, str]) -> Policy:
-    """Validate policy *text* (named *source* in errors), with *environ*'s overrides."""
+def _rendered(problems: list[Problem], source: str) -> list[str]:
+    """Return each problem as ``source:line: key.path: message``, in the order of the file."""
+    ordered = sorted(problems, key=lambda problem: problem[0] or 0)
+    return [
+        f"{source}:{line}: {_dotted(location)}: {message}"
+        if line is not None
+        else f"{source}: {_dotted(location)}: {message}"
+        for line, location, message in ordered
+    ]
+
+
+def _too_large(source: str) -> ConfigError:
+    return ConfigError(f"{source}: the policy is larger than {MAX_POLICY_BYTES >> 10} KiB")
+
+
+def _document(text: str, source: str) -> tuple[yaml.Node | None, object]:
+    """Compose *text* into its node tree and build its data; raise ConfigError if it is bad."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise _too_large(source)
     try:
-        root = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+        loader = _Loader(text)  # the reader refuses control characters here
+        try:
+            root = loader.get_single_node()
+            return root, (loader.construct_document(root) if root is not None else None)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from error
+        what = "" if isinstance(error, _Refused) else "not valid YAML: "
+        raise ConfigError(f"{where}: {what}{problem}") from error
+
+
+def parse(
+    text: str, source: str, environ: Mapping[str, str], *, check_files: bool = False
+) -> Policy:
+    """Validate policy *text* (named *source* in errors), with *environ*'s overrides.
+
+    With *check_files*, the files the policy names must exist too (see
+    :func:`sovbackupd.config.files.missing`).
+    """
+    root, data = _document(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the policy must be a mapping of keys to values")
     lines: dict[Location, int] = {}
+    found: list[Problem] = []
     if root is not None:
-        _key_lines(root, (), lines)
+        _index(root, (), lines, found)
     problems = _apply_environment(data, environ)
+    keyed: list[tuple[Location, str]] = []
+    policy: Policy | None = None
     try:
         policy = Policy.model_validate(data)
     except ValidationError as error:
-        problems.extend(_problems(error, data, lines, source))
-    if problems:
+        keyed = _validation_problems(error, data)
+    if policy is not None and check_files:
+        keyed = files.missing(policy)
+    found.extend((_line_of(location, lines), location, message) for location, message in keyed)
+    problems.extend(_rendered(found, source))
+    if problems or policy is None:
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         raise ConfigError(f"{source}: invalid policy ({count}): {problems[0]}", tuple(problems))
     return policy
 
 
-def load(path: Path, environ: Mapping[str, str] | None = None) -> Policy:
-    """Read and validate the policy file at *path*; raise ConfigError naming every problem."""
+def load(
+    path: Path, environ: Mapping[str, str] | None = None, *, check_files: bool = False
+) -> Policy:
+    """Read and validate the policy file at *path*; raise ConfigError naming every problem.
+
+    With *check_files*, the files the policy names must exist too.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_POLICY_BYTES + 1)
+        if len(raw) > MAX_POLICY_BYTES:
+            raise _too_large(str(path))
+        text = raw.decode("utf-8")
     except FileNotFoundError as error:
         raise ConfigError(
             f"policy file {path} not found (set --config or ${CONFIG_ENV})"
@@ -198,9 +333,19 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Policy:
         raise ConfigError(f"policy file {path} cannot be read: {error.strerror}") from error
     except UnicodeDecodeError as error:
         raise ConfigError(f"policy file {path} is not UTF-8 text") from error
-    return parse(text, str(path), os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    return parse(text, str(path), environ, check_files=check_files)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Write values out in full: the loader refuses the aliases PyYAML writes for repeats."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        """Never write an alias."""
+        del data
+        return True
 
 
 def render(policy: Policy) -> str:
-    """Return the effective policy as YAML."""
-    return yaml.safe_dump(policy.model_dump(mode="json"), sort_keys=False)
+    """Return the effective policy as YAML that :func:`parse` reads back."""
+    return yaml.dump(policy.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -36,6 +37,34 @@ RESERVED_ARCHIVE_NAMES = frozenset(
 )
 
 
+# Bounds on the policy's numbers: generous for any real server, and small enough that every
+# timer, timeout and counter the daemon builds from them accepts them.
+MAX_SECONDS = 7 * 24 * 3600.0  # a week: no timeout or interval needs longer
+MAX_KEEP = 100_000  # periods or backups kept: over eleven years of hourly backups
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# [user@]host:path, the host a name or a bracketed IPv6 address, as rsync and scp write it.
+RSYNC_URL_PATTERN = r"^(?:[^@\s:/]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@\s:/\[\]]+):\S.*$"
+HTTP_URL_PATTERN = r"^https?://\S+$"
+SSH_OPTION_PATTERN = r"^[A-Za-z]+=\S.*$"
+STORAGE_CLASS_PATTERN = r"^[A-Z][A-Z0-9_]*$"
+GCS_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+# What each pattern means, for the error an operator reads instead of the regex.
+PATTERN_EXPECTATIONS = {
+    NAME_PATTERN: "letters, digits, '_', '.' and '-', starting with a letter or digit",
+    RSYNC_URL_PATTERN: "[user@]host:path, e.g. backup@backup-server:/backups/sovereigncore",
+    HTTP_URL_PATTERN: "an http:// or https:// URL",
+    SSH_OPTION_PATTERN: "an ssh option as Key=value, e.g. ProxyJump=bastion",
+    STORAGE_CLASS_PATTERN: "an S3 storage class in capitals, e.g. STANDARD_IA",
+    GCS_BUCKET_PATTERN: "lowercase letters, digits, '_', '.' and '-', starting with a "
+    "letter or digit",
+}
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+LISTEN_PATTERN = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):([0-9]{1,5})")
+
+
 def _absolute(path: Path) -> Path:
     if not path.is_absolute():
         raise ValueError(f"must be an absolute path, not {str(path)!r}")
@@ -46,7 +75,7 @@ AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _path_shorthand(value: object) -> object:
@@ -67,13 +96,22 @@ class SourcePath(_Model):
 SourcePathEntry = Annotated[SourcePath, BeforeValidator(_path_shorthand)]
 
 
+def _redis_url(url: str) -> str:
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() not in REDIS_SCHEMES:
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        given = f"one starting {scheme}://" if separator else "something without a scheme"
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not {given}")
+    return url
+
+
 class RedisSource(_Model):
     """The Redis instance, snapshotted with BGSAVE."""
 
-    url: str = Field(
+    url: Annotated[str, AfterValidator(_redis_url)] = Field(
         default="redis://127.0.0.1:6379/0",
-        description="redis:// or unix:// URL of the instance. Keep passwords out of it: "
-        "use password_file.",
+        description="redis://, rediss:// (TLS) or unix:// URL of the instance. Keep "
+        "passwords out of it: use password_file.",
     )
     username: str | None = Field(
         default=None,
@@ -94,6 +132,7 @@ class RedisSource(_Model):
     timeout_seconds: float = Field(
         default=600.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Longest wait for BGSAVE to finish before the backup fails.",
     )
 
@@ -125,6 +164,7 @@ class Sources(_Model):
     sqlite_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Longest wait for a locked SQLite database before the backup fails.",
     )
     config: list[SourcePathEntry] = Field(
@@ -192,10 +232,10 @@ class Tier(_Model):
     @classmethod
     def _keep_count(cls, keep: object) -> object:
         if keep == "unlimited" or (
-            isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0
+            isinstance(keep, int) and not isinstance(keep, bool) and 0 <= keep <= MAX_KEEP
         ):
             return keep
-        raise ValueError("must be a whole number >= 0 or 'unlimited'")
+        raise ValueError(f"must be a whole number from 0 to {MAX_KEEP}, or 'unlimited'")
 
 
 class Tiers(_Model):
@@ -231,7 +271,10 @@ class SizeGuard(_Model):
         "holds retention.",
     )
     window: int = Field(
-        default=5, ge=1, description="How many earlier backups the median is taken over."
+        default=5,
+        ge=1,
+        le=1000,
+        description="How many earlier backups the median is taken over.",
     )
 
 
@@ -244,7 +287,10 @@ class Retention(_Model):
     """Rules beyond the tiers' keep counts (restic's --keep-last and --keep-within)."""
 
     keep_last: int | None = Field(
-        default=None, ge=0, description="Also keep the newest N backups, whatever their time."
+        default=None,
+        ge=0,
+        le=MAX_KEEP,
+        description="Also keep the newest N backups, whatever their time.",
     )
     keep_within: Annotated[str, AfterValidator(_duration)] | None = Field(
         default=None,
@@ -278,7 +324,10 @@ class Hooks(_Model):
         default_factory=list, description="Run in order after a failed backup."
     )
     timeout_seconds: float = Field(
-        default=300.0, gt=0, description="Each hook is killed when it runs longer than this."
+        default=300.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Each hook is killed when it runs longer than this.",
     )
 
 
@@ -293,21 +342,32 @@ class Webhook(_Model):
     """A URL that receives a JSON POST after backups (e.g. a healthchecks.io ping URL)."""
 
     type: Literal["webhook"] = Field(description="The kind of notification.")
-    url: Annotated[str, Field(pattern=r"^https?://")] = Field(description="http(s) URL to POST to.")
+    url: str = Field(pattern=HTTP_URL_PATTERN, description="http(s) URL to POST to.")
     on: list[NotifyEvent] = Field(
         default_factory=_failures_only,
         description="Which results are sent: success, failure.",
     )
-    timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one attempt.")
+    timeout_seconds: float = Field(
+        default=10.0, gt=0, le=MAX_SECONDS, description="Timeout of one attempt."
+    )
     retries: int = Field(default=3, ge=0, le=10, description="Attempts after the first.")
+
+
+def _listen(listen: str) -> str:
+    shape = LISTEN_PATTERN.fullmatch(listen)
+    if shape is None or not 1 <= int(shape[2]) <= 65535:
+        raise ValueError(
+            "must be host:port with a port from 1 to 65535, e.g. 127.0.0.1:9877 or "
+            f"[::1]:9877, not {listen!r}"
+        )
+    return listen
 
 
 class Metrics(_Model):
     """The Prometheus endpoint of the daemon."""
 
-    listen: str | None = Field(
+    listen: Annotated[str, AfterValidator(_listen)] | None = Field(
         default="127.0.0.1:9877",
-        pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):[0-9]{1,5}$",
         description="host:port for /metrics (loopback by default); null turns it off.",
     )
 
@@ -318,20 +378,27 @@ class Daemon(_Model):
     backup_timeout_seconds: float = Field(
         default=4 * 3600.0,
         gt=0,
+        le=MAX_SECONDS,
         description="A backup still running after this is aborted (no partial archive).",
     )
     shutdown_grace_seconds: float = Field(
         default=300.0,
         ge=0,
+        le=MAX_SECONDS,
         description="On SIGTERM, how long a running backup may finish before it is aborted.",
     )
     misfire_grace_seconds: float = Field(
         default=3600.0,
-        gt=0,
-        description="A run missed by up to this much (busy, clock jump) still happens.",
+        ge=1,
+        le=MAX_SECONDS,
+        description="A run missed by up to this much (busy, clock jump) still happens; "
+        "whole seconds, rounded up.",
     )
     disk_refresh_seconds: float = Field(
-        default=60.0, gt=0, description="How often disk free/total metrics are refreshed."
+        default=60.0,
+        ge=1,
+        le=MAX_SECONDS,
+        description="How often disk free/total metrics are refreshed.",
     )
 
 
@@ -349,7 +416,10 @@ class Restore(_Model):
         description="Commands run in order after the swap, also when the swap failed.",
     )
     timeout_seconds: float = Field(
-        default=300.0, gt=0, description="Each stop or start command is killed after this."
+        default=300.0,
+        gt=0,
+        le=MAX_SECONDS,
+        description="Each stop or start command is killed after this.",
     )
     safety_keep: Annotated[str, AfterValidator(_duration)] = Field(
         default="7d",
@@ -442,17 +512,11 @@ class Encryption(_Model):
     gpg: Gpg = Field(description="GnuPG, the only engine: plain gpg --decrypt opens archives.")
 
 
-REMOTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-# [user@]host:path, the host a name or a bracketed IPv6 address, as rsync and scp write it.
-RSYNC_URL_PATTERN = r"^(?:[^@\s:/]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@\s:/\[\]]+):\S.*$"
-HTTP_URL_PATTERN = r"^https?://\S+$"
-
-
 class RsyncRemote(_Model):
     """A directory on another machine, written with rsync over SSH."""
 
     name: str = Field(
-        pattern=REMOTE_NAME_PATTERN,
+        pattern=NAME_PATTERN,
         description="Names the remote for --remote and --from and in the metrics' remote label.",
     )
     type: Literal["rsync"] = Field(description="The kind of remote.")
@@ -473,7 +537,7 @@ class RsyncRemote(_Model):
         "checked (StrictHostKeyChecking=yes); none uses ~/.ssh/known_hosts of the user "
         "sovbackupd runs as.",
     )
-    ssh_options: list[Annotated[str, Field(pattern=r"^[A-Za-z]+=\S.*$")]] = Field(
+    ssh_options: list[Annotated[str, Field(pattern=SSH_OPTION_PATTERN)]] = Field(
         default_factory=list,
         description="More ssh options as Key=value (ProxyJump=bastion); they cannot turn "
         "off host key checking or batch mode.",
@@ -481,6 +545,7 @@ class RsyncRemote(_Model):
     timeout_seconds: float = Field(
         default=60.0,
         gt=0,
+        le=MAX_SECONDS,
         description="Longest wait for the connection, and for a stalled transfer to move.",
     )
 
@@ -489,11 +554,11 @@ class S3Remote(_Model):
     """A bucket of Amazon S3 or an S3-compatible store (MinIO, Ceph, R2, Wasabi)."""
 
     name: str = Field(
-        pattern=REMOTE_NAME_PATTERN,
+        pattern=NAME_PATTERN,
         description="Names the remote for --remote and --from and in the metrics' remote label.",
     )
     type: Literal["s3"] = Field(description="The kind of remote.")
-    bucket: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Bucket name.")
+    bucket: str = Field(pattern=NAME_PATTERN, description="Bucket name.")
     prefix: str = Field(
         default="",
         description="Key prefix the backups are stored under, like a folder "
@@ -507,7 +572,7 @@ class S3Remote(_Model):
         default=None,
         description="Region of the bucket; none takes AWS_REGION or the AWS config file's.",
     )
-    storage_class: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]*$")] | None = Field(
+    storage_class: Annotated[str, Field(pattern=STORAGE_CLASS_PATTERN)] | None = Field(
         default=None,
         description="Storage class of uploads (STANDARD_IA, GLACIER_IR, ...); none keeps "
         "the bucket's default. GLACIER and DEEP_ARCHIVE objects need an S3 restore before "
@@ -525,11 +590,11 @@ class GcsRemote(_Model):
     """A bucket of Google Cloud Storage."""
 
     name: str = Field(
-        pattern=REMOTE_NAME_PATTERN,
+        pattern=NAME_PATTERN,
         description="Names the remote for --remote and --from and in the metrics' remote label.",
     )
     type: Literal["gcs"] = Field(description="The kind of remote.")
-    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Bucket name.")
+    bucket: str = Field(pattern=GCS_BUCKET_PATTERN, description="Bucket name.")
     prefix: str = Field(
         default="",
         description="Object name prefix the backups are stored under, like a folder "
@@ -559,7 +624,7 @@ class Policy(_Model):
     )
     name_prefix: str = Field(
         default="sovereigncore_backup",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=NAME_PATTERN,
         description="Archives are named <name_prefix>_YYYYMMDD_HHMMSS (UTC).",
     )
     timezone: Annotated[str, AfterValidator(_timezone)] = Field(

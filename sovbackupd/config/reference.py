@@ -13,8 +13,10 @@ from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, TypeAdapter
+from pydantic.fields import FieldInfo
 
-from sovbackupd.config.models import Policy, SourcePath
+from sovbackupd.config import loader
+from sovbackupd.config.models import MAX_KEEP, Policy, SourcePath
 
 APP = "/opt/sovereigncore"
 
@@ -147,7 +149,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         else:
             value = field.get_default(call_default_factory=True, validated_data={})
             default = _scalar(TypeAdapter(cast(Any, annotation)).dump_python(value, mode="json"))
-        kind = _type_name(annotation)
+        kind = _type_name(annotation) + _bounds(field)
         rows.append(f"| `{key}` | {kind} | `{default}` | {field.description or ''} |")
         for submodel in nested:
             kind_field = submodel.model_fields.get("type")
@@ -157,6 +159,17 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             else:
                 rows.extend(_rows(submodel, f"{key}."))
     return rows
+
+
+def _bounds(field: FieldInfo) -> str:
+    """Describe a number field's limits, e.g. ``, > 0 and <= 604800``."""
+    limits = [
+        f"{symbol} {getattr(constraint, name):g}"
+        for constraint in field.metadata
+        for name, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(constraint, name, None) is not None
+    ]
+    return f", {' and '.join(limits)}" if limits else ""
 
 
 def _variants(annotation: Any) -> list[type[BaseModel]]:  # noqa: ANN401 (any typing annotation)
@@ -222,6 +235,28 @@ def reference_markdown() -> str:
         "`remote`).",
         "",
         "A source path is a string, or `{path: ..., optional: true}` for one that may be missing.",
+        "",
+        "Files on disk are checked in a separate step, not by the validation above (which "
+        "stays pure, so a policy for another machine can be checked anywhere): "
+        "`check-config`, the daemon's start and every reload (SIGHUP) also require "
+        "`sources.redis.password_file`, every non-optional `sources.sqlite`, "
+        "`sources.config` and `sources.dirs` entry, the `encryption.gpg` key and "
+        "passphrase files, and the remotes' `identity_file`, `known_hosts_file` and "
+        "`credentials_file` to exist, and report each missing one as a config error with "
+        "its key and line. `rdb_path` and `aof_dir` are not required, since Redis creates "
+        "them, and a file that the checking user may not look at is taken on trust. A "
+        "reload that fails any check keeps the running policy (`config.reload_failed`). "
+        "Backups do not repeat the check: a file that goes missing later fails that "
+        "backup's source with its own error, and other commands (`list`, a `restore` on a "
+        "recovery machine) do not need the files at all.",
+        "",
+        "Limits, so that a damaged or hostile file is refused at once: a policy is at most "
+        f"{loader.MAX_POLICY_BYTES >> 10} KiB, {loader.MAX_DEPTH} levels deep and "
+        f"{loader.MAX_NODES} values, a value at most {loader.MAX_SCALAR_CHARS} characters "
+        f"and a number at most {loader.MAX_NUMBER_CHARS}. YAML anchors, aliases and "
+        "explicit tags (`&a`, `*a`, `!!int`) are refused, and so is a key set twice in one "
+        "mapping. Numbers must be finite (no `.inf` or `.nan`) and within the limits the "
+        f"table gives; a `keep` count is at most {MAX_KEEP}.",
         "",
         "| key | type | default | meaning |",
         "| --- | --- | --- | --- |",

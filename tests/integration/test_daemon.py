@@ -1151,3 +1151,138 @@ def test_a_thousand_half_sent_requests_neither_grow_the_daemon_nor_block_metrics
             connection.close()
     daemon.send(signal.SIGTERM)
     assert daemon.wait_exit() == 0
+
+
+# 7. Hostile policies and state files: logged and refused, and the daemon lives on.
+
+
+def hostile_policies(policy: Path, tmp_path: Path, sandbox: Sandbox) -> dict[str, tuple[str, str]]:
+    """Return policy texts that once crashed, hung or fooled the daemon, by what they are.
+
+    With each comes what its first problem must start with: the policy's path and line,
+    or for a backup_dir that is a file, the backup_dir.
+    """
+    base = yaml.safe_load(policy.read_text())
+    valid = policy.read_text()
+    bomb = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    bomb += [f"l{n}: &l{n} [{','.join([f'*l{n - 1}'] * 10)}]" for n in range(1, 8)]
+    http_redis = {**base, "sources": {**base["sources"], "redis": {"url": "http://cache:6379"}}}
+    no_passphrase = {**base, "encryption": {"gpg": {"passphrase_file": str(tmp_path / "absent")}}}
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    texts = {
+        "alias bomb": "\n".join(bomb) + "\n",
+        "3000-deep nesting": "sources:\n  dirs: " + "[" * 3000 + "]" * 3000 + "\n",
+        "5000-digit integer": valid + "workers: " + "9" * 5000 + "\n",
+        "infinite misfire grace": valid + "daemon: {misfire_grace_seconds: .inf}\n",
+        "duplicate key": valid + f"backup_dir: {tmp_path / 'elsewhere'}\n",
+        "http redis url": yaml.safe_dump(http_redis),
+        "missing passphrase file": yaml.safe_dump(no_passphrase),
+        "missing sqlite database": valid.replace(str(sandbox.database), "/nonexistent.db"),
+    }
+    hostile = {what: (text, f"{policy}:") for what, text in texts.items()}
+    hostile["backup_dir that is a file"] = (
+        yaml.safe_dump({**base, "backup_dir": str(a_file)}),
+        f"backup_dir {a_file} cannot be read",
+    )
+    return hostile
+
+
+def test_sighup_with_each_hostile_policy_is_refused_and_the_daemon_serves_on(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """Each hostile policy fails its reload as config.reload_failed; the old schedule stays.
+
+    Alias bombs, deep nesting, huge or infinite numbers, repeated keys and missing files
+    once crashed the daemon, blew up its memory or passed; now it serves on through all.
+    """
+    policy, listen = daemon_policy(tmp_path, sandbox, None, {"daily": daily_far_away()})
+    daemon = start_daemon(policy)
+    daemon.wait_for_backups(1)
+    scheduled = scrape_when_up(listen).value(NEXT_RUN, tier="daily")
+    valid = policy.read_text()
+
+    for what, (text, first) in hostile_policies(policy, tmp_path, sandbox).items():
+        policy.write_text(text)
+        mark, notified = daemon.mark(), notify_socket.mark()
+        daemon.send(signal.SIGHUP)
+        failed = daemon.wait_for("config.reload_failed", mark)
+        assert failed["problems"][0].startswith(first), (what, failed)
+        assert "exception" not in failed, (what, failed)  # an expected failure: no traceback
+        reloading, _ = notify_socket.wait_for(has("RELOADING", "1"), "RELOADING=1", notified)
+        notify_socket.wait_for(has("READY", "1"), f"READY=1 after the {what}", reloading + 1)
+        assert daemon.process.poll() is None, what
+        metrics = scrape(listen)
+        assert metrics.value("sovbackupd_config_last_reload_success") == 0, what
+        assert metrics.value(NEXT_RUN, tier="daily") == scheduled, what
+
+    policy.write_text(valid)
+    rewrite(policy, tiers={"daily": {"schedule": NEW_YEAR, "keep": 100}})
+    mark, notified = daemon.mark(), notify_socket.mark()
+    daemon.send(signal.SIGHUP)
+    daemon.wait_for("config.reloaded", mark)
+    reloading, _ = notify_socket.wait_for(has("RELOADING", "1"), "RELOADING=1", notified)
+    notify_socket.wait_for(has("READY", "1"), "READY=1 after the valid reload", reloading + 1)
+    new_year = datetime(datetime.now(UTC).year + 1, 1, 1, tzinfo=UTC).timestamp()
+    assert scrape(listen).value(NEXT_RUN, tier="daily") == new_year
+    assert daemon.named("daemon.stopped") == []
+
+
+def test_daemon_refuses_to_start_on_a_policy_naming_a_missing_file(
+    tmp_path: Path, sandbox: Sandbox, start_daemon: Callable[[Path], DaemonProcess]
+) -> None:
+    """A missing passphrase file stops `run` at start with exit 78 and one line per problem."""
+    absent = tmp_path / "passphrase"
+    policy, _ = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"daily": daily_far_away()},
+        encryption={"gpg": {"passphrase_file": str(absent)}},
+    )
+    daemon = start_daemon(policy)
+    assert daemon.wait_exit() == 78
+    assert daemon.stderr().splitlines() == [
+        f"sovbackupd: config error: {policy}:{passphrase_line(policy)}: "
+        f"encryption.gpg.passphrase_file: {absent} does not exist"
+    ]
+    assert list(sandbox.backup_dir.glob("*.tar*")) == []
+
+
+def passphrase_line(policy: Path) -> int:
+    """Return the line of the passphrase_file key in *policy*."""
+    lines = policy.read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if "passphrase_file" in line)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        b'{"backup": "b", "ok": true, "finished": 1.0, "last_success": "yesterday"}',
+        b"not json at all",
+        b"[1, 2, 3]",
+        b"[" * 100_000,
+    ],
+    ids=["a word for a time", "not json", "a list", "deeply nested"],
+)
+def test_daemon_starts_past_a_corrupt_test_restore_state_and_says_so(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+    state: bytes,
+) -> None:
+    """A damaged .sovbackupd-test-restore.json is one warning; the daemon becomes ready."""
+    sandbox.backup_dir.mkdir(mode=0o700, exist_ok=True)
+    path = sandbox.backup_dir / ".sovbackupd-test-restore.json"
+    path.write_bytes(state)
+    policy, listen = daemon_policy(tmp_path, sandbox, None, {"daily": NEW_YEAR})
+    daemon = start_daemon(policy)
+    notify_socket.wait_for(has("READY", "1"), "READY=1 despite the corrupt state file")
+    (ignored,) = daemon.named("state.ignored")
+    assert ignored["path"] == str(path)
+    assert ignored["level"] == "warning"
+    assert math.isnan(scrape_when_up(listen).value("sovbackupd_restore_test_last_result"))

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import copy
 import re
+import socket
 import textwrap
+import threading
+import tracemalloc
+import typing
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from sovbackupd import config
-from sovbackupd.config.loader import SEED_DAILY_SCHEDULE
-from sovbackupd.config.models import GcsRemote, Policy, RsyncRemote, S3Remote, SourcePath
+from sovbackupd import config, scheduler
+from sovbackupd.config.files import Location
+from sovbackupd.config.loader import MAX_POLICY_BYTES, SEED_DAILY_SCHEDULE
+from sovbackupd.config.models import (
+    PATTERN_EXPECTATIONS,
+    GcsRemote,
+    Policy,
+    RsyncRemote,
+    S3Remote,
+    SourcePath,
+)
 from sovbackupd.errors import ConfigError, ExitCode
+from tests.conftest import run_cli
 
 VALID = """\
 backup_dir: /var/backups/sovereigncore
@@ -98,7 +118,7 @@ def test_every_problem_is_reported_at_once_with_key_path_and_line() -> None:
     assert sorted(problems) == [
         "policy.yaml:10: compression: Input should be 'gzip', 'zstd' or 'none'",
         "policy.yaml:2: workers: Input should be greater than or equal to 1",
-        "policy.yaml:7: tiers.daily.keep: must be a whole number >= 0 or 'unlimited'",
+        "policy.yaml:7: tiers.daily.keep: must be a whole number from 0 to 100000, or 'unlimited'",
     ]
 
 
@@ -365,7 +385,10 @@ def test_remote_problems_name_the_key_without_the_union_branch() -> None:
           - {name: tape, type: tape}
         """)
     problems = problems_of(text)
-    assert problems[0].startswith("policy.yaml:4: remotes[0].url: String should match pattern")
+    assert problems[0] == (
+        "policy.yaml:4: remotes[0].url: must be [user@]host:path, e.g. "
+        "backup@backup-server:/backups/sovereigncore, not 'no-colon-here'"
+    )
     assert problems[1].startswith("policy.yaml:4: remotes[0].port: ")
     assert problems[2].startswith("policy.yaml:5: remotes[1]")
     assert "'rsync', 's3', 'gcs'" in problems[2]
@@ -475,3 +498,468 @@ def test_notify_on_key_is_a_key_not_a_yaml_boolean() -> None:
         {},
     )
     assert policy.notify[0].on == ["success", "failure"]
+
+
+# Hostile or absurd input: refused before it costs anything, as one config error line.
+
+
+def alias_bomb(levels: int = 7, fanout: int = 10) -> str:
+    """Return the "billion laughs": each level is a list of *fanout* aliases of the last."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, levels + 1):
+        aliases = ",".join([f"*l{level - 1}"] * fanout)
+        lines.append(f"l{level}: &l{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+def refusal(text: str) -> tuple[str, int]:
+    """Parse hostile *text*; return the one config error line and the peak bytes allocated."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            config.parse(text, "policy.yaml", {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.exit_code == ExitCode.CONFIG
+    lines = caught.value.problems or (str(caught.value),)
+    assert len(lines) == 1, lines
+    return lines[0], peak
+
+
+def test_alias_bomb_is_refused_at_its_first_anchor_without_expanding_it() -> None:
+    """Invariant: aliases are refused while composing, so the bomb never grows in memory."""
+    bomb = alias_bomb()
+    assert len(bomb) < 600  # the issue's 512-byte bomb: 10**7 strings once expanded
+    line, peak = refusal(bomb)
+    assert line == "policy.yaml:1: anchors and aliases (&name, *name) are not allowed in a policy"
+    assert peak < 1 << 20
+
+
+HOSTILE_DOCUMENTS = {
+    "flow nesting": ("sources:\n  dirs: " + "[" * 3000 + "]" * 3000 + "\n", 2, "nesting"),
+    "block nesting": ("".join(" " * depth + f"k{depth}:\n" for depth in range(100)), 32, "nesting"),
+    "5000-digit integer": ("workers: " + "9" * 5000 + "\n", 1, "a number longer than 32"),
+    "impossible date": ("sources: {dirs: [/srv]}\nworkers: 2026-13-45\n", 2, "month must be"),
+    "explicit tag": ("sources: {dirs: [/srv]}\nworkers: !!int abc\n", 2, "explicit tags"),
+    "huge value": ("backup_dir: /" + "a" * 100_000 + "\n", 1, "a value longer than"),
+    "too many values": ("sources:\n  dirs:\n" + "    - /srv\n" * 20_000, 9998, "more than"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_DOCUMENTS))
+def test_hostile_documents_are_refused_with_one_line_naming_file_and_line(name: str) -> None:
+    """Invariant: deep, huge or odd YAML is a config error at its line, never an exception."""
+    text, line_number, reason = HOSTILE_DOCUMENTS[name]
+    line, peak = refusal(text)
+    assert line.startswith(f"policy.yaml:{line_number}: "), line
+    assert reason in line
+    assert peak < 8 << 20
+
+
+def test_policy_file_larger_than_the_bound_is_refused_unread(tmp_path: Path) -> None:
+    """Invariant: load() reads at most MAX_POLICY_BYTES + 1 bytes of a policy file."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(MINIMAL + "#" * (64 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="larger than 256 KiB") as caught:
+            config.load(path, {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.exit_code == ExitCode.CONFIG
+    assert peak < 4 * MAX_POLICY_BYTES
+
+
+YAML_FRAGMENTS = [
+    "sources:",
+    "dirs:",
+    "  ",
+    "\n",
+    "- ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ": ",
+    "&a ",
+    "*a",
+    "!!int ",
+    "!!str ",
+    "? ",
+    "'",
+    '"',
+    "#",
+    "---\n",
+    "...\n",
+    "<<: ",
+    "1e999",
+    ".inf",
+    ".nan",
+    "0x1f",
+    "2026-13-45",
+    "9" * 40,
+    "~",
+    "null",
+    "true",
+    "on",
+    "/srv/data",
+    "workers",
+    "tiers",
+    "daily",
+    "keep",
+    "schedule",
+    "'0 2 * * *'",
+    "\t",
+    "%YAML 1.1\n",
+    "\\",
+    "|",
+    ">",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(YAML_FRAGMENTS) | st.text(max_size=4), max_size=40))
+def test_any_text_is_a_policy_or_a_config_error(parts: list[str]) -> None:
+    """Invariant: parse() returns a Policy or raises ConfigError; no other exception escapes."""
+    try:
+        config.parse("".join(parts), "policy.yaml", {})
+    except ConfigError as error:
+        assert error.exit_code == ExitCode.CONFIG
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "workers: 2\nsources: {dirs: [/srv]}\nworkers: 3\n",
+            "policy.yaml:3: workers: set twice: line 1 sets it first",
+        ),
+        (
+            "sources:\n  dirs: [/srv]\n  redis: {url: 'redis://a'}\n  redis: {url: 'redis://b'}\n",
+            "policy.yaml:4: sources.redis: set twice: line 3 sets it first",
+        ),
+        (
+            "sources: {dirs: [/srv]}\ntiers:\n  daily: {keep: 3, schedule: '0 2 * * *', keep: 4}\n",
+            "policy.yaml:3: tiers.daily.keep: set twice: line 3 sets it first",
+        ),
+    ],
+)
+def test_a_key_set_twice_is_an_error_naming_both_lines(text: str, expected: str) -> None:
+    """YAML would silently take the last value of a repeated key; the policy refuses it."""
+    assert problems_of(text) == (expected,)
+
+
+def test_a_repeated_key_is_reported_with_the_other_problems() -> None:
+    """A repeated key does not hide the validation problems of the rest of the file."""
+    problems = problems_of("workers: 0\nsources: {dirs: [/srv]}\nworkers: 0\n")
+    assert problems == (
+        "policy.yaml:1: workers: Input should be greater than or equal to 1",
+        "policy.yaml:3: workers: set twice: line 1 sets it first",
+    )
+
+
+# Numbers: every one bounded, finite, and usable by the daemon's timers.
+
+BASE_WITH_EVERY_NUMBER: dict[str, Any] = {
+    "sources": {"redis": {"url": "redis://127.0.0.1:6379/0"}, "dirs": ["/srv/data"]},
+    "tiers": {name: {"schedule": "0 2 * * *", "keep": 3} for name in ("hourly", "daily")},
+    "retention": {"keep_last": 3, "size_guard": {"ratio": 0.5, "window": 5}},
+    "remotes": [{"name": "offsite", "type": "rsync", "url": "backup@host:/backups"}],
+    "notify": [{"type": "webhook", "url": "https://hc.example/x"}],
+}
+
+
+def _numeric(annotation: object) -> bool:
+    if annotation in (int, float):
+        return True
+    return any(_numeric(argument) for argument in typing.get_args(annotation))
+
+
+def numeric_keys(model: BaseModel, prefix: Location = ()) -> list[Location]:
+    """Return the location of every int or float field under *model*."""
+    found: list[Location] = []
+    for name, field in type(model).model_fields.items():
+        value, location = getattr(model, name), (*prefix, name)
+        if _numeric(field.annotation):
+            found.append(location)
+        elif isinstance(value, BaseModel):
+            found.extend(numeric_keys(value, location))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    found.extend(numeric_keys(item, (*location, index)))
+    return found
+
+
+NUMERIC_KEYS = numeric_keys(Policy.model_validate(BASE_WITH_EVERY_NUMBER))
+
+
+def substituted(location: Location, number: object) -> dict[str, Any]:
+    """Return the base policy with *number* at *location*."""
+    data = copy.deepcopy(BASE_WITH_EVERY_NUMBER)
+    node: Any = data
+    for part in location[:-1]:
+        node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+    node[location[-1]] = number
+    return data
+
+
+def timers_accept(policy: Policy) -> None:
+    """Build every timer, timeout and schedule the daemon builds from the policy's numbers."""
+    runner = scheduler.Scheduler(lambda tiers: None, policy.zone)
+    runner.start({}, {}, scheduler.Timing(policy.workers, policy.daemon.misfire_grace_seconds))
+    try:
+        runner.every(policy.daemon.disk_refresh_seconds, lambda: None, "disk")
+    finally:
+        runner.shutdown()
+    seconds = [
+        value
+        for location in NUMERIC_KEYS
+        if str(location[-1]).endswith("_seconds")
+        for value in [_value_at(policy, location)]
+    ]
+    probe = threading.Lock()  # Timer, Event.wait and subprocess waits all come down to this
+    with socket.socket() as connection:
+        for value in seconds:
+            assert probe.acquire(timeout=value)
+            probe.release()
+            connection.settimeout(value)
+            assert timedelta(seconds=value) >= timedelta(0)
+
+
+def _value_at(policy: Policy, location: Location) -> Any:
+    node: Any = policy
+    for part in location:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def test_every_section_with_numbers_is_covered_by_the_base_policy() -> None:
+    """The number property reaches every numeric field of every model in the policy."""
+    covered = {location[-1] for location in NUMERIC_KEYS}
+    assert {"misfire_grace_seconds", "timeout_seconds", "keep", "window", "port"} <= covered
+    assert len(NUMERIC_KEYS) >= 18, NUMERIC_KEYS
+
+
+NUMBERS = (
+    st.integers()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | st.floats()
+    | st.floats(min_value=-2.0, max_value=2.0)
+    | st.sampled_from([0, 1, 0.5, 1e-300, 1e300, 604800, 604800.5, 10**9, 2**63, True])
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(NUMERIC_KEYS), NUMBERS)
+def test_any_number_in_any_numeric_field_loads_usable_or_is_a_config_error(
+    location: Location, number: object
+) -> None:
+    """Invariant: any number anywhere gives a policy the daemon's timers accept, or ConfigError."""
+    text = yaml.safe_dump(substituted(location, number), sort_keys=False)
+    try:
+        policy = config.parse(text, "policy.yaml", {})
+    except ConfigError as error:
+        assert error.exit_code == ExitCode.CONFIG
+        return
+    timers_accept(policy)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_infinite_or_nan_misfire_grace_is_a_config_error(value: str) -> None:
+    """`misfire_grace_seconds: .inf` passed once and crashed `run`; now it names the key."""
+    assert problems_of(f"daemon: {{misfire_grace_seconds: {value}}}\n" + MINIMAL) == (
+        "policy.yaml:1: daemon.misfire_grace_seconds: Input should be a finite number",
+    )
+
+
+# Values whose shape an operator must get right: say what is expected, never a regex.
+
+
+@pytest.mark.parametrize(
+    ("url", "given_text"),
+    [
+        ("http://user:hunter2@cache:6379/0", "one starting http://"),
+        ("cache:6379", "something without a scheme"),
+    ],
+)
+def test_redis_url_must_be_redis_rediss_or_unix_without_echoing_it(
+    url: str, given_text: str
+) -> None:
+    """An http:// Redis URL is a config error naming the key; the URL's password stays out."""
+    problems = problems_of(f"sources:\n  redis: {{url: '{url}'}}\n")
+    assert problems == (
+        "policy.yaml:2: sources.redis.url: must be a redis://, rediss:// or unix:// URL, "
+        f"not {given_text}",
+    )
+    assert "hunter2" not in problems[0]
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://cache:6380/1", "unix:///run/redis.sock"]
+)
+def test_redis_urls_of_every_supported_scheme_load(url: str) -> None:
+    """redis://, rediss:// and unix:// are what redis-py connects to."""
+    policy = parse(f"sources:\n  redis: {{url: '{url}'}}\n")
+    assert policy.sources.redis is not None
+    assert policy.sources.redis.url == url
+
+
+@pytest.mark.parametrize("listen", ["localhost", "127.0.0.1:70000", "127.0.0.1:0", ":9877"])
+def test_metrics_listen_error_says_host_port_not_a_regex(listen: str) -> None:
+    """A bad metrics.listen explains host:port with an example, and ports stay in range."""
+    assert problems_of(MINIMAL + f"metrics: {{listen: '{listen}'}}\n") == (
+        "policy.yaml:3: metrics.listen: must be host:port with a port from 1 to 65535, "
+        f"e.g. 127.0.0.1:9877 or [::1]:9877, not {listen!r}",
+    )
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9877", "[::1]:1", "0.0.0.0:65535", "host:80"])
+def test_metrics_listen_takes_hosts_and_bracketed_ipv6(listen: str) -> None:
+    """host:port, [v6]:port, and the whole port range load."""
+    assert parse(MINIMAL + f"metrics: {{listen: '{listen}'}}\n").metrics.listen == listen
+
+
+def _patterns(schema: object) -> set[str]:
+    if isinstance(schema, dict):
+        found = {schema["pattern"]} if isinstance(schema.get("pattern"), str) else set()
+        return found.union(*(_patterns(value) for value in schema.values()))
+    if isinstance(schema, list):
+        return set().union(*(_patterns(value) for value in schema))
+    return set()
+
+
+def test_every_pattern_in_the_policy_has_words_for_its_error() -> None:
+    """No pattern reaches an operator as a raw regex: each has an expectation in words."""
+    patterns = _patterns(Policy.model_json_schema())
+    assert patterns
+    assert patterns <= set(PATTERN_EXPECTATIONS)
+
+
+def test_pattern_mismatch_says_what_is_expected() -> None:
+    """A remote name with a space is explained in words, with the value given."""
+    problems = problems_of(
+        MINIMAL + "remotes:\n  - {name: 'off site', type: rsync, url: 'b@h:/x'}\n"
+    )
+    assert problems == (
+        "policy.yaml:4: remotes[0].name: must be letters, digits, '_', '.' and '-', "
+        "starting with a letter or digit, not 'off site'",
+    )
+
+
+def test_rendered_policy_never_holds_aliases() -> None:
+    """render() writes repeated values in full, since the loader refuses aliases."""
+    policy = parse(MINIMAL + "hooks:\n  before_backup: [[a, b]]\n  after_backup: [[a, b]]\n")
+    rendered = config.render(policy)
+    assert "&" not in rendered and "*id" not in rendered
+    assert config.parse(rendered, "rendered.yaml", {}) == policy
+
+
+# Files on disk: checked by check-config, daemon start and reload, not by validation.
+
+
+def policy_naming_files(root: Path) -> str:
+    """Return a policy naming every kind of file the backup needs, all under *root*."""
+    return textwrap.dedent(f"""\
+        sources:
+          redis: {{url: "redis://127.0.0.1:6379/0", password_file: {root}/redis-password}}
+          sqlite: [{root}/app.db, {{path: {root}/maybe.db, optional: true}}]
+          config: [{root}/.env]
+          dirs: [{root}/data]
+        encryption:
+          gpg: {{recipients: [ABCDEF], public_keys_file: {root}/public.asc}}
+        remotes:
+          - {{name: offsite, type: rsync, url: "b@h:/x", identity_file: {root}/id_ed25519}}
+        """)
+
+
+def test_check_files_names_each_missing_file_with_its_key_and_line(tmp_path: Path) -> None:
+    """Every file a backup would fail on is a problem naming its key and line."""
+    text = policy_naming_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text, "policy.yaml", {}, check_files=True)
+    assert caught.value.exit_code == ExitCode.CONFIG
+    hint = " (optional: true allows that)"
+    assert caught.value.problems == (
+        f"policy.yaml:2: sources.redis.password_file: {tmp_path}/redis-password does not exist",
+        f"policy.yaml:3: sources.sqlite[0]: {tmp_path}/app.db does not exist{hint}",
+        f"policy.yaml:4: sources.config[0]: {tmp_path}/.env does not exist{hint}",
+        f"policy.yaml:5: sources.dirs[0]: {tmp_path}/data does not exist{hint}",
+        f"policy.yaml:7: encryption.gpg.public_keys_file: {tmp_path}/public.asc does not exist",
+        f"policy.yaml:9: remotes[0].identity_file: {tmp_path}/id_ed25519 does not exist",
+    )
+
+
+def test_check_files_passes_when_every_file_is_there_and_optional_ones_may_be_missing(
+    tmp_path: Path,
+) -> None:
+    """Present files of the right kind pass; an optional source may be absent."""
+    for name in ("redis-password", "app.db", ".env", "public.asc", "id_ed25519"):
+        (tmp_path / name).write_text("x\n")
+    (tmp_path / "data").mkdir()
+    text = policy_naming_files(tmp_path)
+    assert config.parse(text, "policy.yaml", {}, check_files=True) == parse(text)
+
+
+def test_check_files_refuses_a_directory_where_a_file_belongs(tmp_path: Path) -> None:
+    """A directory named as the SQLite database is reported as not a file."""
+    (tmp_path / "app.db").mkdir()
+    problems = problems_of_files(f"sources: {{sqlite: [{tmp_path}/app.db]}}\n")
+    assert problems == (f"policy.yaml:1: sources.sqlite[0]: {tmp_path}/app.db is not a file",)
+
+
+def test_check_files_refuses_a_missing_passphrase_file(tmp_path: Path) -> None:
+    """A passphrase_file that is not there fails check-config, not the first backup."""
+    problems = problems_of_files(
+        MINIMAL.replace("/srv/data", str(tmp_path))
+        + f"encryption: {{gpg: {{passphrase_file: {tmp_path}/passphrase}}}}\n"
+    )
+    assert problems == (
+        f"policy.yaml:3: encryption.gpg.passphrase_file: {tmp_path}/passphrase does not exist",
+    )
+
+
+def problems_of_files(text: str) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text, "policy.yaml", {}, check_files=True)
+    return caught.value.problems
+
+
+def test_validation_alone_never_looks_at_the_disk(tmp_path: Path) -> None:
+    """Without check_files, a policy naming absent files loads (the reference needs that)."""
+    assert parse(policy_naming_files(tmp_path)).sources.sqlite[0].path == tmp_path / "app.db"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        (
+            "3000-deep nesting",
+            "sources:\n  dirs: " + "[" * 3000 + "]" * 3000 + "\n",
+            ":2: not valid YAML: exceeded maximum nesting depth",
+        ),
+        (
+            "5000-digit integer",
+            MINIMAL + "workers: " + "9" * 5000 + "\n",
+            ":3: a number longer than 32 characters in a policy",
+        ),
+        (
+            "missing password file",
+            "sources:\n  redis: {password_file: /nonexistent/redis-password}\n",
+            ":2: sources.redis.password_file: /nonexistent/redis-password does not exist",
+        ),
+    ],
+)
+def test_check_config_refuses_a_hostile_policy_with_one_line_and_exit_78(
+    tmp_path: Path, name: str, text: str, expected: str
+) -> None:
+    """The real command prints one config error line (never a traceback) and exits 78."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(text)
+    result = run_cli("check-config", config=policy, timeout=60)
+    assert result.returncode == ExitCode.CONFIG, name
+    assert result.stderr_lines == [f"sovbackupd: config error: {policy}{expected}"], name
+    assert result.stdout == ""

@@ -373,3 +373,18 @@ def test_reading_any_bytes_as_a_pin_never_raises_and_always_pins(data: bytes) ->
     else:
         assert str(path) in (pin.problem or "")
         assert pin.holds(datetime.max.replace(tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    "planted", [b"[" * 100_000, b'{"id": ' * 50_000, b"[1, 2]", b"not json", b"\xff\xfe"]
+)
+def test_a_planted_manifest_beside_an_archive_reads_as_unreadable(
+    store: Store, planted: bytes
+) -> None:
+    """Invariant: any manifest bytes give a head or None, never an exception (daemon start)."""
+    name = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{name}.tar.gz")
+    (store.directory / f"{name}.manifest.json").write_bytes(planted)
+    (stored,) = store.backups()
+    assert stored.head() is None
+    assert stored.manifest() is None

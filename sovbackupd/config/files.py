@@ -1,0 +1,85 @@
+"""The files a policy names, checked on disk: a separate step from validating the models.
+
+Validation (:mod:`sovbackupd.config.models`) is pure, so that the example policy, the
+generated reference and the tests can build policies naming paths this machine does not
+have. :func:`missing` is the step that looks at the disk; ``check-config``, the daemon's
+start and every reload run it, so that a file a backup would fail on is a config error
+before the first backup, not a failed backup hours later.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Literal
+
+from sovbackupd.config.models import Policy
+
+Location = tuple[str | int, ...]
+Kind = Literal["file", "directory"]
+
+_GPG_FILES = (
+    "passphrase_file",
+    "public_keys_file",
+    "secret_keys_file",
+    "secret_key_passphrase_file",
+)
+_REMOTE_FILES = ("identity_file", "known_hosts_file", "credentials_file")
+
+
+def _needed(policy: Policy) -> list[tuple[Location, Path, Kind]]:
+    """Return every path the policy needs present, with its key and what it must be."""
+    sources = policy.sources
+    needed: list[tuple[Location, Path, Kind]] = []
+    if sources.redis is not None and sources.redis.password_file is not None:
+        needed.append((("sources", "redis", "password_file"), sources.redis.password_file, "file"))
+    # rdb_path and aof_dir are left out: Redis creates them, and a new server may not
+    # have saved yet; the backup's BGSAVE writes the RDB before it is read.
+    lists: tuple[tuple[str, Kind], ...] = (
+        ("sqlite", "file"),
+        ("config", "file"),
+        ("dirs", "directory"),
+    )
+    for key, kind in lists:
+        for index, entry in enumerate(getattr(sources, key)):
+            if not entry.optional:
+                needed.append((("sources", key, index), entry.path, kind))
+    if policy.gpg is not None:
+        for key in _GPG_FILES:
+            if (path := getattr(policy.gpg, key)) is not None:
+                needed.append((("encryption", "gpg", key), path, "file"))
+    for index, remote in enumerate(policy.remotes):
+        for key in _REMOTE_FILES:
+            if (path := getattr(remote, key, None)) is not None:
+                needed.append((("remotes", index, key), path, "file"))
+    return needed
+
+
+def _problem(path: Path, kind: Kind, optional_allowed: bool) -> str | None:
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        hint = " (optional: true allows that)" if optional_allowed else ""
+        return f"{path} does not exist{hint}"
+    except PermissionError:
+        return None  # not ours to see: the daemon may run as a user who can
+    except OSError as error:
+        return f"{path} cannot be checked: {error.strerror}"
+    is_kind = stat.S_ISDIR(mode) if kind == "directory" else stat.S_ISREG(mode)
+    return None if is_kind else f"{path} is not a {kind}"
+
+
+def missing(policy: Policy) -> list[tuple[Location, str]]:
+    """Return each file or directory *policy* needs that is absent or of the wrong kind.
+
+    Each problem comes with the key that names the path. Optional sources may be absent;
+    a path this user may not look at is taken on trust, since the daemon may run as
+    another user.
+    """
+    problems = []
+    for location, path, kind in _needed(policy):
+        # A source entry (sources.<list>[i]) may be marked optional; other files may not.
+        optional_allowed = location[0] == "sources" and isinstance(location[-1], int)
+        if (problem := _problem(path, kind, optional_allowed)) is not None:
+            problems.append((location, problem))
+    return problems
