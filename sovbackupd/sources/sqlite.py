@@ -89,7 +89,7 @@ class SqliteSource:
         raise SourceError(f"sqlite database {entry.path} {problem} (sources.sqlite)")
 
     def preflight(self) -> Estimate:
-        """Check every database exists; its size is both staged and archived."""
+        """Check every database exists; its size is staged, archived and read."""
         total = 0
         for entry in self._entries:
             if self._exists(entry):
@@ -98,7 +98,7 @@ class SqliteSource:
                 if wal.exists():
                     size += wal.stat().st_size
                 total += size + MEMBER_OVERHEAD_BYTES
-        return Estimate(archived_bytes=total, staged_bytes=total)
+        return Estimate(archived_bytes=total, staged_bytes=total, read_bytes=total)
 
     def _copy(self, database: Path, copy: Path) -> None:
         deadline = time.monotonic() + self._timeout
