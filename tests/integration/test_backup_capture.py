@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from sovbackupd import archive, backup
@@ -14,6 +15,9 @@ from sovbackupd.config import loader
 from sovbackupd.config.models import Policy
 from sovbackupd.progress import ProgressBar
 from tests.conftest import RedisServer, Sandbox, policy_data, run_cli, write_policy
+from tests.integration.test_backup_failures import Mount, mount_tmpfs
+
+__all__ = ["mount_tmpfs"]  # the fixture, shared with the disk-full tests
 
 FRAME = re.compile(r"\[[#.]+\]\s+(\d+)%")
 
@@ -55,12 +59,11 @@ def test_progress_bar_ends_at_100_percent_on_a_real_backup(
 def test_space_estimate_follows_the_compression_of_earlier_backups(
     tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
 ) -> None:
-    """Without history the preflight asks for the uncompressed size; with one backup of
-    compressible data it asks for about that backup's stored size, far less."""
+    """The preflight asks for the uncompressed size first, then about what the last one took."""
     (sandbox.app / "data" / "compressible.txt").write_text("the same line\n" * 400_000)
     policy = load_policy(tmp_path, sandbox, redis_server)
     first = space_needed_of(policy)
-    (stored,) = (path for path in sandbox.backup_dir.glob("*.tar.gz"))
+    (stored,) = sandbox.backup_dir.glob("*.tar.gz")
     uncompressed = (sandbox.app / "data" / "compressible.txt").stat().st_size
     assert first > uncompressed, "without history: the worst case"
     second = space_needed_of(policy)
@@ -68,16 +71,45 @@ def test_space_estimate_follows_the_compression_of_earlier_backups(
     assert second > stored.stat().st_size, "never less than what the last one took"
 
 
+@pytest.mark.root
+def test_compressible_data_larger_than_the_free_space_is_backed_up(
+    sandbox: Sandbox, mount_tmpfs: Mount
+) -> None:
+    """24 MiB that compress like the last backup's data fit a 16 MiB disk: no refusal."""
+    mount_tmpfs(sandbox.backup_dir, "16m")
+    text = sandbox.app / "data" / "compressible.txt"
+    text.write_text("the same line\n" * 450_000)  # 6 MiB: fits even uncompressed
+    config = write_policy(sandbox.root / "policy.yaml", policy_data(sandbox, None))
+    first = run_cli("backup", config=config)
+    assert first.returncode == 0, first.stderr
+    text.write_text("the same line\n" * 1_800_000)  # 24 MiB
+    second = run_cli("backup", config=config)
+    assert second.returncode == 0, second.stderr
+
+
+@pytest.mark.root
+def test_sparse_file_far_larger_than_the_disk_is_backed_up(
+    sandbox: Sandbox, mount_tmpfs: Mount
+) -> None:
+    """A 2 GiB sparse file with 4 KiB of data needs 4 KiB, not 2 GiB: a 16 MiB disk takes it."""
+    mount_tmpfs(sandbox.backup_dir, "16m")
+    with (sandbox.app / "data" / "disk.img").open("wb") as handle:
+        handle.truncate(2 << 30)
+        handle.write(os.urandom(4096))
+    config = write_policy(sandbox.root / "policy.yaml", policy_data(sandbox, None))
+    result = run_cli("backup", config=config)
+    assert result.returncode == 0, result.stderr
+
+
 def test_sparse_file_is_backed_up_by_its_data_and_restored_byte_for_byte(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    """A 1 GiB file with 8 KiB of data is archived by its data and comes back the same:
-    bytes, holes and sub-second mtime."""
+    """A 512 MiB file with 8 KiB of data comes back with its bytes, holes and sub-second mtime."""
     sparse = sandbox.app / "data" / "disk.img"
     with sparse.open("wb") as handle:
-        handle.truncate(1 << 30)
+        handle.truncate(512 << 20)
         handle.write(os.urandom(4096))
-        handle.seek(700 << 20)
+        handle.seek(300 << 20)
         handle.write(os.urandom(4096))
     exact = 1_650_000_000_250_000_000
     os.utime(sparse, ns=(exact, exact))
@@ -94,7 +126,7 @@ def test_sparse_file_is_backed_up_by_its_data_and_restored_byte_for_byte(
     restored = run_cli("restore", name, "--to", str(target), config=config)
     assert restored.returncode == 0, restored.stderr
     copy = target / str(sparse).lstrip("/")
-    assert copy.stat().st_size == 1 << 30
+    assert copy.stat().st_size == 512 << 20
     assert copy.stat().st_blocks * 512 < 8 << 20, "restored sparse"
     assert archive.file_sha256(copy) == archive.file_sha256(sparse)
     assert abs(copy.stat().st_mtime_ns - exact) < 1000
