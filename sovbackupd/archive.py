@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -126,6 +127,7 @@ _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 _USTAR_LIMIT = 8**11  # the largest size or mtime an 11-digit octal field holds
 _ID_LIMIT = 8**7
 _PAX_NAME = b"././@PaxHeader"
+_NAME_KEYWORDS = frozenset({"path", "linkpath", "GNU.sparse.name"})
 _ZEROS = bytes(CHUNK_BYTES)
 SPARSE_DIRECTORY = "GNUSparseFile.0"
 """Where GNU's sparse format 1.0 parks a sparse member's ustar name; pax names the real one."""
@@ -192,10 +194,9 @@ def _pax_record(keyword: str, value: bytes) -> bytes:
 
 def _pax_time(nanoseconds: int) -> bytes:
     """Format *nanoseconds* since the epoch as pax's decimal seconds (``1600000000.5``)."""
-    sign = "-" if nanoseconds < 0 else ""
-    seconds, fraction = divmod(abs(nanoseconds), 10**9)
-    text = f"{sign}{seconds}.{fraction:09d}".rstrip("0").rstrip(".")
-    return text.encode("ascii")
+    if nanoseconds < 0:
+        return b"-" + _pax_time(-nanoseconds)
+    return (b"%d.%09d" % divmod(nanoseconds, 10**9)).rstrip(b"0").rstrip(b".")
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -240,7 +241,7 @@ def _tar_header(
             records.append((keyword, b"%d" % value))
             ids[keyword] = 0
     records.extend(extra)
-    if not all(_is_utf8(value) for _, value in records):
+    if not all(_is_utf8(value) for keyword, value in records if keyword in _NAME_KEYWORDS):
         records.insert(0, ("hdrcharset", b"BINARY"))  # names that are not UTF-8, kept as bytes
     header = _ustar_block(
         fields,
@@ -255,10 +256,17 @@ def _tar_header(
     if not records:
         return header
     data = b"".join(_pax_record(keyword, value) for keyword, value in records)
-    pax = _ustar_block(
-        (b"", _PAX_NAME), tarfile.XHDTYPE, size=len(data), mode=0o644, mtime=ustar_mtime
-    )
-    return pax + data + b"\0" * (-len(data) % BLOCK) + header
+    return _pax_header_block(len(data)) + data + b"\0" * (-len(data) % BLOCK) + header
+
+
+@functools.lru_cache(maxsize=4096)
+def _pax_header_block(size: int) -> bytes:
+    """Return the ustar header of a pax extended header of *size* bytes.
+
+    Its mtime is 0, as Python's tarfile writes it, so that it depends on the size alone
+    and is built once: nearly every member has one, for its sub-second mtime.
+    """
+    return _ustar_block((b"", _PAX_NAME), tarfile.XHDTYPE, size=size, mode=0o644, mtime=0)
 
 
 def _sparse_header(name: str, size: int, member: Member, regions: list[tuple[int, int]]) -> bytes:
