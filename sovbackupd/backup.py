@@ -98,18 +98,15 @@ def _preflight(built: Sequence[sources.Source]) -> Estimate:
 def compression_ratio(store: Store, archive_suffix: str) -> float | None:
     """Return the highest stored/source size ratio of the newest backups, None without any.
 
-    Only backups stored like the next one (same compression and encryption, from the
-    archive's suffix) count. Their manifests are untrusted: one that is unreadable or
-    whose numbers make no ratio is skipped, and the ratio is kept within
+    Only the HISTORY_BACKUPS newest backups stored like the next one (same compression
+    and encryption, from the archive's suffix) count. Their manifests are untrusted: one
+    that is unreadable or whose numbers make no ratio is skipped, and the ratio is kept within
     [MIN_RATIO, 1], so no manifest can make the estimate zero, negative or worse than
     the uncompressed size.
     """
+    alike = [stored for stored in store.backups() if stored.path.name.endswith(archive_suffix)]
     ratios: list[float] = []
-    for stored in reversed(store.backups()):
-        if len(ratios) == HISTORY_BACKUPS:
-            break
-        if not stored.path.name.endswith(archive_suffix):
-            continue
+    for stored in alike[-HISTORY_BACKUPS:]:
         head = stored.head()
         if head is None or head.file_bytes <= 0 or stored.size <= 0:
             continue

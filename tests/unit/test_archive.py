@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -724,3 +725,38 @@ def test_sparse_file_ending_in_data_or_all_hole_round_trips(
             extracted = tar.extractfile(info)
             assert extracted is not None
             assert archive.stream_sha256(extracted) == archive.file_sha256(source)
+
+
+PAGE = 4096
+layouts = st.lists(
+    st.tuples(st.integers(0, 2047), st.integers(1, 64)), max_size=12
+)  # (page, pages) runs of data in an 8 MiB file
+
+
+@settings(max_examples=25, deadline=None)
+@given(runs=layouts, tail_pages=st.integers(0, 3))
+def test_any_sparse_layout_reads_back_the_same_bytes(
+    runs: list[tuple[int, int]], tail_pages: int
+) -> None:
+    """Invariant: any layout of holes reads back with its bytes and size, stored compactly."""
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        source = directory / "layout.img"
+        ends = [(page + pages) * PAGE for page, pages in runs]
+        apparent = max([2048 * PAGE, *ends]) + tail_pages * 123
+        make_sparse(
+            source, apparent, [(page * PAGE, b"\x5a" * (pages * PAGE)) for page, pages in runs]
+        )
+        backups = directory / "backups"
+        backups.mkdir()
+        path = write_archive(backups, [file_member("layout.img", source)], "none")
+        allocated = source.stat().st_blocks * 512
+        with tarfile.open(path) as tar:
+            info = tar.getmember(f"{TOP}/layout.img")
+            extracted = tar.extractfile(info)
+            assert extracted is not None
+            assert info.size == apparent
+            assert archive.stream_sha256(extracted) == archive.file_sha256(source)
+        (entry,) = archive.verify_members(path, TOP).files
+        assert entry.size == apparent
+        assert path.stat().st_size <= allocated + 64 * PAGE
