@@ -481,7 +481,8 @@ class Writer:
             digest = hashlib.sha256()
             position = 0
             shrank = False
-            for offset, length in sparse or [(0, size)]:
+            runs = sparse or [(0, size)]
+            for offset, length in runs:
                 _hash_zeros(digest, offset - position)  # the hole before this run
                 if sparse is not None:
                     handle.seek(offset)
@@ -495,7 +496,7 @@ class Writer:
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                     report.warnings.append(f"{member.origin}: changed while read")
         self._pad(self._tar_bytes)
-        self._record(member, size, digest.hexdigest())
+        self._record(member, size, digest.hexdigest(), sum(length for _, length in runs))
 
     @staticmethod
     def _regions(
@@ -550,14 +551,15 @@ class Writer:
         """Return the file bytes read from the sources so far (what progress counts)."""
         return self._done
 
-    def _record(self, member: Member, size: int, sha256: str | None) -> None:
+    def _record(self, member: Member, size: int, sha256: str | None, data_bytes: int = 0) -> None:
+        """Spool the manifest entry of *member*; count *data_bytes*, what its tar data holds."""
         try:
             self._spool.write(_entry_line(member, size, sha256))
         except OSError as error:
             raise _disk_error(error, self.partial) from error
         if member.kind == "file":
             self.file_count += 1
-            self.file_bytes += size
+            self.file_bytes += data_bytes
 
     @property
     def entries(self) -> list[FileEntry]:

@@ -760,3 +760,16 @@ def test_any_sparse_layout_reads_back_the_same_bytes(
         (entry,) = archive.verify_members(path, TOP).files
         assert entry.size == apparent
         assert path.stat().st_size <= allocated + 64 * PAGE
+
+
+def test_file_bytes_count_a_sparse_files_data_not_its_holes(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """The manifest's file_bytes, which the next space estimate divides by, leave holes out."""
+    source = tmp_path / "sparse.img"
+    make_sparse(source, 128 << 20, [(0, b"x" * 4096), (64 << 20, b"y" * 8192)])
+    report = SourceReport("data", "dirs")
+    with archive.Writer(backup_dir / f"{TOP}.tar", "none", TOP) as writer:
+        writer.add(file_member("sparse.img", source), report)
+        assert writer.file_bytes == 4096 + 8192
+        assert [entry.size for entry in writer.entries] == [128 << 20]
