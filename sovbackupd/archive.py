@@ -51,6 +51,9 @@ PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".sha256"
 MANIFEST_SUFFIX = ".manifest.json"
 ProgressCallback = Callable[[int], None]
+UNREADABLE = (tarfile.TarError, EOFError, ValueError, zstandard.ZstdError)
+"""What reading a damaged or hostile stream raises; tarfile raises ValueError on some
+malformed headers (a GNU sparse map that is not numbers)."""
 
 
 def _threads() -> int:
@@ -792,7 +795,7 @@ def verify_members(archive: Path, top: str, encryption: Gpg | None = None) -> Ma
                 kind = _KINDS.get(info.type, "other")
                 digest = _member_digest(tar, info) if kind == "file" else None
                 found[relative] = (kind, info.size, stat.S_IMODE(info.mode), digest, info.linkname)
-    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as error:
+    except (OSError, *UNREADABLE) as error:
         raise ArchiveError(f"{archive.name}: unreadable archive: {error}") from error
     if manifest_bytes is None:
         raise ArchiveError(f"{archive.name}: no {MANIFEST_NAME} inside")

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import IO, BinaryIO, Literal
 
 import structlog
-import zstandard
 from pydantic import ValidationError
 
 from sovbackupd import archive, backup, hooks, redis_server
@@ -736,7 +735,7 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
                     )
                     tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
                     extraction.run(tar)
-            except (tarfile.TarError, EOFError, zstandard.ZstdError) as error:
+            except archive.UNREADABLE as error:
                 name = plan.backup.path.name
                 raise ArchiveError(f"{name}: unreadable archive: {error}") from error
             except OSError as error:
