@@ -518,9 +518,11 @@ class Writer:
             if regions is None or len(regions) <= MAX_SPARSE_REGIONS:
                 return regions
             reason = f"it has more than {MAX_SPARSE_REGIONS} data runs"
+        from sovbackupd.store import human_size  # noqa: PLC0415 (store imports this module)
+
         report.warnings.append(
             f"{member.origin}: sparse, but archived as dense "
-            f"({status.st_size / (1 << 30):.1f} GiB): {reason}"
+            f"({human_size(status.st_size)}): {reason}"
         )
         return None
 

@@ -773,3 +773,23 @@ def test_file_bytes_count_a_sparse_files_data_not_its_holes(
         writer.add(file_member("sparse.img", source), report)
         assert writer.file_bytes == 4096 + 8192
         assert [entry.size for entry in writer.entries] == [128 << 20]
+
+
+def test_sparse_file_with_too_many_runs_is_archived_dense_with_one_warning(
+    tmp_path: Path, backup_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_SPARSE_REGIONS data runs the map is not worth it: dense, same bytes, one warning."""
+    monkeypatch.setattr(archive, "MAX_SPARSE_REGIONS", 2)
+    source = tmp_path / "fragmented.img"
+    make_sparse(source, 16 << 20, [(offset << 20, b"z" * 4096) for offset in (0, 5, 10)])
+    report = SourceReport("data", "dirs")
+    path = write_archive(backup_dir, [file_member("fragmented.img", source)], "none", report)
+    assert report.warnings == [
+        f"{source}: sparse, but archived as dense (16.0 MiB): it has more than 2 data runs"
+    ]
+    with tarfile.open(path) as tar:
+        info = tar.getmember(f"{TOP}/fragmented.img")
+        assert info.sparse is None
+        extracted = tar.extractfile(info)
+        assert extracted is not None
+        assert archive.stream_sha256(extracted) == archive.file_sha256(source)
