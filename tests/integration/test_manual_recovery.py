@@ -75,7 +75,9 @@ def test_guide_manual_recovery_restores_dotfiles_and_every_component(
         "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
         "SHIM_LOG": str(tmp_path / "shim.log"),
     }
-    subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=True, env=environment)
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], check=True, env=environment, cwd=tmp_path
+    )
 
     app = live / "app"
     assert (app / ".env").read_bytes() == (sandbox.app / ".env").read_bytes()
