@@ -80,8 +80,9 @@ def describe(manifest: Manifest, archive_name: str, file_count: int, file_bytes:
         "Restore:",
         f"  sovbackupd restore {manifest.id}",
         f"  or by hand: tar -xf {archive_name}, then copy {manifest.id}/redis_dump.rdb",
-        f"  and {manifest.id}/<database>.db into place, and each directory with",
-        f"  cp -a {manifest.id}/config/. /opt/sovereigncore/ (config/* would skip .env).",
+        f"  and {manifest.id}/<database>.db into place, and directories with cp -a,",
+        "  dotfiles included (config/* would skip .env):",
+        f"  cp -a {manifest.id}/config/. /opt/sovereigncore/",
         "",
         f"Every file's origin, size, mode and sha256 are in {MANIFEST_NAME}.",
     ]

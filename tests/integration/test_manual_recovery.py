@@ -89,6 +89,8 @@ def test_guide_manual_recovery_restores_dotfiles_and_every_component(
     assert (app / blob).read_bytes() == (sandbox.app / blob).read_bytes()
     assert (app / "mcp_data" / "state.json").read_text() == '{"a": 1}'
     assert (app / "memory" / "memory.md").read_text() == "# remembered\n"
+    info = (stand_ins["/var/tmp"] / name / "backup_info.txt").read_text()
+    assert f"cp -a {name}/config/. " in info, "the archive's own guide copies dotfiles too"
     log = (tmp_path / "shim.log").read_text()
     assert "systemctl stop" in log
     assert "systemctl start" in log
