@@ -9,6 +9,8 @@ is fsynced and its sidecars are in place; a run that dies leaves only ``*.partia
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -49,6 +51,9 @@ PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".sha256"
 MANIFEST_SUFFIX = ".manifest.json"
 ProgressCallback = Callable[[int], None]
+UNREADABLE = (tarfile.TarError, EOFError, ValueError, zstandard.ZstdError)
+"""What reading a damaged or hostile stream raises; tarfile raises ValueError on some
+malformed headers (a GNU sparse map that is not numbers)."""
 
 
 def _threads() -> int:
@@ -124,6 +129,12 @@ _TYPEFLAGS = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfil
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
 _USTAR_LIMIT = 8**11  # the largest size or mtime an 11-digit octal field holds
 _ID_LIMIT = 8**7
+_PAX_NAME = b"././@PaxHeader"
+_NAME_KEYWORDS = frozenset({"path", "linkpath", "GNU.sparse.name"})
+_ZEROS = bytes(CHUNK_BYTES)
+SPARSE_DIRECTORY = "GNUSparseFile.0"
+"""Where GNU's sparse format 1.0 parks a sparse member's ustar name; pax names the real one."""
+MAX_SPARSE_REGIONS = 1 << 16  # a map of this many runs is ~1.5 MiB; beyond it, archive dense
 
 
 def _split_name(name: bytes) -> tuple[bytes, bytes] | None:
@@ -136,36 +147,28 @@ def _split_name(name: bytes) -> tuple[bytes, bytes] | None:
     return name[:cut], name[cut + 1 :]
 
 
-def _tar_header(name: str, size: int, member: Member) -> bytes:
-    """Return the tar header of *member*: plain ustar when it fits, else pax.
-
-    A ustar header is built directly because tarfile's costs tens of microseconds per
-    member, which dominates a tree of small files. Its mtime is whole seconds; the exact
-    mtime is in the manifest, which restore uses.
-    """
-    encoded = name.encode("utf-8", "surrogateescape")
-    link = member.linkname.encode("utf-8", "surrogateescape")
-    mtime = int(member.mtime)
-    fields = _split_name(encoded)
-    if (
-        fields is None
-        or len(link) > 100
-        or not 0 <= mtime < _USTAR_LIMIT
-        or size >= _USTAR_LIMIT
-        or not (0 <= member.uid < _ID_LIMIT and 0 <= member.gid < _ID_LIMIT)
-    ):
-        return _pax_header(name, size, member)
+def _ustar_block(
+    fields: tuple[bytes, bytes],
+    typeflag: bytes,
+    *,
+    size: int,
+    mode: int,
+    mtime: int,
+    uid: int = 0,
+    gid: int = 0,
+    link: bytes = b"",
+) -> bytes:
     prefix, short = fields
     header = bytearray(
         _USTAR.pack(
             short,
-            b"%07o\0" % member.mode,
-            b"%07o\0" % member.uid,
-            b"%07o\0" % member.gid,
+            b"%07o\0" % mode,
+            b"%07o\0" % uid,
+            b"%07o\0" % gid,
             b"%011o\0" % size,
             b"%011o\0" % mtime,
             b" " * 8,
-            _TYPEFLAGS[member.kind],
+            typeflag,
             link,
             tarfile.POSIX_MAGIC[:6],
             tarfile.POSIX_MAGIC[6:],
@@ -180,16 +183,156 @@ def _tar_header(name: str, size: int, member: Member) -> bytes:
     return bytes(header)
 
 
-def _pax_header(name: str, size: int, member: Member) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.type = _TYPEFLAGS[member.kind]
-    info.size = size
-    info.mode = member.mode
-    info.mtime = int(member.mtime)
-    info.uid = member.uid
-    info.gid = member.gid
-    info.linkname = member.linkname
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+def _pax_record(keyword: str, value: bytes) -> bytes:
+    """Return one pax record, ``<length> <keyword>=<value>`` and a newline.
+
+    The length counts the whole record, its own digits included.
+    """
+    body = b" %s=%s\n" % (keyword.encode("ascii"), value)
+    length = len(body)
+    while (total := len(body) + len(str(length))) != length:
+        length = total
+    return b"%d%s" % (length, body)
+
+
+def _pax_time(nanoseconds: int) -> bytes:
+    """Format *nanoseconds* since the epoch as pax's decimal seconds (``1600000000.5``)."""
+    if nanoseconds < 0:
+        return b"-" + _pax_time(-nanoseconds)
+    return (b"%d.%09d" % divmod(nanoseconds, 10**9)).rstrip(b"0").rstrip(b".")
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _tar_header(
+    name: str, size: int, member: Member, extra: tuple[tuple[str, bytes], ...] = ()
+) -> bytes:
+    """Return the tar header of *member*: ustar, after a pax header when ustar cannot hold it.
+
+    The pax header carries what ustar's fields cannot: the exact mtime (whenever it has
+    a fraction of a second), a long name or link, a large size or id, and *extra*
+    records, which come last so that they take precedence (GNU.sparse.name over path).
+    Headers are built by hand because tarfile's cost tens of microseconds per member,
+    which dominates a tree of small files.
+    """
+    encoded = name.encode("utf-8", "surrogateescape")
+    link = member.linkname.encode("utf-8", "surrogateescape")
+    nanoseconds = member.exact_mtime_ns
+    mtime = nanoseconds // 10**9
+    ustar_mtime = mtime if 0 <= mtime < _USTAR_LIMIT else 0
+    records: list[tuple[str, bytes]] = []
+    fields = _split_name(encoded)
+    if fields is None:
+        records.append(("path", encoded))
+        fields = (b"", encoded[-100:])
+    if len(link) > 100:
+        records.append(("linkpath", link))
+        link = link[:100]
+    if size >= _USTAR_LIMIT:
+        records.append(("size", b"%d" % size))
+    if nanoseconds % 10**9 or ustar_mtime != mtime:
+        records.append(("mtime", _pax_time(nanoseconds)))
+    ids = {"uid": member.uid, "gid": member.gid}
+    for keyword, value in ids.items():
+        if not 0 <= value < _ID_LIMIT:
+            records.append((keyword, b"%d" % value))
+            ids[keyword] = 0
+    records.extend(extra)
+    if not all(_is_utf8(value) for keyword, value in records if keyword in _NAME_KEYWORDS):
+        records.insert(0, ("hdrcharset", b"BINARY"))  # names that are not UTF-8, kept as bytes
+    header = _ustar_block(
+        fields,
+        _TYPEFLAGS[member.kind],
+        size=size if size < _USTAR_LIMIT else 0,
+        mode=member.mode,
+        mtime=ustar_mtime,
+        uid=ids["uid"],
+        gid=ids["gid"],
+        link=link,
+    )
+    if not records:
+        return header
+    data = b"".join(_pax_record(keyword, value) for keyword, value in records)
+    return _pax_header_block(len(data)) + data + b"\0" * (-len(data) % BLOCK) + header
+
+
+@functools.lru_cache(maxsize=4096)
+def _pax_header_block(size: int) -> bytes:
+    """Return the ustar header of a pax extended header of *size* bytes.
+
+    Its mtime is 0, as Python's tarfile writes it, so that it depends on the size alone
+    and is built once: nearly every member has one, for its sub-second mtime.
+    """
+    return _ustar_block((b"", _PAX_NAME), tarfile.XHDTYPE, size=size, mode=0o644, mtime=0)
+
+
+def _sparse_header(name: str, size: int, member: Member, regions: list[tuple[int, int]]) -> bytes:
+    """Return the headers and data map of *member* as a GNU sparse (format 1.0) member.
+
+    Its ustar name is ``<dir>/GNUSparseFile.0/<base>``, its real name and size are in
+    pax records, and its data starts with the map of the *regions* that follow it.
+    """
+    directory, _, base = name.rpartition("/")
+    sparse_map = b"%d\n" % len(regions) + b"".join(b"%d\n%d\n" % run for run in regions)
+    sparse_map += b"\0" * (-len(sparse_map) % BLOCK)
+    stored = len(sparse_map) + sum(length for _, length in regions)
+    extra = (
+        ("GNU.sparse.major", b"1"),
+        ("GNU.sparse.minor", b"0"),
+        ("GNU.sparse.name", name.encode("utf-8", "surrogateescape")),
+        ("GNU.sparse.realsize", b"%d" % size),
+    )
+    placeholder = f"{directory}/{SPARSE_DIRECTORY}/{base}"
+    return _tar_header(placeholder, stored, member, extra) + sparse_map
+
+
+def _hash_zeros(digest: hashlib._Hash, count: int) -> None:
+    """Feed *count* zero bytes (a hole) to *digest*."""
+    while count > 0:
+        piece = memoryview(_ZEROS)[: min(count, CHUNK_BYTES)]
+        digest.update(piece)
+        count -= len(piece)
+
+
+def data_regions(descriptor: int, status: os.stat_result) -> list[tuple[int, int]] | None:
+    """Return the (offset, length) runs of data of a sparse file, None when it is dense.
+
+    A file is sparse when fewer bytes are allocated (``st_blocks`` counts 512-byte
+    units) than its size; SEEK_DATA/SEEK_HOLE find its holes. The list ends with a
+    zero-length run at the end of the file when it ends in a hole, as GNU tar writes.
+    Raise OSError when the filesystem cannot tell where the holes are.
+    """
+    size = status.st_size
+    if status.st_blocks * 512 >= size:
+        return None
+    regions: list[tuple[int, int]] = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(descriptor, offset, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno != errno.ENXIO:  # ENXIO: nothing but a hole from here on
+                    raise
+                break
+            end = min(os.lseek(descriptor, start, os.SEEK_HOLE), size)
+            if start >= end:
+                break
+            regions.append((start, end - start))
+            offset = end
+    finally:
+        os.lseek(descriptor, 0, os.SEEK_SET)
+    if regions == [(0, size)]:
+        return None
+    if not regions or sum(regions[-1]) < size:
+        regions.append((size, 0))
+    return regions
 
 
 def _entry_line(member: Member, size: int, sha256: str | None) -> bytes:
@@ -333,43 +476,95 @@ class Writer:
         with handle:
             before = os.fstat(handle.fileno())
             size = before.st_size
-            self._write(_tar_header(name, size, member))
+            sparse = self._regions(handle, before, member, report)
+            if sparse is None:
+                self._write(_tar_header(name, size, member))
+            else:
+                self._write(_sparse_header(name, size, member, sparse))
             digest = hashlib.sha256()
-            remaining = size
-            while remaining > 0:
-                chunk = handle.read(min(remaining, CHUNK_BYTES))
-                if not chunk:
-                    break
-                digest.update(chunk)
-                self._write(chunk)
-                remaining -= len(chunk)
-                self._done += len(chunk)
-                if self._on_progress is not None:
-                    self._on_progress(self._done)
-            if remaining:
-                # The file shrank while read: the header promised *size* bytes.
-                zeros = b"\0" * min(remaining, CHUNK_BYTES)
-                while remaining > 0:
-                    piece = zeros[: min(remaining, len(zeros))]
-                    digest.update(piece)
-                    self._write(piece)
-                    remaining -= len(piece)
+            position = 0
+            shrank = False
+            runs = sparse or [(0, size)]
+            for offset, length in runs:
+                _hash_zeros(digest, offset - position)  # the hole before this run
+                if sparse is not None:
+                    handle.seek(offset)
+                shrank |= self._copy(handle, length, digest)
+                position = offset + length
+            _hash_zeros(digest, size - position)
+            if shrank:
                 report.warnings.append(f"{member.origin}: shrank while read, padded with zeros")
             else:
                 after = os.fstat(handle.fileno())
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
                     report.warnings.append(f"{member.origin}: changed while read")
-        self._pad(size)
-        self._record(member, size, digest.hexdigest())
+        self._pad(self._tar_bytes)
+        self._record(member, size, digest.hexdigest(), sum(length for _, length in runs))
 
-    def _record(self, member: Member, size: int, sha256: str | None) -> None:
+    @staticmethod
+    def _regions(
+        handle: BinaryIO, status: os.stat_result, member: Member, report: SourceReport
+    ) -> list[tuple[int, int]] | None:
+        """Return the data runs of a sparse file to archive as sparse, None to archive dense.
+
+        When the holes cannot be found, or there are too many, the file is archived dense
+        and *report* says so: its bytes are the same, only larger.
+        """
+        try:
+            regions = data_regions(handle.fileno(), status)
+        except OSError as error:
+            reason = f"its holes cannot be found ({error.strerror})"
+        else:
+            if regions is None or len(regions) <= MAX_SPARSE_REGIONS:
+                return regions
+            reason = f"it has more than {MAX_SPARSE_REGIONS} data runs"
+        from sovbackupd.store import human_size  # noqa: PLC0415 (store imports this module)
+
+        report.warnings.append(
+            f"{member.origin}: sparse, but archived as dense "
+            f"({human_size(status.st_size)}): {reason}"
+        )
+        return None
+
+    def _copy(self, handle: BinaryIO, length: int, digest: hashlib._Hash) -> bool:
+        """Stream *length* bytes of *handle* into the archive and *digest*.
+
+        A file that ends sooner (it shrank while read) is padded with zeros, because the
+        header promised *length* bytes; return True then.
+        """
+        remaining = length
+        while remaining > 0:
+            chunk = handle.read(min(remaining, CHUNK_BYTES))
+            if not chunk:
+                break
+            digest.update(chunk)
+            self._write(chunk)
+            remaining -= len(chunk)
+            self._done += len(chunk)
+            if self._on_progress is not None:
+                self._on_progress(self._done)
+        shrank = remaining > 0
+        while remaining > 0:
+            piece = memoryview(_ZEROS)[: min(remaining, CHUNK_BYTES)]
+            digest.update(piece)
+            self._write(piece)
+            remaining -= len(piece)
+        return shrank
+
+    @property
+    def read_bytes(self) -> int:
+        """Return the file bytes read from the sources so far (what progress counts)."""
+        return self._done
+
+    def _record(self, member: Member, size: int, sha256: str | None, data_bytes: int = 0) -> None:
+        """Spool the manifest entry of *member*; count *data_bytes*, what its tar data holds."""
         try:
             self._spool.write(_entry_line(member, size, sha256))
         except OSError as error:
             raise _disk_error(error, self.partial) from error
         if member.kind == "file":
             self.file_count += 1
-            self.file_bytes += size
+            self.file_bytes += data_bytes
 
     @property
     def entries(self) -> list[FileEntry]:
@@ -602,7 +797,7 @@ def verify_members(archive: Path, top: str, encryption: Gpg | None = None) -> Ma
                 kind = _KINDS.get(info.type, "other")
                 digest = _member_digest(tar, info) if kind == "file" else None
                 found[relative] = (kind, info.size, stat.S_IMODE(info.mode), digest, info.linkname)
-    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as error:
+    except (OSError, *UNREADABLE) as error:
         raise ArchiveError(f"{archive.name}: unreadable archive: {error}") from error
     if manifest_bytes is None:
         raise ArchiveError(f"{archive.name}: no {MANIFEST_NAME} inside")

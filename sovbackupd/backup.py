@@ -6,6 +6,7 @@ whoever starts it.
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 import threading
@@ -30,6 +31,9 @@ from sovbackupd.store import Store, check_free_space, human_size
 
 log = structlog.get_logger("sovbackupd.backup")
 SPACE_MARGIN_BYTES = 1 << 20  # manifest, sidecars and tar padding beyond the estimate
+HISTORY_BACKUPS = 5  # the newest backups whose compression ratio predicts the next one's
+RATIO_SAFETY = 1.5  # data compresses worse than last time: room for 50% more than the ratio
+MIN_RATIO = 0.01  # no history claims more than 100:1, however absurd its manifest
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,12 @@ def describe(manifest: Manifest, archive_name: str, file_count: int, file_bytes:
         "",
         "Restore:",
         f"  sovbackupd restore {manifest.id}",
-        f"  or by hand: tar -xf {archive_name}, then copy {manifest.id}/redis_dump.rdb,",
-        f"  {manifest.id}/<database>.db and {manifest.id}/config/* into place.",
+        f"  or by hand: tar -xf {archive_name}, then copy {manifest.id}/redis_dump.rdb",
+        f"  and {manifest.id}/<database>.db into place, and directories with cp -a,",
+        "  dotfiles included (config/* would skip .env):",
+        f"  cp -a {manifest.id}/config/. /opt/sovereigncore/",
         "",
-        f"Every file's size, mode and sha256 are in {MANIFEST_NAME}.",
+        f"Every file's origin, size, mode and sha256 are in {MANIFEST_NAME}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -90,6 +96,38 @@ def _preflight(built: Sequence[sources.Source]) -> Estimate:
     for source in built:
         total += source.preflight()
     return total
+
+
+def compression_ratio(store: Store, archive_suffix: str) -> float | None:
+    """Return the highest stored/source size ratio of the newest backups, None without any.
+
+    Only the HISTORY_BACKUPS newest backups stored like the next one (same compression
+    and encryption, from the archive's suffix) count. Their manifests are untrusted: one
+    that is unreadable or whose numbers make no ratio is skipped, and the ratio is kept within
+    [MIN_RATIO, 1], so no manifest can make the estimate zero, negative or worse than
+    the uncompressed size.
+    """
+    alike = [stored for stored in store.backups() if stored.path.name.endswith(archive_suffix)]
+    ratios: list[float] = []
+    for stored in alike[-HISTORY_BACKUPS:]:
+        head = stored.head()
+        if head is None or head.file_bytes <= 0 or stored.size <= 0:
+            continue
+        ratios.append(min(max(stored.size / head.file_bytes, MIN_RATIO), 1.0))
+    return max(ratios) if ratios else None
+
+
+def space_needed(estimate: Estimate, ratio: float | None) -> int:
+    """Return the bytes a backup of *estimate* may need on disk.
+
+    With a *ratio* from history, the archive is expected at that ratio plus a safety
+    margin; without one, at the worst case: uncompressed. Staged copies are never
+    compressed.
+    """
+    archived = estimate.archived_bytes
+    if ratio is not None:
+        archived = min(archived, math.ceil(archived * ratio * RATIO_SAFETY))
+    return archived + estimate.staged_bytes + SPACE_MARGIN_BYTES
 
 
 def _hooks(
@@ -259,15 +297,19 @@ def _run(
             log.info("store.leftover_removed", path=str(leftover))
         built = sources.build_all(policy.sources, redis_offline=redis_offline)
         estimate = _preflight(built)
-        check_free_space(
-            policy.backup_dir,
-            estimate.archived_bytes + estimate.staged_bytes + SPACE_MARGIN_BYTES,
-        )
+        ratio = compression_ratio(store, policy.archive_suffix)
+        needed = space_needed(estimate, ratio)
+        check_free_space(policy.backup_dir, needed)
         if on_estimate is not None:
-            on_estimate(estimate.archived_bytes)
+            on_estimate(estimate.read_bytes)
         name, created = store.free_name(datetime.now(UTC))
         bound = log.bind(backup=name, tiers=list(tiers))
-        bound.info("backup.started", estimated_bytes=estimate.archived_bytes)
+        bound.info(
+            "backup.started",
+            estimated_bytes=estimate.archived_bytes,
+            compression_ratio=None if ratio is None else round(ratio, 4),
+            space_needed_bytes=needed,
+        )
         path = policy.backup_dir / f"{name}{policy.archive_suffix}"
         staging = store.staging(name)
         try:
@@ -287,6 +329,11 @@ def _run(
                             writer.add(member, report)
                     reports.append(report)
                     bound.info("source.captured", source=source.name, warnings=len(report.warnings))
+                # The total was a guess: end the count on what was read, so it shows 100%.
+                if on_estimate is not None:
+                    on_estimate(writer.read_bytes)
+                if on_progress is not None:
+                    on_progress(writer.read_bytes)
                 head = Manifest(
                     id=name,
                     created=created,

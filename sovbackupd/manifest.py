@@ -61,7 +61,9 @@ class Manifest(_Frozen):
     compression: Literal["gzip", "zstd", "none"]
     sources: list[SourceResult]
     file_count: int = Field(description="Regular files archived.")
-    file_bytes: int = Field(description="Their bytes before compression.")
+    file_bytes: int = Field(
+        description="Their bytes before compression (a sparse file's data, not its holes)."
+    )
     files: list[FileEntry] = Field(
         default_factory=list, description="Every member but manifest.json itself."
     )

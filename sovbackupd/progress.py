@@ -26,11 +26,15 @@ class ProgressBar:
         self._total = total
 
     def __call__(self, done: int) -> None:
-        """Redraw for *done* bytes, at most every REFRESH_SECONDS."""
+        """Redraw for *done* bytes: at most every REFRESH_SECONDS, always at the total.
+
+        The caller ends with *done* equal to the total (correcting the estimate), so the
+        last state drawn is the finished one.
+        """
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._drawn_at < REFRESH_SECONDS:
+        if now - self._drawn_at < REFRESH_SECONDS and done != self._total:
             return
         self._drawn_at = now
         fraction = min(done / self._total, 1.0) if self._total else 0.0

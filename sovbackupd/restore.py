@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import IO, BinaryIO, Literal
 
 import structlog
-import zstandard
 from pydantic import Field, ValidationError
 
 from sovbackupd import archive, backup, hooks, redis_server, statefile
@@ -605,7 +604,7 @@ class _Extraction:
         if target is None or unit is None:
             digest = archive.stream_sha256(extracted)
         else:
-            digest = _write_file(extracted, target, entry)
+            digest = _write_file(extracted, target, entry, sparse=info.sparse is not None)
             _set_metadata(target, entry, unit)
             self.files += 1
             self.bytes += entry.size
@@ -634,9 +633,11 @@ def _mkdir(path: Path, relative: str) -> None:
         raise ArchiveError(f"{relative} comes before its directory in the archive") from None
 
 
-def _write_file(source: IO[bytes], target: Path, entry: FileEntry) -> str:
+def _write_file(source: IO[bytes], target: Path, entry: FileEntry, *, sparse: bool) -> str:
     """Write *source* to the new file *target*, never following or replacing anything.
 
+    A *sparse* member (archived with its holes) gets holes again where its chunks are
+    all zeros, so that a 200 GiB sparse file does not come back as 200 GiB on disk.
     Return the sha256 of what was written.
     """
     try:
@@ -653,7 +654,12 @@ def _write_file(source: IO[bytes], target: Path, entry: FileEntry) -> str:
     with open(descriptor, "wb", buffering=0, closefd=True) as out:  # noqa: PTH123 (an fd)
         while chunk := source.read(archive.CHUNK_BYTES):
             digest.update(chunk)
-            out.write(chunk)
+            if sparse and chunk.count(0) == len(chunk):
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+        if sparse:
+            out.truncate()  # a file that ends in a hole still gets its full size
     return digest.hexdigest()
 
 
@@ -728,7 +734,7 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
                     )
                     tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
                     extraction.run(tar)
-            except (tarfile.TarError, EOFError, zstandard.ZstdError) as error:
+            except archive.UNREADABLE as error:
                 name = plan.backup.path.name
                 raise ArchiveError(f"{name}: unreadable archive: {error}") from error
             except OSError as error:

@@ -344,7 +344,7 @@ def check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise DiskSpaceError(
-            f"not enough space in {directory}: the backup needs up to {human_size(needed)} "
+            f"not enough space in {directory}: the backup needs about {human_size(needed)} "
             f"and {human_size(free)} is free"
         )
 

@@ -20,6 +20,8 @@ class Member:
     *origin* is the absolute path it came from, which restore puts it back to. A file's
     bytes come from *opener*, called once when the archive is ready for them; the archive
     takes the size from the opened handle, so what is archived is what was read.
+    *mtime_ns* is the exact mtime when it came from a stat; the archive's pax header
+    carries it, and falls back to *mtime* for generated members.
     """
 
     arcname: str
@@ -31,6 +33,12 @@ class Member:
     gid: int = 0
     linkname: str = ""
     opener: Callable[[], BinaryIO] | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def exact_mtime_ns(self) -> int:
+        """Return the mtime in nanoseconds: the stat's own, else *mtime* converted."""
+        return self.mtime_ns if self.mtime_ns is not None else round(self.mtime * 1e9)
 
     @classmethod
     def from_stat(
@@ -58,6 +66,7 @@ class Member:
             gid=status.st_gid,
             linkname=linkname,
             opener=opener,
+            mtime_ns=status.st_mtime_ns,
         )
 
 
@@ -78,7 +87,9 @@ class Source(Protocol):
 
     - :meth:`preflight` runs before anything is written. It checks that the source can be
       captured (paths exist, the server answers) and returns an upper bound of the bytes
-      it will add, plus what it stages on disk meanwhile. It raises
+      it will add, plus what it stages on disk meanwhile and a guess of the file bytes
+      it will hand over. A sparse file counts its allocated blocks, since it is archived
+      with its holes. It raises
       :class:`~sovbackupd.errors.SourceError` with one clear line otherwise.
     - :meth:`members` is a generator. It yields members in archive order and may stage
       temporary copies under *staging* (private to this run, on the backup disk); it
@@ -109,13 +120,21 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes a source adds to the archive (upper bound) and stages meanwhile."""
+    """Bytes a source adds to the archive (upper bound) and stages meanwhile.
+
+    *read_bytes* is the best guess of the file bytes the archive will read from the
+    source, which is what the progress bar counts: headers and the upper bound's slack
+    (Redis's used_memory against its RDB) are not in it.
+    """
 
     archived_bytes: int
     staged_bytes: int = 0
+    read_bytes: int = 0
 
     def __add__(self, other: Estimate) -> Estimate:
         """Add two estimates."""
         return Estimate(
-            self.archived_bytes + other.archived_bytes, self.staged_bytes + other.staged_bytes
+            self.archived_bytes + other.archived_bytes,
+            self.staged_bytes + other.staged_bytes,
+            self.read_bytes + other.read_bytes,
         )

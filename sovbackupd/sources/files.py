@@ -20,6 +20,11 @@ from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 MEMBER_OVERHEAD_BYTES = 2048
 
 
+def stored_bytes(status: os.stat_result) -> int:
+    """Return the bytes the archive reads of a regular file: its data, holes left out."""
+    return min(status.st_size, status.st_blocks * 512)
+
+
 def open_nofollow(path: str) -> BinaryIO:
     """Open *path* for reading without following a symlink that replaced it meanwhile."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -147,22 +152,27 @@ class FilesSource:
         return status
 
     def preflight(self) -> Estimate:
-        """Check every configured path exists and sum the sizes below them."""
-        total = MEMBER_OVERHEAD_BYTES if self._component == "config" else 0  # config/ itself
+        """Check every configured path exists and sum the sizes below them.
+
+        A sparse file counts the bytes allocated to it, not its apparent size: it is
+        archived with its holes, so a 200 GiB file with 4 KiB of data adds 4 KiB.
+        """
+        members = 1 if self._component == "config" else 0  # config/ itself
+        read = 0
         for entry in self._entries:
             status = self._present(entry)
             if status is None:
                 continue
-            total += MEMBER_OVERHEAD_BYTES
+            members += 1
             if self._component == "config":
-                total += status.st_size
+                read += stored_bytes(status)
                 continue
             walk = _Walk(entry.path, self._exclude)
             for _, _, child in walk.entries(None):
-                total += MEMBER_OVERHEAD_BYTES
+                members += 1
                 if stat.S_ISREG(child.st_mode):
-                    total += child.st_size
-        return Estimate(archived_bytes=total)
+                    read += stored_bytes(child)
+        return Estimate(archived_bytes=read + members * MEMBER_OVERHEAD_BYTES, read_bytes=read)
 
     def members(self, staging: Path, report: SourceReport) -> Generator[Member]:
         """Yield each config file, or each directory tree, in a stable order."""

@@ -167,23 +167,27 @@ class RedisSource:
         the current RDB, if larger) bounds what the new snapshot adds.
         """
         archived = MEMBER_OVERHEAD_BYTES
+        read = 0
         if not self._offline:
             with self._client() as client:
                 self._call(client, "PING")
                 memory = self._call(client, "INFO", "memory")
             archived += int(memory.get("used_memory", 0))
+            read = int(memory.get("used_memory_dataset", 0))
+        # The new snapshot most likely has the size of the last one, far below used_memory.
         if self._config.rdb_path.exists():
-            archived = max(archived, MEMBER_OVERHEAD_BYTES + self._config.rdb_path.stat().st_size)
+            read = self._config.rdb_path.stat().st_size
+            archived = max(archived, MEMBER_OVERHEAD_BYTES + read)
         staged = 0
         if self._config.aof_dir is not None:
             if not self._config.aof_dir.is_dir():
                 raise SourceError(f"redis aof_dir {self._config.aof_dir} is not a directory")
-            staged = MEMBER_OVERHEAD_BYTES + sum(
-                entry.stat().st_size + MEMBER_OVERHEAD_BYTES
-                for entry in self._config.aof_dir.iterdir()
-                if entry.is_file()
-            )
-        return Estimate(archived_bytes=archived + staged, staged_bytes=staged)
+            sizes = [
+                entry.stat().st_size for entry in self._config.aof_dir.iterdir() if entry.is_file()
+            ]
+            staged = MEMBER_OVERHEAD_BYTES * (len(sizes) + 1) + sum(sizes)
+            read += sum(sizes)
+        return Estimate(archived_bytes=archived + staged, staged_bytes=staged, read_bytes=read)
 
     def _wait_for(
         self, client: redis.Redis, deadline: float, done: Callable[[dict[str, Any]], bool]

@@ -89,16 +89,17 @@ class SqliteSource:
         raise SourceError(f"sqlite database {entry.path} {problem} (sources.sqlite)")
 
     def preflight(self) -> Estimate:
-        """Check every database exists; its size is both staged and archived."""
-        total = 0
+        """Check every database exists; its size is staged, archived and read."""
+        read = members = 0
         for entry in self._entries:
             if self._exists(entry):
-                size = entry.path.stat().st_size
+                read += entry.path.stat().st_size
                 wal = entry.path.with_name(entry.path.name + WAL_FILES[0])
                 if wal.exists():
-                    size += wal.stat().st_size
-                total += size + MEMBER_OVERHEAD_BYTES
-        return Estimate(archived_bytes=total, staged_bytes=total)
+                    read += wal.stat().st_size
+                members += 1
+        total = read + members * MEMBER_OVERHEAD_BYTES
+        return Estimate(archived_bytes=total, staged_bytes=total, read_bytes=read)
 
     def _copy(self, database: Path, copy: Path) -> None:
         deadline = time.monotonic() + self._timeout

@@ -57,6 +57,7 @@ def test_source_members_are_relative_unique_and_within_the_estimate(
     assert len(names) == len(set(names))
     assert names, "every configured source yields members"
     assert archived <= estimate.archived_bytes
+    assert 0 < estimate.read_bytes <= estimate.archived_bytes, "the progress total is a guess"
     assert list(staging.iterdir()) == [], "staged copies are removed when the source is done"
 
 

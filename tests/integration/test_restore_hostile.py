@@ -276,6 +276,21 @@ def symlink_chain_escape(editor: ArchiveEditor) -> None:
     editor.save()
 
 
+def malformed_sparse_map(editor: ArchiveEditor) -> None:
+    # A GNU sparse 1.0 member whose map promises three runs and holds one number.
+    info = tarfile.TarInfo(f"{editor.top}/data/GNUSparseFile.0/holes.img")
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": f"{editor.top}/data/holes.img",
+        "GNU.sparse.realsize": "4096",
+    }
+    data = b"3\n0\n".ljust(tarfile.BLOCKSIZE, b"\0")
+    info.size = len(data)
+    editor.members.insert(len(editor.members) - 1, Member(info, data))
+    editor.save()
+
+
 @dataclass(frozen=True)
 class Hostile:
     """One hostile archive: how it is made and what the refusal must name."""
@@ -316,6 +331,7 @@ HOSTILE = [
     Hostile("truncated", truncated_archive, "unreadable archive"),
     Hostile("truncated-tar-in-sound-gzip", truncated_tar_in_sound_gzip, "unreadable archive"),
     Hostile("ends-before-manifest", manifest_member_left_out, "no manifest.json inside"),
+    Hostile("malformed-sparse-map", malformed_sparse_map, "unreadable archive"),
     Hostile("manifest-inside-differs", manifest_inside_differs, "manifest inside differs"),
     Hostile(
         "origin-outside-policy",

@@ -9,18 +9,22 @@ import re
 import stat
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sovbackupd import archive
 from sovbackupd.errors import ArchiveError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest
-from sovbackupd.sources.base import Member, SourceReport
+from sovbackupd.sources.base import Member, MemberKind, SourceReport
 from sovbackupd.sources.files import open_nofollow
 from tests.conftest import require_tool
 
@@ -117,7 +121,7 @@ def backup_dir(tmp_path: Path) -> Path:
 def test_writer_round_trip_preserves_content_mode_mtime_and_symlinks(
     tree: Path, backup_dir: Path
 ) -> None:
-    """Tarfile reads back the bytes, modes, link targets and (whole-second) mtimes."""
+    """Tarfile reads back the bytes, modes, link targets and sub-second (pax) mtimes."""
     path = write_archive(backup_dir, tree_members(tree))
     with tarfile.open(path, "r:gz") as tar:
         members = {info.name: info for info in tar.getmembers()}
@@ -135,7 +139,7 @@ def test_writer_round_trip_preserves_content_mode_mtime_and_symlinks(
         notes = members[f"{TOP}/data/notes.txt"]
         assert notes.isfile()
         assert stat.S_IMODE(notes.mode) == 0o640
-        assert notes.mtime == 1_600_000_000
+        assert notes.mtime == 1_600_000_000.5
         extracted = tar.extractfile(notes)
         assert extracted is not None
         assert extracted.read() == (tree / "notes.txt").read_bytes()
@@ -255,7 +259,7 @@ def test_every_compression_round_trips_and_tar_lists_it(
 
 
 def test_gnu_tar_extracts_what_was_written(tree: Path, backup_dir: Path, tmp_path: Path) -> None:
-    """`tar -xzf` restores the bytes and the symlink, as the seed's manual recovery does."""
+    """`tar -xzf` restores the bytes, the symlink and the sub-second mtime."""
     path = write_archive(backup_dir, tree_members(tree))
     target = tmp_path / "extracted"
     target.mkdir()
@@ -263,7 +267,7 @@ def test_gnu_tar_extracts_what_was_written(tree: Path, backup_dir: Path, tmp_pat
     restored = target / TOP / "data"
     assert (restored / "sub" / "blob.bin").read_bytes() == (tree / "sub" / "blob.bin").read_bytes()
     assert (restored / "link").readlink() == Path("notes.txt")
-    assert (restored / "notes.txt").stat().st_mtime == 1_600_000_000
+    assert (restored / "notes.txt").stat().st_mtime == 1_600_000_000.5
 
 
 def test_leaving_the_writer_without_commit_removes_the_partial(
@@ -585,3 +589,207 @@ def test_verify_members_reports_a_manifest_that_is_not_a_manifest(backup_dir: Pa
         tar.addfile(info, io.BytesIO(b"not json!"))
     with pytest.raises(ArchiveError, match=re.escape("manifest.json")):
         archive.verify_members(path, TOP)
+
+
+NANOSECONDS = 10**9
+printable = st.characters(blacklist_categories=("Cs", "Cc"))
+names = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/"),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    parts=st.lists(names, min_size=1, max_size=6),
+    mtime_ns=st.integers(-(10**18), 10**19),
+    size=st.integers(0, 2**40),
+    uid=st.integers(0, 2**32),
+    gid=st.integers(0, 2**32),
+    link=st.one_of(st.just(""), names, st.text(printable, min_size=101, max_size=200)),
+)
+def test_tar_header_keeps_every_field_exactly(
+    *, parts: list[str], mtime_ns: int, size: int, uid: int, gid: int, link: str
+) -> None:
+    """Invariant: tarfile reads back the name, link, size, ids and nanosecond mtime of a header."""
+    name = f"{TOP}/" + "/".join(parts)
+    kind: MemberKind = "symlink" if link else "file"
+    member = Member(
+        name, kind, None, 0o640, mtime_ns / NANOSECONDS, uid, gid, link, mtime_ns=mtime_ns
+    )
+    header = archive._tar_header(name, 0 if link else size, member)
+    stream = io.BytesIO(header + b"\0" * (2 * tarfile.BLOCKSIZE))
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        info = tar.next()
+        assert info is not None
+        assert info.name == name
+        assert info.linkname == link
+        assert info.size == (0 if link else size)
+        assert (info.uid, info.gid) == (uid, gid)
+        recorded = info.pax_headers.get("mtime")
+        if mtime_ns % NANOSECONDS or not 0 <= mtime_ns < 8**11 * NANOSECONDS:
+            assert recorded is not None
+            assert Decimal(recorded) * NANOSECONDS == mtime_ns
+        else:
+            assert recorded is None
+            assert info.mtime * NANOSECONDS == mtime_ns
+
+
+def test_gnu_tar_restores_the_mtime_to_the_nanosecond(tmp_path: Path, backup_dir: Path) -> None:
+    """The pax mtime carries the stat's nanoseconds, and GNU tar sets them back."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "precise").write_text("x")
+    exact = 1_600_000_000_123_456_789
+    os.utime(source / "precise", ns=(exact, exact))
+    path = write_archive(backup_dir, [file_member("precise", source / "precise")])
+    target = tmp_path / "extracted"
+    target.mkdir()
+    subprocess.run([require_tool("tar"), "-xzf", str(path), "-C", str(target)], check=True)
+    assert (target / TOP / "precise").stat().st_mtime_ns == exact
+
+
+def make_sparse(path: Path, apparent: int, runs: list[tuple[int, bytes]]) -> None:
+    """Create *path* of *apparent* size with data only at the offsets of *runs*."""
+    with path.open("wb") as handle:
+        handle.truncate(apparent)
+        for offset, data in runs:
+            handle.seek(offset)
+            handle.write(data)
+
+
+def sparse_runs() -> list[tuple[int, bytes]]:
+    return [
+        (0, os.urandom(4096)),
+        (40 << 20, b"middle" * 1000),
+        ((64 << 20) + 123, os.urandom(5000)),
+    ]
+
+
+def test_sparse_file_is_archived_with_its_holes(tmp_path: Path, backup_dir: Path) -> None:
+    """A 128 MiB file with 15 KiB of data is stored as data plus a map, read back in full."""
+    source = tmp_path / "sparse.img"
+    make_sparse(source, 128 << 20, sparse_runs())
+    assert source.stat().st_blocks * 512 < 1 << 20, "the filesystem must support holes"
+    report = SourceReport("data", "dirs")
+    path = write_archive(backup_dir, [file_member("sparse.img", source)], "none", report)
+    assert report.warnings == []
+    assert path.stat().st_size < 1 << 20
+    with tarfile.open(path) as tar:
+        info = tar.getmember(f"{TOP}/sparse.img")
+        assert info.sparse is not None
+        assert info.size == 128 << 20
+        extracted = tar.extractfile(info)
+        assert extracted is not None
+        assert archive.stream_sha256(extracted) == archive.file_sha256(source)
+    manifest = archive.verify_members(path, TOP)
+    assert [(entry.path, entry.size) for entry in manifest.files] == [("sparse.img", 128 << 20)]
+
+
+def test_gnu_tar_extracts_a_sparse_member_sparse_with_the_same_bytes(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """`tar -xzf` gives back the same bytes under the real name, still sparse on disk."""
+    source = tmp_path / "sparse.img"
+    make_sparse(source, 128 << 20, sparse_runs())
+    path = write_archive(backup_dir, [file_member("sparse.img", source)])
+    target = tmp_path / "extracted"
+    target.mkdir()
+    subprocess.run([require_tool("tar"), "-xzf", str(path), "-C", str(target)], check=True)
+    restored = target / TOP / "sparse.img"
+    assert sorted(entry.name for entry in (target / TOP).iterdir()) == [
+        INFO_NAME,
+        MANIFEST_NAME,
+        "sparse.img",
+    ]
+    assert restored.stat().st_size == 128 << 20
+    assert restored.stat().st_blocks * 512 < 1 << 20
+    assert archive.file_sha256(restored) == archive.file_sha256(source)
+
+
+def test_sparse_file_ending_in_data_or_all_hole_round_trips(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """Edge maps: a file that is only a hole, and one whose data runs to its end."""
+    empty = tmp_path / "hole.img"
+    make_sparse(empty, 8 << 20, [])
+    tail = tmp_path / "tail.img"
+    make_sparse(tail, 8 << 20, [((8 << 20) - 4096, os.urandom(4096))])
+    members = [file_member("hole.img", empty), file_member("tail.img", tail)]
+    path = write_archive(backup_dir, members, "none")
+    with tarfile.open(path) as tar:
+        for source in (empty, tail):
+            info = tar.getmember(f"{TOP}/{source.name}")
+            assert info.sparse is not None
+            extracted = tar.extractfile(info)
+            assert extracted is not None
+            assert archive.stream_sha256(extracted) == archive.file_sha256(source)
+
+
+PAGE = 4096
+layouts = st.lists(
+    st.tuples(st.integers(0, 2047), st.integers(1, 64)), max_size=12
+)  # (page, pages) runs of data in an 8 MiB file
+
+
+@settings(max_examples=25, deadline=None)
+@given(runs=layouts, tail_pages=st.integers(0, 3))
+def test_any_sparse_layout_reads_back_the_same_bytes(
+    runs: list[tuple[int, int]], tail_pages: int
+) -> None:
+    """Invariant: any layout of holes reads back with its bytes and size, stored compactly."""
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        source = directory / "layout.img"
+        ends = [(page + pages) * PAGE for page, pages in runs]
+        apparent = max([2048 * PAGE, *ends]) + tail_pages * 123
+        make_sparse(
+            source, apparent, [(page * PAGE, b"\x5a" * (pages * PAGE)) for page, pages in runs]
+        )
+        backups = directory / "backups"
+        backups.mkdir()
+        path = write_archive(backups, [file_member("layout.img", source)], "none")
+        allocated = source.stat().st_blocks * 512
+        with tarfile.open(path) as tar:
+            info = tar.getmember(f"{TOP}/layout.img")
+            extracted = tar.extractfile(info)
+            assert extracted is not None
+            assert info.size == apparent
+            assert archive.stream_sha256(extracted) == archive.file_sha256(source)
+        (entry,) = archive.verify_members(path, TOP).files
+        assert entry.size == apparent
+        assert path.stat().st_size <= allocated + 64 * PAGE
+
+
+def test_file_bytes_count_a_sparse_files_data_not_its_holes(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """The manifest's file_bytes, which the next space estimate divides by, leave holes out."""
+    source = tmp_path / "sparse.img"
+    make_sparse(source, 128 << 20, [(0, b"x" * 4096), (64 << 20, b"y" * 8192)])
+    report = SourceReport("data", "dirs")
+    with archive.Writer(backup_dir / f"{TOP}.tar", "none", TOP) as writer:
+        writer.add(file_member("sparse.img", source), report)
+        assert writer.file_bytes == 4096 + 8192
+        assert [entry.size for entry in writer.entries] == [128 << 20]
+
+
+def test_sparse_file_with_too_many_runs_is_archived_dense_with_one_warning(
+    tmp_path: Path, backup_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_SPARSE_REGIONS data runs the map is not worth it: dense, same bytes, one warning."""
+    monkeypatch.setattr(archive, "MAX_SPARSE_REGIONS", 2)
+    source = tmp_path / "fragmented.img"
+    make_sparse(source, 16 << 20, [(offset << 20, b"z" * 4096) for offset in (0, 5, 10)])
+    report = SourceReport("data", "dirs")
+    path = write_archive(backup_dir, [file_member("fragmented.img", source)], "none", report)
+    assert report.warnings == [
+        f"{source}: sparse, but archived as dense (16.0 MiB): it has more than 2 data runs"
+    ]
+    with tarfile.open(path) as tar:
+        info = tar.getmember(f"{TOP}/fragmented.img")
+        assert info.sparse is None
+        extracted = tar.extractfile(info)
+        assert extracted is not None
+        assert archive.stream_sha256(extracted) == archive.file_sha256(source)

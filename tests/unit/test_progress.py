@@ -91,3 +91,14 @@ def test_bar_without_a_total_shows_bytes_only() -> None:
     assert "." * WIDTH in drawn
     assert "0%" in drawn
     assert "2.0 KiB" in drawn
+
+
+def test_bar_always_draws_the_moment_it_reaches_the_total() -> None:
+    """The finished state is drawn even within the refresh interval, so a bar ends at 100%."""
+    terminal = Terminal()
+    bar = ProgressBar(terminal)
+    bar.set_total(1000)
+    bar(10)
+    bar(1000)
+    assert terminal.getvalue().count("\r") == 2
+    assert terminal.getvalue().endswith(f"[{'#' * WIDTH}] 100% 1000 B")

@@ -1,0 +1,132 @@
+"""What a backup captures and tells: its space estimate, its progress, sparse files, mtimes."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from sovbackupd import archive, backup
+from sovbackupd.config import loader
+from sovbackupd.config.models import Policy
+from sovbackupd.progress import ProgressBar
+from tests.conftest import RedisServer, Sandbox, policy_data, run_cli, write_policy
+from tests.integration.test_backup_failures import Mount, mount_tmpfs
+
+__all__ = ["mount_tmpfs"]  # the fixture, shared with the disk-full tests
+
+FRAME = re.compile(r"\[[#.]+\]\s+(\d+)%")
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal, as the CLI's stderr is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def load_policy(tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer | None) -> Policy:
+    return loader.load(write_policy(tmp_path / "policy.yaml", policy_data(sandbox, redis_server)))
+
+
+def space_needed_of(policy: Policy) -> int:
+    """Run one backup of *policy*; return the free space its preflight demanded."""
+    with capture_logs() as events:
+        backup.run(policy)
+    (started,) = [event for event in events if event["event"] == "backup.started"]
+    needed = started["space_needed_bytes"]
+    assert isinstance(needed, int)
+    return needed
+
+
+def test_progress_bar_ends_at_100_percent_on_a_real_backup(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    """The last state the bar draws for a finished backup is 100%, whatever the estimate."""
+    policy = load_policy(tmp_path, sandbox, redis_server)
+    terminal = Terminal()
+    bar = ProgressBar(terminal)
+    backup.run(policy, on_progress=bar, on_estimate=bar.set_total)
+    frames = FRAME.findall(terminal.getvalue())
+    assert frames, "the bar drew nothing"
+    assert frames[-1] == "100"
+
+
+def test_space_estimate_follows_the_compression_of_earlier_backups(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    """The preflight asks for the uncompressed size first, then about what the last one took."""
+    (sandbox.app / "data" / "compressible.txt").write_text("the same line\n" * 400_000)
+    policy = load_policy(tmp_path, sandbox, redis_server)
+    first = space_needed_of(policy)
+    (stored,) = sandbox.backup_dir.glob("*.tar.gz")
+    uncompressed = (sandbox.app / "data" / "compressible.txt").stat().st_size
+    assert first > uncompressed, "without history: the worst case"
+    second = space_needed_of(policy)
+    assert second < first / 2
+    assert second > stored.stat().st_size, "never less than what the last one took"
+
+
+@pytest.mark.root
+def test_compressible_data_larger_than_the_free_space_is_backed_up(
+    sandbox: Sandbox, mount_tmpfs: Mount
+) -> None:
+    """24 MiB that compress like the last backup's data fit a 16 MiB disk: no refusal."""
+    mount_tmpfs(sandbox.backup_dir, "16m")
+    text = sandbox.app / "data" / "compressible.txt"
+    text.write_text("the same line\n" * 450_000)  # 6 MiB: fits even uncompressed
+    config = write_policy(sandbox.root / "policy.yaml", policy_data(sandbox, None))
+    first = run_cli("backup", config=config)
+    assert first.returncode == 0, first.stderr
+    text.write_text("the same line\n" * 1_800_000)  # 24 MiB
+    second = run_cli("backup", config=config)
+    assert second.returncode == 0, second.stderr
+
+
+@pytest.mark.root
+def test_sparse_file_far_larger_than_the_disk_is_backed_up(
+    sandbox: Sandbox, mount_tmpfs: Mount
+) -> None:
+    """A 2 GiB sparse file with 4 KiB of data needs 4 KiB, not 2 GiB: a 16 MiB disk takes it."""
+    mount_tmpfs(sandbox.backup_dir, "16m")
+    with (sandbox.app / "data" / "disk.img").open("wb") as handle:
+        handle.truncate(2 << 30)
+        handle.write(os.urandom(4096))
+    config = write_policy(sandbox.root / "policy.yaml", policy_data(sandbox, None))
+    result = run_cli("backup", config=config)
+    assert result.returncode == 0, result.stderr
+
+
+def test_sparse_file_is_backed_up_by_its_data_and_restored_byte_for_byte(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A 512 MiB file with 8 KiB of data comes back with its bytes, holes and sub-second mtime."""
+    sparse = sandbox.app / "data" / "disk.img"
+    with sparse.open("wb") as handle:
+        handle.truncate(512 << 20)
+        handle.write(os.urandom(4096))
+        handle.seek(300 << 20)
+        handle.write(os.urandom(4096))
+    exact = 1_650_000_000_250_000_000
+    os.utime(sparse, ns=(exact, exact))
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, compression="none"))
+
+    made = run_cli("backup", config=config)
+
+    assert made.returncode == 0, made.stderr
+    assert "archived as dense" not in made.stderr
+    name = made.stdout.split()[0]
+    (stored,) = sandbox.backup_dir.glob(f"{name}.tar")
+    assert stored.stat().st_size < 8 << 20, "archived with its holes"
+    target = tmp_path / "restored"
+    restored = run_cli("restore", name, "--to", str(target), config=config)
+    assert restored.returncode == 0, restored.stderr
+    copy = target / str(sparse).lstrip("/")
+    assert copy.stat().st_size == 512 << 20
+    assert copy.stat().st_blocks * 512 < 8 << 20, "restored sparse"
+    assert archive.file_sha256(copy) == archive.file_sha256(sparse)
+    assert abs(copy.stat().st_mtime_ns - exact) < 1000
