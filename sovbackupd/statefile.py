@@ -40,15 +40,20 @@ class State(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, allow_inf_nan=False, extra="ignore")
 
 
-def _first_problem(error: ValidationError) -> str:
+def first_problem(error: ValidationError) -> str:
+    """Return the first problem of a validation *error* as ``where: what``."""
     detail = error.errors(include_url=False)[0]
     where = ".".join(str(part) for part in detail["loc"])
     return f"{where}: {detail['msg']}" if where else detail["msg"]
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
-    """Return the bytes of the regular file *path*; raise OSError or ValueError otherwise."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+def read_bounded(path: Path, limit: int) -> bytes:
+    """Return the bytes of the regular file *path*, at most *limit* of them.
+
+    Never block and never follow: a FIFO, a device or a symlink planted at *path* raises
+    ValueError or OSError (ELOOP), as does a file over *limit* bytes.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(descriptor, "rb") as handle:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise ValueError("not a regular file")
@@ -65,13 +70,13 @@ def read(path: Path, model: type[StateT], limit: int = MAX_STATE_BYTES) -> State
     shaped like *model*: one ``state.ignored`` warning names the file and the reason.
     """
     try:
-        return model.model_validate_json(_read_bounded(path, limit))
+        return model.model_validate_json(read_bounded(path, limit))
     except FileNotFoundError:
         return None
     except OSError as error:
         reason = error.strerror or str(error)
     except ValidationError as error:
-        reason = _first_problem(error)
+        reason = first_problem(error)
     except ValueError as error:
         reason = str(error)
     log.warning("state.ignored", path=str(path), reason=reason)

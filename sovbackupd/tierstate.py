@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from sovbackupd import archive
+from sovbackupd import archive, statefile
 from sovbackupd.manifest import SAFETY_TIER, Manifest
 
 log = structlog.get_logger("sovbackupd.tierstate")
@@ -112,9 +112,7 @@ def parse(data: bytes, now: datetime) -> dict[str, TierRecord]:
     try:
         state = _StateFile.model_validate_json(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise ValueError(f"{where}: {first['msg']}") from error
+        raise ValueError(statefile.first_problem(error)) from error
     for tier, record in state.tiers.items():
         for moment in (record.last_attempt, record.last_success):
             if moment is not None and moment > now:
@@ -135,15 +133,12 @@ def read(directory: Path, now: datetime) -> dict[str, TierRecord]:
     """
     path = directory / STATE_NAME
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_BYTES + 1)
+        return parse(statefile.read_bounded(path, MAX_BYTES), now)
     except FileNotFoundError:
         return {}
     except OSError as error:
         log.warning("tierstate.ignored", path=str(path), reason=error.strerror or str(error))
         return {}
-    try:
-        return parse(data, now)
     except ValueError as error:
         log.warning("tierstate.ignored", path=str(path), reason=str(error))
         return {}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -162,3 +165,33 @@ def test_recorded_times_survive_the_archives_that_showed_them(tmp_path: Path) ->
     }
     assert list(tmp_path.iterdir()) == [tmp_path / tierstate.STATE_NAME]
     assert (tmp_path / tierstate.STATE_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_fifo_or_symlink_planted_as_the_state_file_is_one_warning_and_never_blocks(
+    tmp_path: Path,
+) -> None:
+    """A FIFO (which would block a plain open) or a symlink in its place is ignored at once."""
+    path = tmp_path / tierstate.STATE_NAME
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"format_version": 1, "tiers": {}}))
+    for what, plant in (
+        ("fifo", lambda: os.mkfifo(path)),
+        ("symlink", lambda: path.symlink_to(elsewhere)),
+    ):
+        plant()
+        result: list[dict[str, TierRecord]] = []
+        with capture_logs() as events:
+            reader = threading.Thread(
+                target=lambda found=result: found.append(tierstate.read(tmp_path, NOW))
+            )
+            reader.start()
+            reader.join(60)
+            if reader.is_alive():  # unblock the reader before failing, so the run ends
+                with path.open("w"):
+                    pass
+                reader.join()
+                pytest.fail(f"reading a {what} as the state file blocked")
+        assert result == [{}], what
+        [warning] = events
+        assert warning["event"] == "tierstate.ignored", what
+        path.unlink()
