@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -174,16 +175,19 @@ def test_a_fifo_or_symlink_planted_as_the_state_file_is_one_warning_and_never_bl
     path = tmp_path / tierstate.STATE_NAME
     elsewhere = tmp_path / "elsewhere.json"
     elsewhere.write_text(json.dumps({"format_version": 1, "tiers": {}}))
-    for what, plant in (
-        ("fifo", lambda: os.mkfifo(path)),
-        ("symlink", lambda: path.symlink_to(elsewhere)),
-    ):
+    plants: dict[str, Callable[[], None]] = {
+        "fifo": lambda: os.mkfifo(path),
+        "symlink": lambda: path.symlink_to(elsewhere),
+    }
+    for what, plant in plants.items():
         plant()
         result: list[dict[str, TierRecord]] = []
+
+        def read(found: list[dict[str, TierRecord]] = result) -> None:
+            found.append(tierstate.read(tmp_path, NOW))
+
         with capture_logs() as events:
-            reader = threading.Thread(
-                target=lambda found=result: found.append(tierstate.read(tmp_path, NOW))
-            )
+            reader = threading.Thread(target=read)
             reader.start()
             reader.join(60)
             if reader.is_alive():  # unblock the reader before failing, so the run ends
