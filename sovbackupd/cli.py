@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sovbackupd import __version__, backup, config, replicate, restore, retention, verify
 from sovbackupd import logging as sovlogging
@@ -22,6 +24,7 @@ from sovbackupd.config.models import TIER_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdError
 from sovbackupd.progress import ProgressBar
 from sovbackupd.store import Store, StoredBackup, human_size
+from sovbackupd.wording import plural
 
 Command = Callable[[argparse.Namespace, Policy], int]
 
@@ -238,7 +241,7 @@ def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
         return _verify_remote(arguments, policy)
     store = Store(policy.backup_dir, policy.name_prefix)
     if arguments.all:
-        targets = store.backups()
+        targets = store.backups()[::-1]  # newest first, as list shows them
     elif arguments.name:
         targets = [store.find(arguments.name)]
     else:
@@ -285,8 +288,6 @@ def _confirmed(plan: restore.Plan) -> bool:
 
 
 def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
-    if arguments.name is None and not arguments.latest:
-        raise SovbackupdError("name the backup to restore, or pass --latest")
     plan = restore.plan(
         policy,
         _chosen(arguments, policy),
@@ -313,7 +314,7 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
             print("sovbackupd: restore cancelled, nothing was changed", file=sys.stderr)
             return ExitCode.FAILURE
     result = restore.run(policy, plan)
-    print(f"restored {result.name}: {result.files} files, {human_size(result.bytes)}")
+    print(f"restored {result.name}: {plural(result.files, 'file')}, {human_size(result.bytes)}")
     for unit in result.units:
         print(f"  {unit.component:<7} {unit.destination}")
     if result.safety_backup is not None:
@@ -321,6 +322,13 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
             f"safety backup of what was replaced: {result.safety_backup} "
             f"(undo: sovbackupd restore {result.safety_backup} --yes)"
         )
+    if result.start_failure is not None:
+        print(
+            f"sovbackupd: {result.name} is restored, but {result.start_failure}: "
+            "start the services by hand",
+            file=sys.stderr,
+        )
+        return ExitCode.NOT_STARTED
     return ExitCode.OK
 
 
@@ -359,11 +367,40 @@ def _demo(arguments: argparse.Namespace) -> int:
     return demo.run(root.resolve(), print, arguments.seconds)
 
 
-def _add_restore_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options taken before the command and after it.
+
+    An option left out leaves no value behind (SUPPRESS), so a command's parser never
+    overwrites what was given before the command; the top parser sets the defaults.
+    """
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"policy file (default: ${config.loader.CONFIG_ENV} or {config.loader.DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress to stderr",
+    )
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of one command (and of its own commands): it takes the global options too."""
+
+    def __init__(self, **kwargs: Any) -> None:  # noqa: ANN401 (argparse's keywords, passed on)
+        super().__init__(**kwargs)
+        _add_global_options(self)
+
+
+def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) -> None:
     restore_parser = commands.add_parser(
         "restore", help="put a backup back in place (verified first; a safety backup before)"
     )
-    chosen = restore_parser.add_mutually_exclusive_group()
+    chosen = restore_parser.add_mutually_exclusive_group(required=True)
     chosen.add_argument("name", nargs="?", help="the backup to restore")
     chosen.add_argument("--latest", action="store_true", help="the newest backup")
     restore_parser.add_argument(
@@ -416,15 +453,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovbackupd", description="Backups of a SovereignCore server."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help=f"policy file (default: ${config.loader.CONFIG_ENV} or {config.loader.DEFAULT_PATH})",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    _add_global_options(parser)
+    parser.set_defaults(config=None, verbose=False)
     parser.add_argument("--version", action="version", version=f"sovbackupd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     run_parser = commands.add_parser("run", help="run the daemon (systemd Type=notify)")
     run_parser.set_defaults(handler=None, standalone=_run)
@@ -509,8 +543,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
+def _dispatch(argv: Sequence[str] | None) -> int:
     arguments = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     sovlogging.configure(sys.stderr, logging.INFO if arguments.verbose else logging.WARNING)
@@ -519,8 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             standalone: Callable[[argparse.Namespace], int] = arguments.standalone
             return standalone(arguments)
-        policy = config.load(arguments.config or config.default_path())
-        return handler(arguments, policy)
+        return handler(arguments, config.load(arguments.config or config.default_path()))
     except ConfigError as error:
         for problem in error.problems or (str(error),):
             print(f"sovbackupd: config error: {problem}", file=sys.stderr)
@@ -530,4 +562,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except (KeyboardInterrupt, Terminated):
         print("sovbackupd: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            # Flushed here, where a closed pipe can be handled, not at interpreter exit
+            # (also after argparse's --help, which exits through SystemExit).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (list | head -1): say nothing more, as a SIGPIPE'd tool would.
+        # Python flushes stdout again at exit; /dev/null takes what is left in its buffer.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.CLOSED_PIPE
