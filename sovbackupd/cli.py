@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from sovbackupd import __version__, backup, config, replicate, restore, retentio
 from sovbackupd import logging as sovlogging
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
-from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdError
+from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdError, UsageError
 from sovbackupd.progress import ProgressBar
 from sovbackupd.store import Store, StoredBackup, human_size
 from sovbackupd.wording import plural
@@ -160,24 +161,56 @@ def _prune(arguments: argparse.Namespace, policy: Policy) -> int:
 
 _SPAN = re.compile(r"^(\d+)([hdw])$")
 _SPAN_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+MAX_SPAN = timedelta(weeks=5200)
+"""The longest --every or --span: a century, where retention's periods still mean something."""
+MAX_SIMULATED_TIMES = 100_000
+"""The most backup times simulate takes (over eleven years hourly), so that it ends soon."""
+_MAX_TIME_LINE_CHARS = 64  # an ISO 8601 time with microseconds and offset is 32
 
 
 def _span(text: str) -> timedelta:
     match = _SPAN.match(text)
     if match is None or int(match[1]) == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a count and h, d or w, e.g. 6h or 400d")
-    return int(match[1]) * _SPAN_UNITS[match[2]]
+    count, unit = int(match[1]), _SPAN_UNITS[match[2]]
+    if count > MAX_SPAN / unit:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SPAN.days // 7}w")
+    return count * unit
+
+
+def _time_lines(source: str) -> list[str]:
+    """Return the lines of *source* ('-' for stdin), read within a bound."""
+    limit = MAX_SIMULATED_TIMES * _MAX_TIME_LINE_CHARS
+    try:
+        with (
+            contextlib.nullcontext(sys.stdin)
+            if source == "-"
+            else Path(source).open(encoding="utf-8") as stream
+        ):
+            text = stream.read(limit + 1)
+    except OSError as error:
+        raise SovbackupdError(f"cannot read {source}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise SovbackupdError(f"{source}: not UTF-8 text") from None
+    lines = text.splitlines()
+    if len(text) > limit or sum(bool(line.strip()) for line in lines) > MAX_SIMULATED_TIMES:
+        raise SovbackupdError(f"{source}: more than {MAX_SIMULATED_TIMES} times to simulate")
+    return lines
 
 
 def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tuple[str, datetime]]:
     if arguments.source is None:
+        count = arguments.span // arguments.every
+        if count >= MAX_SIMULATED_TIMES:
+            raise UsageError(
+                f"--span and --every make {count + 1} backup times, simulate takes at most "
+                f"{MAX_SIMULATED_TIMES}: a longer --every or a shorter --span"
+            )
         end = datetime.now(policy.zone).replace(minute=0, second=0, microsecond=0)
-        count = int(arguments.span / arguments.every)
         moments = [end - step * arguments.every for step in range(count, -1, -1)]
         return [(moment.isoformat(), moment) for moment in moments]
-    text = sys.stdin.read() if arguments.source == "-" else Path(arguments.source).read_text()
     times = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_time_lines(arguments.source), 1):
         if not line.strip():
             continue
         try:

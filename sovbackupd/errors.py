@@ -39,6 +39,12 @@ class ConfigError(SovbackupdError):
         self.problems = problems
 
 
+class UsageError(SovbackupdError):
+    """The command line asks for something that its options cannot give together."""
+
+    exit_code = ExitCode.USAGE
+
+
 class SourceError(SovbackupdError):
     """A source (Redis, SQLite, a file or directory) could not be captured."""
 

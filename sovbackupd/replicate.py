@@ -266,8 +266,9 @@ def verify(
 ) -> list[RemoteVerdict]:
     """Verify backups on *remote*: complete there, and their recorded sha256 the sidecar's.
 
-    With *every*, all of them, newest first as ``list`` shows them. With *deep* each archive is downloaded to scratch space and verified member by member
-    (decrypted first when encrypted), then removed.
+    With *every*, all of them, newest first as ``list`` shows them. With *deep* each
+    archive is downloaded to scratch space and verified member by member (decrypted first
+    when encrypted), then removed.
     """
     config = remote_config(policy, remote)
     target = targets.build_target(config)

@@ -212,7 +212,7 @@ def test_backup_refuses_a_wrong_redis_password(
     good_backup.assert_untouched()
 
 
-REQUIRES_A_PASSWORD = (
+ASKS_FOR_THE_SETTING = (
     "requires a password and the policy gives none: set sources.redis.password_file "
     "(a file whose first line is the password) and, for an ACL user, sources.redis.username"
 )
@@ -221,10 +221,10 @@ REQUIRES_A_PASSWORD = (
 def test_backup_without_credentials_says_redis_requires_a_password_and_where_to_set_it(
     sandbox: Sandbox, good_backup: GoodBackup, redis_factory: Callable[..., RedisServer]
 ) -> None:
-    """requirepass and no credentials in the policy: the line names the setting to add."""
+    """A server with requirepass, no credentials in the policy: the line names the setting."""
     server = redis_factory(password="the-secret")  # noqa: S106 (a throwaway test server)
     result = run_cli("backup", config=policy_file(sandbox, policy_data(sandbox, server)))
-    line = assert_refused(result, ExitCode.FAILURE, server.url, REQUIRES_A_PASSWORD)
+    line = assert_refused(result, ExitCode.FAILURE, server.url, ASKS_FOR_THE_SETTING)
     assert "HELLO" not in line
     good_backup.assert_untouched()
 
@@ -240,7 +240,7 @@ def test_backup_as_an_acl_user_without_a_password_says_which_setting_gives_it(
     data = policy_data(sandbox, server)
     data["sources"]["redis"]["username"] = "backup"
     result = run_cli("backup", config=policy_file(sandbox, data))
-    line = assert_refused(result, ExitCode.FAILURE, server.url, REQUIRES_A_PASSWORD)
+    line = assert_refused(result, ExitCode.FAILURE, server.url, ASKS_FOR_THE_SETTING)
     assert "invalid username-password pair" not in line
     good_backup.assert_untouched()
 

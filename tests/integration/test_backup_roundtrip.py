@@ -268,7 +268,7 @@ def test_list_shows_backups_newest_first_with_their_tiers(tmp_path: Path, sandbo
 
 
 def test_verify_all_reports_newest_first_as_list_does(tmp_path: Path, sandbox: Sandbox) -> None:
-    """verify --all goes through the backups in list's order, newest first, text and JSON."""
+    """With --all, verify goes through the backups in list's order, newest first."""
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
     first = run_cli("backup", config=policy).stdout.strip()
     second = run_cli("backup", config=policy).stdout.strip()

@@ -126,3 +126,26 @@ def test_restore_without_a_name_is_a_usage_error(backed_up: tuple[Path, str]) ->
     assert result.returncode == ExitCode.USAGE
     assert result.stderr_lines[0].startswith("usage: sovbackupd restore")
     assert "one of the arguments name --latest is required" in result.stderr_lines[-1]
+
+
+def test_simulate_refuses_an_unreadable_or_oversized_list_in_one_line(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A missing, binary or too long --from file, or too many steps: one line, no traceback."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    too_many = tmp_path / "times.txt"
+    too_many.write_text("2026-01-01T00:00:00+00:00\n" * 100_001)
+    binary = tmp_path / "times.bin"
+    binary.write_bytes(b"\xff\xfe\x00" * 10)
+
+    cases = {
+        "--from=/nonexistent/times.txt": (ExitCode.FAILURE, "cannot read /nonexistent/times.txt"),
+        f"--from={binary}": (ExitCode.FAILURE, f"{binary}: not UTF-8 text"),
+        f"--from={too_many}": (ExitCode.FAILURE, f"{too_many}: more than 100000 times"),
+        "--span=5000w": (ExitCode.USAGE, "make 840001 backup times, simulate takes at most"),
+    }
+    for option, (code, needle) in cases.items():
+        result = run_cli("retention", "simulate", option, "--every=1h", config=config)
+        assert (result.returncode, len(result.stderr_lines)) == (code, 1), result
+        assert needle in result.stderr, result
+        assert result.stdout == ""
