@@ -19,7 +19,7 @@ class ExitCode(IntEnum):
     TEMPFAIL = 75  # EX_TEMPFAIL: try again later: another writer holds the lock, a remote is down
     CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keys on this
     INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C; SIGTERM too
-    CLOSED_PIPE = 141  # 128 + SIGPIPE: the reader of stdout left early (list | head -1)
+    CLOSED_PIPE = 141  # 128 + SIGPIPE: the reader of the output left early (list | head -1)
 
 
 class SovbackupdError(Exception):
