@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -14,6 +16,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sovbackupd import __version__, backup, config, replicate, restore, retention, verify
 from sovbackupd import logging as sovlogging
@@ -23,6 +26,7 @@ from sovbackupd.errors import ConfigError, ExitCode, RestoreError, SovbackupdErr
 from sovbackupd.manifest import MANUAL_TIER
 from sovbackupd.progress import ProgressBar
 from sovbackupd.store import Store, StoredBackup, human_size
+from sovbackupd.wording import plural
 
 Command = Callable[[argparse.Namespace, Policy], int]
 
@@ -230,13 +234,41 @@ def _prune(arguments: argparse.Namespace, policy: Policy) -> int:
 
 _SPAN = re.compile(r"^(\d+)([hdw])$")
 _SPAN_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+MAX_SPAN = timedelta(weeks=5200)
+"""The longest --every or --span: a century, where retention's periods still mean something."""
+MAX_SIMULATED_TIMES = 100_000
+"""The most backup times simulate takes (over eleven years hourly), so that it ends soon."""
+_MAX_TIME_LINE_CHARS = 64  # an ISO 8601 time with microseconds and offset is 32
 
 
 def _span(text: str) -> timedelta:
     match = _SPAN.match(text)
     if match is None or int(match[1]) == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a count and h, d or w, e.g. 6h or 400d")
-    return int(match[1]) * _SPAN_UNITS[match[2]]
+    count, unit = int(match[1]), _SPAN_UNITS[match[2]]
+    if count > MAX_SPAN / unit:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SPAN.days // 7}w")
+    return count * unit
+
+
+def _time_lines(source: str) -> list[str]:
+    """Return the lines of *source* ('-' for stdin), read within a bound."""
+    limit = MAX_SIMULATED_TIMES * _MAX_TIME_LINE_CHARS
+    try:
+        with (
+            contextlib.nullcontext(sys.stdin)
+            if source == "-"
+            else Path(source).open(encoding="utf-8") as stream
+        ):
+            text = stream.read(limit + 1)
+    except OSError as error:
+        raise SovbackupdError(f"cannot read {source}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise SovbackupdError(f"{source}: not UTF-8 text") from None
+    lines = text.splitlines()
+    if len(text) > limit or sum(bool(line.strip()) for line in lines) > MAX_SIMULATED_TIMES:
+        raise SovbackupdError(f"{source}: more than {MAX_SIMULATED_TIMES} times to simulate")
+    return lines
 
 
 def _offset_time(text: str) -> datetime:
@@ -259,13 +291,17 @@ def _aware_time(text: str) -> datetime:
 
 def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tuple[str, datetime]]:
     if arguments.source is None:
+        count = arguments.span // arguments.every
+        if count >= MAX_SIMULATED_TIMES:
+            raise UsageError(
+                f"--span and --every make {count + 1} backup times, simulate takes at most "
+                f"{MAX_SIMULATED_TIMES}: a longer --every or a shorter --span"
+            )
         end = arguments.end or datetime.now(policy.zone).replace(minute=0, second=0, microsecond=0)
-        count = int(arguments.span / arguments.every)
         moments = [end - step * arguments.every for step in range(count, -1, -1)]
         return [(moment.isoformat(), moment) for moment in moments]
-    text = sys.stdin.read() if arguments.source == "-" else Path(arguments.source).read_text()
     times = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_time_lines(arguments.source), 1):
         if not line.strip():
             continue
         try:
@@ -328,7 +364,7 @@ def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
         return _verify_remote(arguments, policy)
     store = Store(policy.backup_dir, policy.name_prefix)
     if arguments.all:
-        targets = store.backups()
+        targets = store.backups()[::-1]  # newest first, as list shows them
     elif arguments.name:
         targets = [store.find(arguments.name)]
     else:
@@ -375,8 +411,6 @@ def _confirmed(plan: restore.Plan) -> bool:
 
 
 def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
-    if arguments.name is None and not arguments.latest:
-        raise SovbackupdError("name the backup to restore, or pass --latest")
     plan = restore.plan(
         policy,
         _chosen(arguments, policy),
@@ -403,7 +437,7 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
             print("sovbackupd: restore cancelled, nothing was changed", file=sys.stderr)
             return ExitCode.FAILURE
     result = restore.run(policy, plan)
-    print(f"restored {result.name}: {result.files} files, {human_size(result.bytes)}")
+    print(f"restored {result.name}: {plural(result.files, 'file')}, {human_size(result.bytes)}")
     for unit in result.units:
         print(f"  {unit.component:<7} {unit.destination}")
     if result.safety_backup is not None:
@@ -411,6 +445,13 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
             f"safety backup of what was replaced: {result.safety_backup} "
             f"(undo: sovbackupd restore {result.safety_backup} --yes)"
         )
+    if result.start_failure is not None:
+        print(
+            f"sovbackupd: {result.name} is restored, but {result.start_failure}: "
+            "start the services by hand",
+            file=sys.stderr,
+        )
+        return ExitCode.NOT_STARTED
     return ExitCode.OK
 
 
@@ -454,11 +495,47 @@ def _demo(arguments: argparse.Namespace) -> int:
     return demo.run(root, writer.line, arguments.seconds)
 
 
-def _add_restore_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_global_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options taken before the command and after it.
+
+    An option left out leaves no value behind (SUPPRESS), so a command's parser never
+    overwrites what was given before the command; the top parser sets the defaults.
+    """
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"policy file (default: ${config.loader.CONFIG_ENV} or {config.loader.DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress to stderr",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=sovlogging.LOG_FORMATS,
+        default=argparse.SUPPRESS,
+        help="json (one object per line) or console (for people); default: console on a "
+        "terminal, json elsewhere (journald)",
+    )
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of one command (and of its own commands): it takes the global options too."""
+
+    def __init__(self, **kwargs: Any) -> None:  # noqa: ANN401 (argparse's keywords, passed on)
+        super().__init__(**kwargs)
+        _add_global_options(self)
+
+
+def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) -> None:
     restore_parser = commands.add_parser(
         "restore", help="put a backup back in place (verified first; a safety backup before)"
     )
-    chosen = restore_parser.add_mutually_exclusive_group()
+    chosen = restore_parser.add_mutually_exclusive_group(required=True)
     chosen.add_argument("name", nargs="?", help="the backup to restore")
     chosen.add_argument("--latest", action="store_true", help="the newest backup")
     restore_parser.add_argument(
@@ -519,7 +596,7 @@ def _add_pin_options(backup_parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_pin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_pin_commands(commands: argparse._SubParsersAction[_CommandParser]) -> None:
     pin_parser = commands.add_parser(
         "pin", help="keep a backup whatever retention says, until unpinned or TIME"
     )
@@ -539,22 +616,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sovbackupd", description="Backups of a SovereignCore server."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help=f"policy file (default: ${config.loader.CONFIG_ENV} or {config.loader.DEFAULT_PATH})",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    parser.add_argument(
-        "--log-format",
-        choices=sovlogging.LOG_FORMATS,
-        default=None,
-        help="json (one object per line) or console (for people); default: console on a "
-        "terminal, json elsewhere (journald)",
-    )
+    _add_global_options(parser)
+    parser.set_defaults(config=None, verbose=False, log_format=None)
     parser.add_argument("--version", action="version", version=f"sovbackupd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     run_parser = commands.add_parser("run", help="run the daemon (systemd Type=notify)")
     run_parser.set_defaults(handler=None, standalone=_run)
@@ -645,8 +712,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the process exit code."""
+def _dispatch(argv: Sequence[str] | None) -> int:
     arguments = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     sovlogging.configure(
@@ -671,4 +737,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except (KeyboardInterrupt, Terminated):
         print("sovbackupd: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            # Flushed here, where a closed pipe can be handled, not at interpreter exit
+            # (also after argparse's --help, which exits through SystemExit).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (list | head -1): say nothing more, as a SIGPIPE'd tool would.
+        # Python flushes stdout again at exit; /dev/null takes what is left in its buffer.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.CLOSED_PIPE

@@ -25,6 +25,7 @@ from sovbackupd.config import reference, render
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import SovbackupdError
 from sovbackupd.store import Store
+from sovbackupd.wording import plural
 
 
 @contextmanager
@@ -145,7 +146,7 @@ def run(root: Path, say: Callable[[str], None], seconds: float | None) -> int:
         verdict = verify.check(item, deep=True)
         if not verdict.ok:
             raise SovbackupdError(f"demo backup failed verification: {verdict.problem}")
-    say(f"{len(stored)} backups in {policy.backup_dir}, each verified member by member")
+    say(f"{plural(len(stored), 'backup')} in {policy.backup_dir}, each verified member by member")
     if stored:
         drilled = restore.drill(policy)
         for check in drilled.checks:

@@ -14,9 +14,12 @@ class ExitCode(IntEnum):
     OK = 0
     FAILURE = 1  # a backup, a source or a verification failed
     USAGE = 2  # bad command-line arguments (argparse's own code)
+    NOT_STARTED = 69  # EX_UNAVAILABLE: the data is restored, but restore.start failed
     CANT_CREATE = 73  # EX_CANTCREAT: the backup directory cannot take the archive
-    TEMPFAIL = 75  # EX_TEMPFAIL: another writer holds the lock; try again later
+    TEMPFAIL = 75  # EX_TEMPFAIL: try again later: another writer holds the lock, a remote is down
     CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keys on this
+    INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C; SIGTERM too
+    CLOSED_PIPE = 141  # 128 + SIGPIPE: the reader of the output left early (list | head -1)
 
 
 class SovbackupdError(Exception):
@@ -26,7 +29,7 @@ class SovbackupdError(Exception):
 
 
 class UsageError(SovbackupdError):
-    """A command-line argument that parses but cannot be used (e.g. a time in the past)."""
+    """A command-line argument that parses but cannot be used (a past time, a vast span)."""
 
     exit_code = ExitCode.USAGE
 

@@ -265,13 +265,14 @@ def verify(
 ) -> list[RemoteVerdict]:
     """Verify backups on *remote*: complete there, and their recorded sha256 the sidecar's.
 
-    With *deep* each archive is downloaded to scratch space and verified member by member
-    (decrypted first when encrypted), then removed.
+    With *every*, all of them, newest first as ``list`` shows them. With *deep* each
+    archive is downloaded to scratch space and verified member by member (decrypted first
+    when encrypted), then removed.
     """
     config = remote_config(policy, remote)
     target = targets.build_target(config)
     held = targets.list_backups(target.list(), policy.name_prefix)
-    chosen = held if every else [_pick(held, name, remote)]
+    chosen = held[::-1] if every else [_pick(held, name, remote)]
     return [_verify_one(policy, target, backup, deep) for backup in chosen]
 
 

@@ -40,6 +40,7 @@ from sovbackupd.sources import files, sqlite
 from sovbackupd.sources.redis import RedisSource as RedisReader
 from sovbackupd.sources.sqlite import WAL_FILES
 from sovbackupd.store import Store, StoredBackup, human_size
+from sovbackupd.wording import plural
 
 log = structlog.get_logger("sovbackupd.restore")
 
@@ -130,7 +131,7 @@ class Plan:
         steps = [
             f"verify {name} against {archive.sidecar_path(self.backup.path).name} (sha256)",
             *self._decrypt_step(),
-            f"extract {sum(unit.file_count for unit in self.units)} files "
+            f"extract {plural(sum(unit.file_count for unit in self.units), 'file')} "
             f"({human_size(_unit_bytes(self.units))}) into "
             + ", ".join(str(path) for path in self.staging_dirs)
             + ", checking every member against the manifest",
@@ -161,6 +162,8 @@ class RestoreResult:
     bytes: int
     safety_backup: str | None
     duration_seconds: float
+    start_failure: str | None = None
+    """How a restore.start command failed after the data was put in place; None if all ran."""
 
 
 def _unit_bytes(units: list[Unit]) -> int:
@@ -1000,8 +1003,12 @@ def _check_redis_stopped(policy: Policy, plan: Plan) -> None:
         )
 
 
-def _stop_and_swap(policy: Policy, plan: Plan) -> None:
-    """Run the stop commands, check Redis is down, swap; start the services again."""
+def _stop_and_swap(policy: Policy, plan: Plan) -> str | None:
+    """Run the stop commands, check Redis is down, swap; start the services again.
+
+    Return how a start command failed once the data is in place (the later ones are not
+    run), None when all succeeded: the restore itself is done and stays done.
+    """
     timeout = policy.restore.timeout_seconds
     try:
         _run_commands("restore.stop", plan.stop, timeout)
@@ -1013,7 +1020,14 @@ def _stop_and_swap(policy: Policy, plan: Plan) -> None:
             if not result.ok:
                 log.error("restore.start_failed", argv=list(result.argv), error=result.failure)  # noqa: TRY400 (the failure is the command's, not a Python exception)
         raise
-    _run_commands("restore.start", plan.start, timeout)
+    results = hooks.run("restore.start", plan.start, timeout, {}, stop_on_failure=True)
+    if all(result.ok for result in results):
+        return None
+    failed = results[-1]  # the run stops at the first failure
+    skipped = len(plan.start) - len(results)
+    return f"restore.start command '{' '.join(failed.argv)}' failed ({failed.failure})" + (
+        f"; {plural(skipped, 'later start command')} did not run" if skipped else ""
+    )
 
 
 def run(policy: Policy, plan: Plan, cancel: threading.Event | None = None) -> RestoreResult:
@@ -1032,7 +1046,7 @@ def run(policy: Policy, plan: Plan, cancel: threading.Event | None = None) -> Re
         safety_name = _safety_backup(policy, plan)
         if safety_name is not None:
             bound.info("restore.safety_backup", safety_backup=safety_name)
-        _stop_and_swap(policy, plan)
+        start_failure = _stop_and_swap(policy, plan)
     finally:
         cleanup(plan)
     duration = time.monotonic() - started
@@ -1042,8 +1056,11 @@ def run(policy: Policy, plan: Plan, cancel: threading.Event | None = None) -> Re
         bytes=size,
         safety_backup=safety_name,
         duration_seconds=round(duration, 3),
+        start_failure=start_failure,
     )
-    return RestoreResult(plan.manifest.id, plan.units, files, size, safety_name, duration)
+    return RestoreResult(
+        plan.manifest.id, plan.units, files, size, safety_name, duration, start_failure
+    )
 
 
 # --- test restores ----------------------------------------------------------------------
@@ -1072,6 +1089,10 @@ class DrillReport:
     duration_seconds: float
 
 
+def _rows(count: object) -> str:
+    return plural(count, "row") if isinstance(count, int) else "no such table"
+
+
 def _check_sqlite(restored: Path, origin: str, expected: object) -> Check:
     what = f"sqlite {Path(origin).name}"
     try:
@@ -1084,13 +1105,15 @@ def _check_sqlite(restored: Path, origin: str, expected: object) -> Check:
     if rows != wanted:
         wanted_rows = wanted if isinstance(wanted, dict) else {}
         differing = [
-            f"{table}: {rows.get(table)} rows, the manifest says {wanted_rows.get(table)}"
+            f"{table}: {_rows(rows.get(table))}, the manifest says {_rows(wanted_rows.get(table))}"
             for table in sorted({*rows, *wanted_rows})
             if rows.get(table) != wanted_rows.get(table)
         ]
         return Check(what, ok=False, detail="; ".join(differing[:3]) or "row counts differ")
     return Check(
-        what, ok=True, detail=f"integrity ok, {sum(rows.values())} rows in {len(rows)} tables"
+        what,
+        ok=True,
+        detail=f"integrity ok, {plural(sum(rows.values()), 'row')} in {plural(len(rows), 'table')}",
     )
 
 
@@ -1132,17 +1155,17 @@ def _check_redis(units: list[Unit], details: dict[str, object], scratch: Path) -
     else:
         # Keys with a TTL may have expired since the backup; every other key must be there.
         if persistent is None or not isinstance(keys, int):
-            checks.append(Check("redis rdb", ok=True, detail=f"{loaded} keys loaded"))
+            checks.append(Check("redis rdb", ok=True, detail=f"{plural(loaded, 'key')} loaded"))
         elif persistent <= loaded <= keys:
-            checks.append(
-                Check("redis rdb", ok=True, detail=f"{loaded} keys loaded of {keys} archived")
-            )
+            detail = f"{plural(loaded, 'key')} loaded of {keys} archived"
+            checks.append(Check("redis rdb", ok=True, detail=detail))
         else:
             checks.append(
                 Check(
                     "redis rdb",
                     ok=False,
-                    detail=f"{loaded} keys loaded, the manifest says {keys} ({expires} with a TTL)",
+                    detail=f"{plural(loaded, 'key')} loaded, the manifest says {keys} "
+                    f"({expires} with a TTL)",
                 )
             )
     aof_unit = by_name.get(AOF_DIR_NAME) or by_name.get(LEGACY_AOF_NAME)
@@ -1166,7 +1189,7 @@ def _check_aof(unit: Unit, scratch: Path, persistent: int | None) -> Check:
         return Check("redis aof", ok=False, detail=str(error))
     if persistent and not loaded:
         return Check("redis aof", ok=False, detail="the AOF loads as an empty database")
-    return Check("redis aof", ok=True, detail=f"{loaded} keys loaded from the AOF")
+    return Check("redis aof", ok=True, detail=f"{plural(loaded, 'key')} loaded from the AOF")
 
 
 def _drill_checks(
@@ -1183,7 +1206,8 @@ def _drill_checks(
         Check(
             "archive",
             ok=True,
-            detail=f"{result.files} files ({human_size(result.bytes)}) match the manifest",
+            detail=f"{plural(result.files, 'file')} ({human_size(result.bytes)}) "
+            f"{'matches' if result.files == 1 else 'match'} the manifest",
         )
     ]
     details = {source.component: source.details for source in drill_plan.manifest.sources}

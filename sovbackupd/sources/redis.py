@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 import redis
 
@@ -139,11 +140,32 @@ class RedisSource:
         try:
             return client.execute_command(*command)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         except redis.AuthenticationError as error:
-            raise SourceError(f"redis at {self.where} refused the credentials: {error}") from None
+            raise self._refused(error) from None
         except redis.ConnectionError as error:
             raise SourceError(f"redis at {self.where} is unreachable: {error}") from None
         except redis.RedisError as error:
             raise SourceError(f"redis at {self.where} failed {command[0]}: {error}") from None
+
+    def _refused(self, error: redis.AuthenticationError) -> SourceError:
+        """Say which policy setting gives Redis the password it asks for."""
+        in_url = urlsplit(self._config.url)
+        if self._config.password_file is None and in_url.password is None:
+            # Redis's own words ("HELLO must be called...", "NOAUTH") do not say what to set.
+            return SourceError(
+                f"redis at {self.where} requires a password and the policy gives none: set "
+                "sources.redis.password_file (a file whose first line is the password) and, "
+                "for an ACL user, sources.redis.username"
+            )
+        user = self._config.username or in_url.username or "default"
+        given = (
+            f"sources.redis.password_file {self._config.password_file}"
+            if self._config.password_file is not None
+            else "sources.redis.url"
+        )
+        return SourceError(
+            f"redis at {self.where} refused the credentials (user {user}, password from "
+            f"{given}): {error}"
+        )
 
     def answers(self) -> bool:
         """Tell whether a server listens at the URL (even one refusing our credentials)."""

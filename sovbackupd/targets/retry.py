@@ -18,6 +18,7 @@ import structlog
 
 from sovbackupd.errors import SovbackupdError, TransientTargetError
 from sovbackupd.targets.base import Listing, RemoteObject, Target
+from sovbackupd.wording import plural
 
 log = structlog.get_logger("sovbackupd.targets")
 
@@ -94,7 +95,7 @@ class RetryingTarget:
                 if delay is None:
                     self._failed(operation, remote_name, error, attempt)
                     raise TransientTargetError(
-                        f"{error} (gave up after {attempt} attempts)"
+                        f"{error} (gave up after {plural(attempt, 'attempt')})"
                     ) from error
                 log.info(
                     "target.retrying",

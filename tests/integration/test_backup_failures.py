@@ -201,8 +201,47 @@ def test_backup_refuses_a_wrong_redis_password(
     data = policy_data(sandbox, server)
     data["sources"]["redis"]["password_file"] = str(password_file)
     result = run_cli("backup", config=policy_file(sandbox, data))
-    line = assert_refused(result, ExitCode.FAILURE, server.url, "refused the credentials")
+    line = assert_refused(
+        result,
+        ExitCode.FAILURE,
+        server.url,
+        f"refused the credentials (user default, password from sources.redis.password_file "
+        f"{password_file})",
+    )
     assert "secret" not in line
+    good_backup.assert_untouched()
+
+
+ASKS_FOR_THE_SETTING = (
+    "requires a password and the policy gives none: set sources.redis.password_file "
+    "(a file whose first line is the password) and, for an ACL user, sources.redis.username"
+)
+
+
+def test_backup_without_credentials_says_redis_requires_a_password_and_where_to_set_it(
+    sandbox: Sandbox, good_backup: GoodBackup, redis_factory: Callable[..., RedisServer]
+) -> None:
+    """A server with requirepass, no credentials in the policy: the line names the setting."""
+    server = redis_factory(password="the-secret")  # noqa: S106 (a throwaway test server)
+    result = run_cli("backup", config=policy_file(sandbox, policy_data(sandbox, server)))
+    line = assert_refused(result, ExitCode.FAILURE, server.url, ASKS_FOR_THE_SETTING)
+    assert "HELLO" not in line
+    good_backup.assert_untouched()
+
+
+def test_backup_as_an_acl_user_without_a_password_says_which_setting_gives_it(
+    sandbox: Sandbox, good_backup: GoodBackup, redis_factory: Callable[..., RedisServer]
+) -> None:
+    """An ACL username with no password_file (default user off): the same clear line."""
+    server = redis_factory(password="admin-secret")  # noqa: S106 (a throwaway test server)
+    admin = server.client()
+    acl = ["backup", "on", ">backup-secret", "+bgsave", "+lastsave", "+info", "+ping"]
+    admin.execute_command("ACL", "SETUSER", *acl)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    data = policy_data(sandbox, server)
+    data["sources"]["redis"]["username"] = "backup"
+    result = run_cli("backup", config=policy_file(sandbox, data))
+    line = assert_refused(result, ExitCode.FAILURE, server.url, ASKS_FOR_THE_SETTING)
+    assert "invalid username-password pair" not in line
     good_backup.assert_untouched()
 
 

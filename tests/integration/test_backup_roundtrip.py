@@ -267,6 +267,21 @@ def test_list_shows_backups_newest_first_with_their_tiers(tmp_path: Path, sandbo
     assert table.stdout.splitlines()[1].startswith(second)
 
 
+def test_verify_all_reports_newest_first_as_list_does(tmp_path: Path, sandbox: Sandbox) -> None:
+    """With --all, verify goes through the backups in list's order, newest first."""
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    first = run_cli("backup", config=policy).stdout.strip()
+    second = run_cli("backup", config=policy).stdout.strip()
+    listed = [row["name"] for row in json.loads(run_cli("list", "--json", config=policy).stdout)]
+
+    verified = run_cli("verify", "--all", "--json", config=policy)
+    text = run_cli("verify", "--all", config=policy)
+
+    assert listed == [second, first]
+    assert [row["name"] for row in json.loads(verified.stdout)] == listed
+    assert text.stdout.splitlines() == [f"{second}: ok", f"{first}: ok"]
+
+
 def test_verify_all_reports_the_damaged_backup_and_fails(tmp_path: Path, sandbox: Sandbox) -> None:
     """Verifying all backups names the one whose bytes changed, and exits non-zero."""
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))

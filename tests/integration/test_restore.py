@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from sovbackupd.errors import ExitCode
 from tests.conftest import (
     RedisServer,
     Sandbox,
@@ -518,3 +519,46 @@ def test_restore_killed_mid_extraction_leaves_live_data_alone_and_the_next_one_c
     assert again.returncode == 0, again.stderr
     assert (sandbox.app / "data" / "notes.txt").read_text() == "hello\n" * 1000
     assert list(sandbox.root.rglob(".sovbackupd-restore-*")) == []
+
+
+def test_failing_start_command_says_the_data_is_restored_and_names_the_command(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A restore.start failing after the swap: data restored, one line naming it, exit 69."""
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    config = write_policy(
+        tmp_path / "policy.yaml",
+        policy_data(sandbox, None, restore={"start": [failing, ["true"], ["true"]]}),
+    )
+    before = tree_state(sandbox.root, live_paths(sandbox))
+    name = backup_now(config)
+    damage(sandbox, None)
+
+    result = run_cli("restore", name, "--yes", "--no-safety-backup", config=config)
+
+    assert result.returncode == ExitCode.NOT_STARTED
+    assert result.stdout.startswith(f"restored {name}: ")
+    assert result.stderr_lines == [
+        f"sovbackupd: {name} is restored, but restore.start command '{' '.join(failing)}' "
+        "failed (exited 3); 2 later start commands did not run: start the services by hand"
+    ]
+    assert_same_tree(tree_state(sandbox.root, live_paths(sandbox)), before)
+
+
+def test_dry_run_of_a_single_file_says_file_not_files(tmp_path: Path, sandbox: Sandbox) -> None:
+    """Counts of one read in the singular: "extract 1 file", "restored ...: 1 file"."""
+    (sandbox.app / "redis.conf").unlink()
+    data = policy_data(sandbox, None)
+    data["sources"]["config"] = [str(sandbox.app / ".env")]
+    config = write_policy(tmp_path / "policy.yaml", data)
+    name = backup_now(config)
+
+    planned = run_cli("restore", name, "--only", "config", "--dry-run", config=config)
+    restored = run_cli(
+        "restore", name, "--only", "config", "--to", str(tmp_path / "to"), config=config
+    )
+
+    assert planned.returncode == 0, planned.stderr
+    assert any(" extract 1 file (" in line for line in planned.stdout.splitlines())
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout.startswith(f"restored {name}: 1 file, ")
