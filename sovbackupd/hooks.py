@@ -104,19 +104,14 @@ class _TailReader:
         return kept.decode(errors="replace")[-OUTPUT_TAIL_CHARS:]
 
 
-def _group_has_live_members(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # kill() succeeds on zombies, and orphaned zombies linger where PID 1 does not reap
-    # (containers), so on Linux look for a member that still runs.
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
+def group_members(group: int) -> list[int]:
+    """Return the pids of process group *group* that still run (zombies do not count).
+
+    Read from /proc: kill() succeeds on zombies, and orphaned zombies linger where PID 1
+    does not reap (containers).
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -126,8 +121,18 @@ def _group_has_live_members(group: int) -> bool:
         # Fields after the parenthesised command name: state, ppid, pgrp, ...
         fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[2]) == group and fields[0] not in {"Z", "X"}:
-            return True
-    return False
+            members.append(int(entry.name))
+    return members
+
+
+def _group_has_live_members(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not Path("/proc").is_dir() or bool(group_members(group))
 
 
 def _signal_group(group: int, signal_number: signal.Signals) -> None:
@@ -208,24 +213,15 @@ def _run_one(
             start_new_session=True,
             preexec_fn=privileges.drop_for_exec(),  # noqa: PLW1509 (two syscalls, prepared before fork)
         )
-    except subprocess.SubprocessError:  # raised in the child by the capability drop
-        return HookResult(
-            tuple(argv),
-            None,
-            False,
-            time.monotonic() - started,
-            "",
-            error=f"cannot start {argv[0]}: its capabilities could not be dropped",
+    except (subprocess.SubprocessError, OSError, ValueError) as error:
+        # SubprocessError: raised in the child by the capability drop; ValueError: a NUL
+        # byte in argv or env.
+        problem = (
+            f"cannot start {argv[0]}: its capabilities could not be dropped"
+            if isinstance(error, subprocess.SubprocessError)
+            else _start_error(argv, error)
         )
-    except (OSError, ValueError) as error:  # ValueError: a NUL byte in argv or env
-        return HookResult(
-            tuple(argv),
-            None,
-            False,
-            time.monotonic() - started,
-            "",
-            error=_start_error(argv, error),
-        )
+        return HookResult(tuple(argv), None, False, time.monotonic() - started, "", error=problem)
     assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
     output = _TailReader(process.stdout)
     try:

@@ -16,6 +16,7 @@ import pytest
 
 from sovbackupd import backup, config
 from sovbackupd.errors import AbortedError
+from sovbackupd.hooks import group_members
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
 
 DUMP_ENV = (
@@ -65,22 +66,6 @@ def test_failing_before_hook_stops_the_backup_and_runs_on_failure(
     (failure,) = recorded(record)
     assert failure["SOVBACKUPD_RESULT"] == "failure"
     assert "exited 3" in failure["SOVBACKUPD_ERROR"]
-
-
-def group_members(group: int) -> list[int]:
-    """Return the pids of process group *group* that still run (zombies do not count)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == group and fields[0] not in {"Z", "X"}:
-            members.append(int(entry.name))
-    return members
 
 
 def survivors(group: int) -> list[int]:
