@@ -65,9 +65,16 @@ def fsync_dir(directory: Path) -> None:
 
 
 def copy_atomically(source: IO[bytes], path: Path) -> None:
-    """Copy *source* to *path* (mode 0600) through a temp name, fsync and rename."""
+    """Copy *source* to *path* (mode 0600) through a temp name, fsync and rename.
+
+    The temp file is created anew, never opened through whatever sits at its name: a
+    symlink planted there by whoever can write the directory would otherwise have a root
+    CLI write through it to the link's target.
+    """
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    temporary.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(temporary, flags, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             shutil.copyfileobj(source, handle, CHUNK_BYTES)

@@ -283,9 +283,9 @@ class Store:
         """
         match = self._archive.match(name)
         plain = match["name"] if match is not None else name
-        path = self.pin_path(plain)
-        if not self._pin.match(path.name):
+        if not self._pin.match(f"{plain}{PIN_SUFFIX}"):  # a bare name: no path leads out
             raise NotFoundError(f"no backup named {name!r} in {self.directory}")
+        path = self.pin_path(plain)
         try:
             path.unlink()
         except FileNotFoundError:
