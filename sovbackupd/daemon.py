@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -221,7 +221,7 @@ class Daemon:
         self._metrics.declare_remotes(remote.name for remote in policy.remotes)
         stored = Store(policy.backup_dir, policy.name_prefix).backups()
         self._metrics.rebuild(stored)
-        held = retention.size_guard(policy, stored, retention.candidates(stored))
+        held = retention.size_guard(policy, stored, retention.candidates(stored), datetime.now(UTC))
         self._metrics.retention_held.set(1 if held else 0)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -107,16 +107,22 @@ def candidates(
 
 
 def size_guard(
-    policy: Policy, stored: Sequence[StoredBackup], found: Sequence[gfs.Candidate]
+    policy: Policy,
+    stored: Sequence[StoredBackup],
+    found: Sequence[gfs.Candidate],
+    now: datetime,
 ) -> str | None:
     """Return why pruning must wait when the newest backup collapsed in size, else None.
 
-    Safety backups (*found* tells which) hold only what a restore replaced: they are left
-    out of the comparison.
+    Safety backups (*found* tells which) hold only what a restore replaced, and backups
+    dated after *now* are not the newest made (the clock stepped back): both are left out
+    of the comparison.
     """
     guard = policy.retention.size_guard
     safety = {candidate.name for candidate in found if candidate.safety}
-    sizes = [backup.size for backup in stored if backup.name not in safety]
+    sizes = [
+        backup.size for backup in stored if backup.name not in safety and backup.created <= now
+    ]
     if len(sizes) < 2:
         return None
     newest, earlier = sizes[-1], sizes[-1 - guard.window : -1]
@@ -139,7 +145,7 @@ def plan(
     """Decide what retention keeps of the local *stored* backups at *now*, and why."""
     found = candidates(stored, pins)
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
-    return Plan(decisions, size_guard(policy, stored, found), _problems(pins))
+    return Plan(decisions, size_guard(policy, stored, found, now), _problems(pins))
 
 
 def remote_plan(
@@ -170,7 +176,7 @@ def remote_plan(
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
     names = {backup.name for backup in held}
     problems = {name: why for name, why in _problems(pins).items() if name in names}
-    return Plan(decisions, size_guard(policy, local, local_found), problems)
+    return Plan(decisions, size_guard(policy, local, local_found, now), problems)
 
 
 def _delete(store: Store, backup: StoredBackup) -> None:
