@@ -10,7 +10,7 @@ sidecars, which the next run removes. The same decision prunes the remotes
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -154,15 +154,19 @@ def remote_plan(
     local: Sequence[StoredBackup],
     pins: Mapping[str, gfs.Pin],
     now: datetime,
+    *,
+    manual_copies: Collection[str] = (),
 ) -> Plan:
     """Decide what retention keeps of a remote's *held* backups at *now*.
 
     Only complete copies count or may be deleted. A copy is manual when its local backup
-    is, and pinned when backup_dir holds a pin by its name; the size guard is the local
-    one, as the copies are of the local backups.
+    is or it is among *manual_copies* (the remote's manifest says so), and pinned when
+    backup_dir holds a pin by its name; the size guard is the local one, as the copies
+    are of the local backups.
     """
     local_found = candidates(local)
     manual = {candidate.name for candidate in local_found if candidate.manual}
+    manual.update(manual_copies)
     found = [
         gfs.Candidate(
             name=backup.name,
@@ -199,7 +203,9 @@ def apply(
     The caller holds the store's lock.
     """
     stored = store.backups()
-    decided = plan(policy, stored, store.pins(), now or datetime.now(UTC))
+    pins = store.pins()
+    moment = now or datetime.now(UTC)
+    decided = plan(policy, stored, pins, moment)
     if metrics is not None:
         metrics.retention_held.set(1 if decided.held else 0)
     if dry_run:
@@ -213,7 +219,14 @@ def apply(
             log.info("retention.deleted", backup=backup.name)
             if metrics is not None:
                 metrics.retention_deleted.inc()
-    if deleted:
+    # A pin outlives its hand-deleted archive to hold the remote copies; once it has run
+    # out it holds nothing anywhere, and nothing else would ever remove it.
+    here = {backup.name for backup in stored}
+    spent = [name for name, pin in pins.items() if name not in here and not pin.holds(moment)]
+    for name in spent:
+        store.pin_path(name).unlink(missing_ok=True)
+        log.info("retention.pin_removed", backup=name)
+    if deleted or spent:
         fsync_dir(store.directory)
     if metrics is not None:
         metrics.set_local(store.backups())

@@ -267,3 +267,20 @@ def test_unpin_never_reaches_outside_backup_dir(
         f"sovbackupd: error: no backup named {given!r} in {sandbox.backup_dir}"
     ]
     assert foreign_pin.exists()
+
+
+def test_a_run_out_pin_whose_archive_was_deleted_by_hand_goes_at_the_next_prune(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A pin outlives its hand-deleted archive while it holds, and not after it ran out."""
+    config = daily_1(tmp_path, sandbox)
+    history(sandbox, 1)
+    gone, holding = (f"sovereigncore_backup_2026010{day}_000000" for day in (1, 2))
+    for name, until in ((gone, "2026-01-01T12:00:00Z"), (holding, None)):
+        record = {"backup": name, "pinned_at": "2026-01-01T00:00:00Z", "until": until}
+        (sandbox.backup_dir / f"{name}.pin.json").write_text(json.dumps(record))
+    cli_ok("prune", "--dry-run", config=config)
+    assert (sandbox.backup_dir / f"{gone}.pin.json").exists(), "a dry run changes nothing"
+    cli_ok("prune", config=config)
+    assert not (sandbox.backup_dir / f"{gone}.pin.json").exists()
+    assert (sandbox.backup_dir / f"{holding}.pin.json").exists()

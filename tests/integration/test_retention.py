@@ -170,6 +170,10 @@ def test_retention_simulate_previews_a_policy(tmp_path: Path, sandbox: Sandbox) 
     series = run_cli("retention", "simulate", "--every", "6h", "--span", "30d", config=policy)
     assert series.returncode == 0, series.stderr
     assert series.stdout.splitlines()[-1].startswith("2 of 121 kept")
+    future = ("--every", "1d", "--span", "3d", "--end", "2099-01-01T02:00+00:00")
+    later = run_cli("retention", "simulate", *future, config=policy)
+    assert later.returncode == 0, later.stderr
+    assert later.stdout.splitlines()[-1] == "2 of 4 kept (daily 2, newest 1)", "as of its end"
 
 
 def test_prune_counts_deletions_and_holds_in_metrics(tmp_path: Path, sandbox: Sandbox) -> None:
