@@ -69,11 +69,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(descriptor)
 
 
-def copy_atomically(source: IO[bytes], path: Path) -> None:
-    """Copy *source* to *path* (mode 0600) through a temp name, fsync and rename."""
+def copy_atomically(source: IO[bytes], path: Path, *, owner: tuple[int, int] | None = None) -> None:
+    """Copy *source* to *path* (mode 0600) through a temp name, fsync and rename.
+
+    The temp file is created anew, never opened through whatever sits at its name: a
+    symlink planted there by whoever can write the directory would otherwise have a root
+    CLI write through it to the link's target. *owner* (uid, gid) is given to the file
+    before it takes its name.
+    """
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    temporary.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(temporary, flags, 0o600)
     try:
+        if owner is not None:
+            os.fchown(descriptor, *owner)
         with os.fdopen(descriptor, "wb") as handle:
             shutil.copyfileobj(source, handle, CHUNK_BYTES)
             handle.flush()
@@ -84,9 +94,9 @@ def copy_atomically(source: IO[bytes], path: Path) -> None:
         raise
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write *data* to *path* (mode 0600) through a temp name, fsync and rename."""
-    copy_atomically(io.BytesIO(data), path)
+def write_atomically(path: Path, data: bytes, *, owner: tuple[int, int] | None = None) -> None:
+    """Write *data* to *path* (mode 0600, *owner*'s) through a temp name, fsync and rename."""
+    copy_atomically(io.BytesIO(data), path, owner=owner)
 
 
 class _HashingFile(io.RawIOBase):

@@ -141,9 +141,7 @@ def _summary(stored: StoredBackup, decision: gfs.Decision, held: str | None) -> 
 
 
 def _list_remote(arguments: argparse.Namespace, policy: Policy) -> int:
-    held = replicate.listing(policy, arguments.remote)
-    store = Store(policy.backup_dir, policy.name_prefix)
-    decided = retention.remote_plan(policy, held, store.backups(), store.pins(), datetime.now(UTC))
+    held, decided = replicate.listing(policy, arguments.remote, datetime.now(UTC))
     decisions = {decision.name: decision for decision in decided.decisions}
     _warn(decided.warnings)
     rows = [
@@ -315,11 +313,13 @@ def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tupl
 def _simulate(arguments: argparse.Namespace, policy: Policy) -> int:
     times = _simulated_times(arguments, policy)
     given = {f"t{index}": text for index, (text, _) in enumerate(times)}
+    # Decided as of the newest time at the latest: a series may be laid out in the future.
+    now = max([datetime.now(UTC), *(moment for _, moment in times)])
     decisions = gfs.decide(
         [gfs.Candidate(f"t{index}", moment, ok=True) for index, (_, moment) in enumerate(times)],
         gfs.Rules.from_policy(policy),
         policy.zone,
-        now=datetime.now(UTC),
+        now=now,
     )
     rows = [
         {"time": given[item.name], "keep": item.keep, "reasons": list(item.reasons)}

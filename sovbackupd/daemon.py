@@ -248,7 +248,7 @@ class Daemon:
         """
         stored = Store(policy.backup_dir, policy.name_prefix).backups()
         records = _tier_records(policy, stored)
-        held = retention.size_guard(policy, stored, retention.candidates(stored))
+        held = retention.size_guard(policy, stored, retention.candidates(stored), datetime.now(UTC))
         self._metrics.declare_tiers(_schedules(policy))
         self._metrics.declare_remotes(remote.name for remote in policy.remotes)
         self._metrics.rebuild(stored, records)

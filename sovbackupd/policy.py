@@ -32,6 +32,7 @@ REASON_NEWEST: Final = "newest successful backup"
 REASON_UNVERIFIED: Final = "unverified: never deleted by retention"
 REASON_PINNED: Final = "pinned"
 REASON_PIN_UNREADABLE: Final = "pinned (pin file unreadable)"
+REASON_FUTURE: Final = "dated after now (the clock went back?): kept until then"
 
 _DURATION_UNITS: Final = {"y": "years", "M": "months", "d": "days", "h": "hours"}
 _DURATION_SHAPE: Final = re.compile(r"(?:\d+[yMdh])+")
@@ -395,16 +396,22 @@ def decide(
     rules: each is kept while within ``safety_within`` of the newest backup. Whatever the
     rules, a pinned backup is kept while its pin holds at *now* (a pin that could not be
     read holds for ever), and a manual backup while *now* is within ``manual_within`` of
-    its time. Raise ValueError on a naive time or a repeated name.
+    its time. A backup dated after *now* (the clock stepped back since it was made) is kept
+    and decides nothing: the rules, the newest and the safety window are those of the
+    others, so the backups made since are not pruned in its favour. Raise ValueError on a
+    naive time or a repeated name.
     """
     _check(candidates, now)
     ordered = sorted(candidates, key=lambda candidate: (candidate.time, candidate.name))
     ordered.reverse()
-    successful = [candidate for candidate in ordered if candidate.ok and not candidate.safety]
-
     reasons: dict[str, list[str]] = {
         candidate.name: [] if candidate.ok else [REASON_UNVERIFIED] for candidate in ordered
     }
+    future = [candidate for candidate in ordered if candidate.time > now]
+    for candidate in future:
+        reasons[candidate.name].append(REASON_FUTURE)
+    ordered = ordered[len(future) :]
+    successful = [candidate for candidate in ordered if candidate.ok and not candidate.safety]
 
     def grant(kept: dict[str, str]) -> None:
         for name, reason in kept.items():
@@ -434,7 +441,7 @@ def decide(
                 if candidate.time > threshold
             }
         )
-    grant(_held_by_operator(ordered, rules, timezone, now))
+    grant(_held_by_operator([*future, *ordered], rules, timezone, now))
 
     return [
         Decision(
@@ -443,5 +450,5 @@ def decide(
             keep=bool(reasons[candidate.name]),
             reasons=tuple(reasons[candidate.name]),
         )
-        for candidate in ordered
+        for candidate in [*future, *ordered]
     ]

@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from sovbackupd import archive, retention, targets
+from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy, Remote
 from sovbackupd.errors import (
     AbortedError,
@@ -27,7 +28,7 @@ from sovbackupd.errors import (
     SovbackupdError,
     TransientTargetError,
 )
-from sovbackupd.manifest import SAFETY_TIER
+from sovbackupd.manifest import MANUAL_TIER, SAFETY_TIER, read_head
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
 from sovbackupd.verify import check
@@ -165,7 +166,7 @@ def sync(
         complete = {backup.name for backup in listed if backup.complete}
         _upload_missing(target, local, complete, report, metrics=metrics, cancel=cancel)
         listed = targets.list_backups(target.list(), policy.name_prefix)
-        decided = retention.remote_plan(policy, listed, local, store.pins(), datetime.now(UTC))
+        decided = _plan(policy, target, listed, datetime.now(UTC))
         report.held = decided.held
         report.deleted = prune(target, decided, listed)
         listed = [backup for backup in listed if backup.name not in report.deleted]
@@ -197,10 +198,57 @@ def run(
     return [sync(policy, config, metrics=metrics, cancel=cancel) for config in policy.remotes]
 
 
-def listing(policy: Policy, name: str) -> list[targets.RemoteBackup]:
-    """Return the backups the remote *name* holds, oldest first."""
+def listing(
+    policy: Policy, name: str, now: datetime
+) -> tuple[list[targets.RemoteBackup], retention.Plan]:
+    """Return the backups the remote *name* holds, oldest first, and retention's plan at *now*."""
     target = targets.build_target(remote_config(policy, name))
-    return targets.list_backups(target.list(), policy.name_prefix)
+    held = targets.list_backups(target.list(), policy.name_prefix)
+    return held, _plan(policy, target, held, now)
+
+
+def _plan(
+    policy: Policy, target: targets.Target, held: list[targets.RemoteBackup], now: datetime
+) -> retention.Plan:
+    """Decide at *now* what retention keeps of the copies *target* holds."""
+    store = Store(policy.backup_dir, policy.name_prefix)
+    local = store.backups()
+    manual = _manual_copies(policy, target, held, {backup.name for backup in local}, now)
+    return retention.remote_plan(policy, held, local, store.pins(), now, manual_copies=manual)
+
+
+def _manual_copies(
+    policy: Policy,
+    target: targets.Target,
+    held: list[targets.RemoteBackup],
+    here: set[str],
+    now: datetime,
+) -> set[str]:
+    """Return the copies that backup_dir lacks and whose manifest on *target* says manual.
+
+    A hand-deleted or rebuilt backup_dir cannot say which copies are manual; their
+    manifests can. Only copies young enough for ``manual_keep`` to hold them are read,
+    and a manifest that does not parse leaves its copy to the rules.
+    """
+    window = gfs.Rules.from_policy(policy).manual_within
+    if window is None:
+        return set()
+    manual = set()
+    with tempfile.TemporaryDirectory(prefix="sovbackupd-manifests-") as scratch:
+        path = Path(scratch) / "manifest.json"
+        for backup in held:
+            young = now < window.after(backup.created, policy.zone)
+            if backup.manifest is None or backup.name in here or not young:
+                continue
+            target.download(backup.manifest.name, path)
+            try:
+                labelled = MANUAL_TIER in read_head(path).tiers
+            except (OSError, ValueError):
+                log.info("remote.manifest_unreadable", remote=target.name, backup=backup.name)
+                continue
+            if labelled:
+                manual.add(backup.name)
+    return manual
 
 
 def _pick(held: list[targets.RemoteBackup], name: str | None, remote: str) -> targets.RemoteBackup:

@@ -10,7 +10,7 @@ sidecars, which the next run removes. The same decision prunes the remotes
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -107,16 +107,22 @@ def candidates(
 
 
 def size_guard(
-    policy: Policy, stored: Sequence[StoredBackup], found: Sequence[gfs.Candidate]
+    policy: Policy,
+    stored: Sequence[StoredBackup],
+    found: Sequence[gfs.Candidate],
+    now: datetime,
 ) -> str | None:
     """Return why pruning must wait when the newest backup collapsed in size, else None.
 
-    Safety backups (*found* tells which) hold only what a restore replaced: they are left
-    out of the comparison.
+    Safety backups (*found* tells which) hold only what a restore replaced, and backups
+    dated after *now* are not the newest made (the clock stepped back): both are left out
+    of the comparison.
     """
     guard = policy.retention.size_guard
     safety = {candidate.name for candidate in found if candidate.safety}
-    sizes = [backup.size for backup in stored if backup.name not in safety]
+    sizes = [
+        backup.size for backup in stored if backup.name not in safety and backup.created <= now
+    ]
     if len(sizes) < 2:
         return None
     newest, earlier = sizes[-1], sizes[-1 - guard.window : -1]
@@ -139,7 +145,7 @@ def plan(
     """Decide what retention keeps of the local *stored* backups at *now*, and why."""
     found = candidates(stored, pins)
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
-    return Plan(decisions, size_guard(policy, stored, found), _problems(pins))
+    return Plan(decisions, size_guard(policy, stored, found, now), _problems(pins))
 
 
 def remote_plan(
@@ -148,15 +154,19 @@ def remote_plan(
     local: Sequence[StoredBackup],
     pins: Mapping[str, gfs.Pin],
     now: datetime,
+    *,
+    manual_copies: Collection[str] = (),
 ) -> Plan:
     """Decide what retention keeps of a remote's *held* backups at *now*.
 
     Only complete copies count or may be deleted. A copy is manual when its local backup
-    is, and pinned when backup_dir holds a pin by its name; the size guard is the local
-    one, as the copies are of the local backups.
+    is or it is among *manual_copies* (the remote's manifest says so), and pinned when
+    backup_dir holds a pin by its name; the size guard is the local one, as the copies
+    are of the local backups.
     """
     local_found = candidates(local)
     manual = {candidate.name for candidate in local_found if candidate.manual}
+    manual.update(manual_copies)
     found = [
         gfs.Candidate(
             name=backup.name,
@@ -170,7 +180,7 @@ def remote_plan(
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
     names = {backup.name for backup in held}
     problems = {name: why for name, why in _problems(pins).items() if name in names}
-    return Plan(decisions, size_guard(policy, local, local_found), problems)
+    return Plan(decisions, size_guard(policy, local, local_found, now), problems)
 
 
 def _delete(store: Store, backup: StoredBackup) -> None:
@@ -193,7 +203,9 @@ def apply(
     The caller holds the store's lock.
     """
     stored = store.backups()
-    decided = plan(policy, stored, store.pins(), now or datetime.now(UTC))
+    pins = store.pins()
+    moment = now or datetime.now(UTC)
+    decided = plan(policy, stored, pins, moment)
     if metrics is not None:
         metrics.retention_held.set(1 if decided.held else 0)
     if dry_run:
@@ -207,7 +219,14 @@ def apply(
             log.info("retention.deleted", backup=backup.name)
             if metrics is not None:
                 metrics.retention_deleted.inc()
-    if deleted:
+    # A pin outlives its hand-deleted archive to hold the remote copies; once it has run
+    # out it holds nothing anywhere, and nothing else would ever remove it.
+    here = {backup.name for backup in stored}
+    spent = [name for name, pin in pins.items() if name not in here and not pin.holds(moment)]
+    for name in spent:
+        store.pin_path(name).unlink(missing_ok=True)
+        log.info("retention.pin_removed", backup=name)
+    if deleted or spent:
         fsync_dir(store.directory)
     if metrics is not None:
         metrics.set_local(store.backups())

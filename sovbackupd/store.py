@@ -270,7 +270,11 @@ class Store:
         record = PinFile(backup=backup.name, pinned_at=now, until=until)
         path = self.pin_path(backup.name)
         try:
-            write_atomically(path, record.model_dump_json(indent=1).encode() + b"\n")
+            # Root's pin goes to the directory's owner: the daemon's user must read it.
+            directory = self.directory.stat()
+            owner = (directory.st_uid, directory.st_gid) if os.geteuid() == 0 else None
+            data = record.model_dump_json(indent=1).encode() + b"\n"
+            write_atomically(path, data, owner=owner)
             fsync_dir(self.directory)
         except OSError as error:
             raise SovbackupdError(f"cannot write the pin {path}: {error.strerror}") from error
@@ -283,9 +287,9 @@ class Store:
         """
         match = self._archive.match(name)
         plain = match["name"] if match is not None else name
-        path = self.pin_path(plain)
-        if not self._pin.match(path.name):
+        if not self._pin.match(f"{plain}{PIN_SUFFIX}"):  # a bare name: no path leads out
             raise NotFoundError(f"no backup named {name!r} in {self.directory}")
+        path = self.pin_path(plain)
         try:
             path.unlink()
         except FileNotFoundError:

@@ -232,3 +232,55 @@ def test_the_daemons_retention_honours_pins_and_warns_of_damaged_ones(
     names = set(listed(config))
     assert {pinned, damaged, second} <= names
     assert first not in names, "retention ran: the hourly rule keeps one"
+
+
+def test_pin_never_writes_through_a_planted_symlink(tmp_path: Path, sandbox: Sandbox) -> None:
+    """A symlink planted at the pin's temp name is not followed: its target stays intact."""
+    config = daily_1(tmp_path, sandbox)
+    (name,) = history(sandbox, 1)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (sandbox.backup_dir / f"{name}.pin.json.partial").symlink_to(victim)
+    cli_ok("pin", name, config=config)
+    assert victim.read_text() == "precious\n"
+    pin = sandbox.backup_dir / f"{name}.pin.json"
+    assert not pin.is_symlink()
+    assert listed(config)[name]["kept_by"][-1] == "pinned"
+
+
+@pytest.mark.parametrize("spelling", ["../other/NAME", "ABSOLUTE"])
+def test_unpin_never_reaches_outside_backup_dir(
+    tmp_path: Path, sandbox: Sandbox, spelling: str
+) -> None:
+    """`unpin` with a path in the name refuses it and leaves another directory's pin alone."""
+    config = daily_1(tmp_path, sandbox)
+    history(sandbox, 1)
+    other = tmp_path / "other"
+    other.mkdir()
+    name = write_backup(other, datetime(2026, 1, 1, tzinfo=UTC), b"x")
+    foreign_pin = other / f"{name}.pin.json"
+    foreign_pin.write_text("{}")
+    given = str(other / name) if spelling == "ABSOLUTE" else spelling.replace("NAME", name)
+    result = run_cli("unpin", given, config=config)
+    assert result.returncode == 1
+    assert result.stderr_lines == [
+        f"sovbackupd: error: no backup named {given!r} in {sandbox.backup_dir}"
+    ]
+    assert foreign_pin.exists()
+
+
+def test_a_run_out_pin_whose_archive_was_deleted_by_hand_goes_at_the_next_prune(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A pin outlives its hand-deleted archive while it holds, and not after it ran out."""
+    config = daily_1(tmp_path, sandbox)
+    history(sandbox, 1)
+    gone, holding = (f"sovereigncore_backup_2026010{day}_000000" for day in (1, 2))
+    for name, until in ((gone, "2026-01-01T12:00:00Z"), (holding, None)):
+        record = {"backup": name, "pinned_at": "2026-01-01T00:00:00Z", "until": until}
+        (sandbox.backup_dir / f"{name}.pin.json").write_text(json.dumps(record))
+    cli_ok("prune", "--dry-run", config=config)
+    assert (sandbox.backup_dir / f"{gone}.pin.json").exists(), "a dry run changes nothing"
+    cli_ok("prune", config=config)
+    assert not (sandbox.backup_dir / f"{gone}.pin.json").exists()
+    assert (sandbox.backup_dir / f"{holding}.pin.json").exists()

@@ -622,3 +622,29 @@ def test_daemon_counts_a_failure_and_keeps_last_success_while_the_remote_is_unre
 
     assert after.value(LAST_SUCCESS, remote="s3") == before.value(LAST_SUCCESS, remote="s3")
     assert after.value(UPLOADS, remote="s3", result="failure") >= 1
+
+
+@pytest.mark.usefixtures("aws_environment")
+def test_a_manual_backup_deleted_locally_by_hand_stays_manual_on_the_remote(
+    tmp_path: Path, sandbox: Sandbox, moto_server: MotoServer
+) -> None:
+    """The remote copy of a manual backup keeps its manual window when backup_dir lost it.
+
+    An operator who frees local disk by deleting an archive that the bucket holds, or who
+    rebuilds a server with an empty backup_dir, must not lose the remote copy early: its
+    manifest on the remote says it is manual.
+    """
+    bucket = s3_bucket(moto_server.endpoint_url)
+    entry, target = s3_remote(moto_server.endpoint_url, bucket)
+    retained = keep_last(1) | {"retention": {"keep_last": 1, "manual_keep": "7d"}}
+    config = write_policy(
+        tmp_path / "policy.yaml", policy_data(sandbox, None, remotes=[entry], **retained)
+    )
+    first = backup_now(config)
+    for path in sandbox.backup_dir.glob(f"{first}*"):
+        path.unlink()
+    second = backup_now(config)
+    assert remote_backups(target) == {first: True, second: True}
+    listed = json.loads(cli_ok("list", "--remote", "s3", "--json", config=config).stdout)
+    assert [row["name"] for row in listed] == [second, first]
+    assert listed[1]["kept_by"][0].startswith("manual (until ")

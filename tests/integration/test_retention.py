@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sovbackupd import __version__, archive, retention
@@ -126,7 +127,8 @@ def test_collapsed_newest_backup_holds_pruning(tmp_path: Path, sandbox: Sandbox)
     """A newest backup far smaller than its predecessors deletes nothing and says why."""
     policy_path = retention_policy(tmp_path, sandbox)
     names = three_years(sandbox.backup_dir)
-    write_backup(sandbox.backup_dir, START + timedelta(days=1200), b"")
+    collapsed = START + timedelta(days=1100)  # after the series, and before now
+    write_backup(sandbox.backup_dir, collapsed, b"")
     result = run_cli("prune", config=policy_path)
     assert result.returncode == 0, result.stderr
     assert "retention held" in result.stderr
@@ -168,6 +170,10 @@ def test_retention_simulate_previews_a_policy(tmp_path: Path, sandbox: Sandbox) 
     series = run_cli("retention", "simulate", "--every", "6h", "--span", "30d", config=policy)
     assert series.returncode == 0, series.stderr
     assert series.stdout.splitlines()[-1].startswith("2 of 121 kept")
+    future = ("--every", "1d", "--span", "3d", "--end", "2099-01-01T02:00+00:00")
+    later = run_cli("retention", "simulate", *future, config=policy)
+    assert later.returncode == 0, later.stderr
+    assert later.stdout.splitlines()[-1] == "2 of 4 kept (daily 2, newest 1)", "as of its end"
 
 
 def test_prune_counts_deletions_and_holds_in_metrics(tmp_path: Path, sandbox: Sandbox) -> None:
@@ -181,6 +187,31 @@ def test_prune_counts_deletions_and_holds_in_metrics(tmp_path: Path, sandbox: Sa
     kept = len(Store(sandbox.backup_dir, PREFIX).backups())
     assert registry.get_sample_value("sovbackupd_backups_stored", {"location": "local"}) == kept
     assert registry.get_sample_value("sovbackupd_retention_held") == 0
-    write_backup(sandbox.backup_dir, START + timedelta(days=1200), b"")
+    collapsed = START + timedelta(days=1100)  # after the series, and before now
+    write_backup(sandbox.backup_dir, collapsed, b"")
     assert retention.prune(policy, dry_run=False, metrics=metrics).held is not None
     assert registry.get_sample_value("sovbackupd_retention_held") == 1
+
+
+@pytest.mark.parametrize("future_size", [1, 300_000], ids=["tiny", "as-large"])
+def test_a_backup_dated_in_the_future_never_costs_the_backup_just_made(
+    tmp_path: Path, sandbox: Sandbox, future_size: int
+) -> None:
+    """After the clock stepped back, `backup` keeps what it made and the future-dated backup.
+
+    A tiny future-dated backup does not set off the size guard either: the backup just made
+    is the one compared with its predecessors.
+    """
+    tiers = {"daily": {"schedule": "0 2 * * *", "keep": 1}}
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, tiers=tiers))
+    sandbox.backup_dir.mkdir(mode=0o700, parents=True)
+    payload = os.urandom(future_size)
+    future = write_backup(sandbox.backup_dir, datetime.now(UTC) + timedelta(days=2), payload)
+    made = run_cli("backup", "--tier", "daily", config=config)
+    assert made.returncode == 0, made.stderr
+    assert made.stderr == ""
+    rows = json.loads(run_cli("list", "--json", config=config).stdout)
+    kept_by = {row["name"]: row["kept_by"] for row in rows}
+    assert set(kept_by) == {future, made.stdout.strip()}
+    assert kept_by[future] == [gfs.REASON_FUTURE]
+    assert "newest successful backup" in kept_by[made.stdout.strip()]

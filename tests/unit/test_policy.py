@@ -784,3 +784,24 @@ def test_pins_and_manual_windows_only_ever_keep_more(
         policy.decide(plain, replace(rules, manual_within=None), timezone, now=now)
     )
     assert without <= kept_names(policy.decide(candidates, rules, timezone, now=now))
+
+
+@settings(max_examples=200, deadline=None)
+@given(candidate_lists(), rules_strategy, timezones, st.integers(0, 2 * 365 * 24 * 4))
+def test_backups_dated_after_now_are_kept_and_take_no_rules_place(
+    candidates: list[Candidate], rules: Rules, timezone: ZoneInfo, offset: int
+) -> None:
+    """Backups dated after now are kept and change nothing about the others.
+
+    Invariant: at any *now*, the decision on the backups dated before it is the one made
+    without the later ones (a clock that stepped back costs no real backup).
+    """
+    now = START + timedelta(minutes=15 * offset)
+    present = [c for c in candidates if c.time <= now]
+    decided = {d.name: d for d in policy.decide(candidates, rules, timezone, now=now)}
+    alone = {d.name: d for d in policy.decide(present, rules, timezone, now=now)}
+    for c in candidates:
+        if c.time > now:
+            assert decided[c.name].keep
+        else:
+            assert decided[c.name] == alone[c.name]

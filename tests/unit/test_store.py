@@ -388,3 +388,15 @@ def test_a_planted_manifest_beside_an_archive_reads_as_unreadable(
     (stored,) = store.backups()
     assert stored.head() is None
     assert stored.manifest() is None
+
+
+def test_a_pin_root_writes_belongs_to_the_directorys_owner(store: Store) -> None:
+    """`sudo sovbackupd pin` leaves a pin the daemon's user (who owns backup_dir) can read."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can hand a file to another user (the behaviour under test)")
+    touch(store.directory, f"{PINNED}.tar.gz")
+    os.chown(store.directory, 65534, 65534)
+    store.pin(PINNED, None, datetime(2026, 6, 1, tzinfo=UTC))
+    owner = store.pin_path(PINNED).stat()
+    assert (owner.st_uid, owner.st_gid) == (65534, 65534)
+    assert stat.S_IMODE(owner.st_mode) == 0o600
