@@ -72,7 +72,12 @@ def fsync_dir(directory: Path) -> None:
 def copy_atomically(source: IO[bytes], path: Path) -> None:
     """Copy *source* to *path* (mode 0600) through a temp name, fsync and rename."""
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # A killed run's temp file is replaced, never reopened: a symlink planted under that
+    # name (the directory is the service user's, a manual backup runs as root) would
+    # otherwise have its target truncated and written.
+    temporary.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(temporary, flags, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             shutil.copyfileobj(source, handle, CHUNK_BYTES)

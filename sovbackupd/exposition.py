@@ -31,6 +31,8 @@ IDLE_SECONDS = 10.0
 """How long a connection may take to send its request and to read the response."""
 MAX_REQUEST_BYTES = 8192
 """The longest request head (request line and headers) read; a longer one gets 431."""
+ACCEPT_PAUSE_SECONDS = 1.0
+"""Out of descriptors with no connection to close: how long the listener is left alone."""
 _READ_BYTES = 4096
 _PATHS = {"/", "/metrics"}
 
@@ -43,8 +45,11 @@ class _Connection:
     outgoing: memoryview | None = None
 
 
-def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
-    """Return the method, the path and the lower-cased headers of a request head."""
+def _headers(head: bytes) -> tuple[str, str | None, dict[str, str]]:
+    """Return the method, the path and the lower-cased headers of a request head.
+
+    The path is None when the request target is no URL (``http://[::1``): a bad request.
+    """
     lines = head.decode("latin-1").split("\r\n")
     method, target, *_ = [*lines[0].split(" "), "", ""]
     headers = {}
@@ -52,7 +57,11 @@ def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
         name, separator, value = line.partition(":")
         if separator:
             headers[name.strip().lower()] = value.strip()
-    return method, urlsplit(target).path, headers
+    try:
+        path: str | None = urlsplit(target).path
+    except ValueError:
+        path = None
+    return method, path, headers
 
 
 def _response(status: str, headers: list[tuple[str, str]], body: bytes, head_only: bool) -> bytes:
@@ -99,6 +108,7 @@ class MetricsServer:
         self._selector.register(self._waker, selectors.EVENT_READ)
         self._connections: dict[socket.socket, _Connection] = {}
         self._stopping = False
+        self._paused_until: float | None = None  # the listener is unregistered until then
         self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
 
     @property
@@ -133,6 +143,8 @@ class MetricsServer:
         while not self._stopping:
             now = time.monotonic()
             deadlines = [connection.deadline for connection in self._connections.values()]
+            if self._paused_until is not None:
+                deadlines.append(self._paused_until)
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, events in self._selector.select(timeout):
                 if key.fileobj is self._listener:
@@ -142,6 +154,7 @@ class MetricsServer:
                     if connection is not None:
                         self._step(connection, events)
             self._expire(time.monotonic())
+            self._resume(time.monotonic())
 
     def _accept(self) -> None:
         try:
@@ -151,7 +164,13 @@ class MetricsServer:
         except OSError as error:
             # Out of descriptors: free one, the scraper's retry then gets in.
             log.warning("metrics.accept_failed", error=error.strerror)
-            self._evict_oldest()
+            if self._connections:
+                self._evict_oldest()
+            else:
+                # Nothing of ours to free: the listener would stay readable and the loop
+                # spin, logging this warning thousands of times a second. Wait instead.
+                self._selector.unregister(self._listener)
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
             return
         if len(self._connections) >= self._max_connections:
             self._evict_oldest()
@@ -159,6 +178,11 @@ class MetricsServer:
         connection = _Connection(sock, time.monotonic() + self._idle_seconds)
         self._connections[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ)
+
+    def _resume(self, now: float) -> None:
+        if self._paused_until is not None and self._paused_until <= now:
+            self._paused_until = None
+            self._selector.register(self._listener, selectors.EVENT_READ)
 
     def _evict_oldest(self) -> None:
         if self._connections:
@@ -206,6 +230,8 @@ class MetricsServer:
         method, path, headers = _headers(head)
         if method not in {"GET", "HEAD"}:
             return _error("405 Method Not Allowed")
+        if path is None:
+            return _error("400 Bad Request")
         if path not in _PATHS:
             return _error("404 Not Found")
         encoder, content_type = choose_encoder(headers.get("accept", ""))

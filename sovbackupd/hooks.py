@@ -234,7 +234,7 @@ def _run_one(
         _stop_group(process)
         raise
     if stopped is not None:
-        _kill_group(process)
+        _stop_group(process)  # a Ctrl-C during the grace must not leave the group running
     output.wait(OUTPUT_DRAIN_SECONDS)
     return HookResult(
         tuple(argv),
