@@ -3,9 +3,10 @@
 prometheus_client's own server starts a thread per connection and waits forever for a
 request to arrive: a thousand half-sent requests hold a thousand threads and their stacks.
 Here one thread multiplexes every connection with a selector. A connection has
-:data:`IDLE_SECONDS` to send its request head (at most :data:`MAX_REQUEST_BYTES`) and to
-take the response; at :data:`MAX_CONNECTIONS` the connection idle for longest is closed to
-make room, so a scraper that sends its request at once is always answered.
+:data:`IDLE_SECONDS` to send its request head (at most :data:`MAX_REQUEST_BYTES`), to
+take the response and to close its end (what it sends meanwhile is dropped); at
+:data:`MAX_CONNECTIONS` the connection idle for longest is closed to make room, so a
+scraper that sends its request at once is always answered.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class _Connection:
     deadline: float
     received: bytearray = field(default_factory=bytearray)
     outgoing: memoryview | None = None
+    draining: bool = False  # answered: what the client still sends is read and dropped
 
 
 def _headers(head: bytes) -> tuple[str, str | None, dict[str, str]]:
@@ -200,6 +202,10 @@ class MetricsServer:
 
     def _step(self, connection: _Connection, events: int) -> None:
         try:
+            if connection.draining:
+                if events & selectors.EVENT_READ and not connection.sock.recv(_READ_BYTES):
+                    self._close(connection)
+                return
             if events & selectors.EVENT_READ and connection.outgoing is None:
                 self._read(connection)
             if events & selectors.EVENT_WRITE and connection.outgoing is not None:
@@ -256,4 +262,9 @@ class MetricsServer:
             return
         connection.outgoing = connection.outgoing[sent:]
         if not connection.outgoing:
-            self._close(connection)
+            # A close with unread input (a pipelined request, a body) makes the kernel send
+            # a reset, which discards what is still queued for the client. Send the end of
+            # the stream instead and read until the client closes, within the deadline.
+            connection.sock.shutdown(socket.SHUT_WR)
+            connection.draining = True
+            self._selector.modify(connection.sock, selectors.EVENT_READ)

@@ -194,3 +194,30 @@ def test_out_of_descriptors_is_a_few_warnings_not_a_busy_loop(server: MetricsSer
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     with client:
         assert client.recv(64).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 300, b"x" * 20_000],
+    ids=["pipelined requests", "a body after the head"],
+)
+def test_bytes_sent_after_the_request_never_reset_the_answer(extra: bytes) -> None:
+    """A client that pipelines (or sends anything after its head) gets its answer and an EOF.
+
+    Closing a socket with unread input makes the kernel send a reset, which discards what
+    is still queued for the client: it saw ECONNRESET instead of the end of the response.
+    """
+    registry = CollectorRegistry()
+    gauge = Gauge("wide", "Many series.", ["label"], registry=registry)
+    for number in range(3000):  # an answer of ~100 KiB, more than one send() takes
+        gauge.labels(label=f"value{number:05}").set(number)
+    serving = MetricsServer(registry, "127.0.0.1", 0)
+    serving.start()
+    try:
+        answer = raw(serving, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" + extra)
+    finally:
+        serving.shutdown()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert body.count(b'wide{label="value') == 3000
