@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -180,10 +181,18 @@ def _wait(
 
 
 def _start_error(argv: Sequence[str], error: OSError | ValueError) -> str:
+    program = argv[0]
+    # exec's errno names the wrong culprit twice: ENOENT for a script whose #! interpreter
+    # is missing, EACCES for a directory (which has the execute bit).
+    found = program if "/" in program else shutil.which(program)
     if isinstance(error, FileNotFoundError):
-        return f"not found: {argv[0]}"
+        if found is not None and Path(found).is_file():
+            return f"cannot start {program}: its interpreter (#! line) was not found"
+        return f"not found: {program}"
     if isinstance(error, PermissionError):
-        return f"not executable: {argv[0]}"
+        if found is not None and Path(found).is_dir():
+            return f"cannot start {program}: it is a directory"
+        return f"not executable: {program}"
     if isinstance(error, OSError) and error.strerror:
         return f"cannot start {argv[0]}: {error.strerror}"
     return f"cannot start {argv[0]}: {error}"
