@@ -180,7 +180,8 @@ def write(directory: Path, records: Records) -> None:
     archive.write_atomically(path, render(records))
     owner = directory.stat()
     if os.geteuid() == 0 and path.stat().st_uid != owner.st_uid:
-        os.chown(path, owner.st_uid, owner.st_gid)
+        # Not following a link: one swapped in after the rename must not pass on its target.
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
     archive.fsync_dir(directory)
 
 
