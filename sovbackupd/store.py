@@ -199,9 +199,15 @@ class Store:
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
         staging = self.directory / STAGING_NAME
-        if staging.exists():
+        try:
+            mode = staging.lstat().st_mode
+        except FileNotFoundError:
+            return removed
+        if stat.S_ISDIR(mode):
             shutil.rmtree(staging)
-            removed.append(staging)
+        else:
+            staging.unlink()  # a symlink or a file under our name: removed, never followed
+        removed.append(staging)
         return removed
 
     def backups(self) -> list[StoredBackup]:
