@@ -28,7 +28,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from types import FrameType
+from typing import IO, Any, Literal
 
 import structlog
 
@@ -180,6 +181,35 @@ def _wait(
     return None, "timed out"
 
 
+class _SignalsHeld:
+    """Hold SIGINT and SIGTERM while a hook starts; :meth:`release` raises what came.
+
+    A signal inside ``Popen()`` (the child already runs, its pid not yet returned) would
+    unwind with no process to kill: the hook would outlive the CLI. Only the main thread
+    receives signals; elsewhere (the daemon's workers) nothing is held.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._hold)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self._pending.append(signum)
+
+    def release(self) -> None:
+        """Restore the handlers, then deliver the signals that arrived meanwhile."""
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        pending, self._pending = self._pending, []
+        for signum in pending:
+            signal.raise_signal(signum)
+
+
 def _start_error(argv: Sequence[str], error: OSError | ValueError) -> str:
     program = argv[0]
     # exec's errno names the wrong culprit twice: ENOENT for a script whose #! interpreter
@@ -207,6 +237,7 @@ def _run_one(
     started = time.monotonic()
     if not argv:
         return HookResult((), None, False, 0.0, "", error="empty command")
+    held = _SignalsHeld()
     try:
         process = subprocess.Popen(
             list(argv),
@@ -218,6 +249,7 @@ def _run_one(
             preexec_fn=privileges.drop_for_exec(),  # noqa: PLW1509 (two syscalls, prepared before fork)
         )
     except subprocess.SubprocessError:  # raised in the child by the capability drop
+        held.release()
         return HookResult(
             tuple(argv),
             None,
@@ -227,6 +259,7 @@ def _run_one(
             error=f"cannot start {argv[0]}: its capabilities could not be dropped",
         )
     except (OSError, ValueError) as error:  # ValueError: a NUL byte in argv or env
+        held.release()
         return HookResult(
             tuple(argv),
             None,
@@ -235,9 +268,13 @@ def _run_one(
             "",
             error=_start_error(argv, error),
         )
-    assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
-    output = _TailReader(process.stdout)
+    except BaseException:
+        held.release()
+        raise
     try:
+        held.release()  # a Ctrl-C during the start is raised here, where the group is known
+        assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
+        output = _TailReader(process.stdout)
         returncode, stopped = _wait(process, timeout, cancel)
     except BaseException:
         _stop_group(process)
