@@ -11,7 +11,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -187,6 +187,7 @@ def run(
     metrics: Metrics | None = None,
     redis_offline: bool = False,
     pin: gfs.Pin | None = None,
+    on_committed: Callable[[str], None] | None = None,
 ) -> BackupResult:
     """Back up every source of *policy* into one new archive labelled with *tiers*.
 
@@ -196,7 +197,9 @@ def run(
     same way. *metrics*, when given (the daemon's), records the attempt and its result.
     *redis_offline* archives a stopped Redis server's files (a restore's safety backup).
     *pin* pins the new backup before retention runs; a pin that cannot be written fails
-    the run, though the archive stays (the error names it).
+    the run, though the archive stays (the error names it). *on_committed* hears the
+    new backup's name as soon as it is complete, before the after_backup hooks and the
+    webhooks: whatever interrupts those, the caller can say that the backup exists.
     """
     started = time.monotonic()
     if metrics is not None:
@@ -234,6 +237,8 @@ def run(
         _hooks("on_failure", policy, env, metrics)
         _notify(policy, "failure", {**payload, "result": "failure", "error": str(error)}, metrics)
         raise
+    if on_committed is not None:
+        on_committed(result.name)
     if metrics is not None:
         metrics.backup_succeeded(result.manifest, result.size, result.duration_seconds)
         metrics.set_local(Store(policy.backup_dir, policy.name_prefix).backups())

@@ -69,29 +69,50 @@ def _backup(arguments: argparse.Namespace, policy: Policy) -> int:
     tiers = arguments.tier or [MANUAL_TIER]
     pin = _requested_pin(arguments, policy)
     progress = ProgressBar(sys.stderr)
-    try:
-        result = backup.run(
-            policy,
-            tiers,
-            on_progress=progress if progress.enabled else None,
-            on_estimate=progress.set_total,
-            pin=pin,
-        )
-    finally:
+    committed: list[str] = []
+
+    def on_committed(name: str) -> None:
         progress.finish()
-    print(result.name)
-    _warn(result.warnings)
-    if result.retention is not None:
-        for name in result.retention.deleted:
-            print(f"sovbackupd: retention deleted {name}", file=sys.stderr)
-        _warn(result.retention.plan.warnings)
-    # The backup is committed: a remote that fails is reported, and caught up next time.
-    for report in replicate.run(policy):
-        for name in report.deleted:
-            print(
-                f"sovbackupd: retention deleted {name} from remote {report.remote}", file=sys.stderr
+        print(name, flush=True)
+        committed.append(name)
+
+    try:
+        try:
+            result = backup.run(
+                policy,
+                tiers,
+                on_progress=progress if progress.enabled else None,
+                on_estimate=progress.set_total,
+                pin=pin,
+                on_committed=on_committed,
             )
-        _warn(report.failures)
+        finally:
+            if not committed:
+                progress.finish()
+        _warn(result.warnings)
+        if result.retention is not None:
+            for name in result.retention.deleted:
+                print(f"sovbackupd: retention deleted {name}", file=sys.stderr)
+            _warn(result.retention.plan.warnings)
+        # The backup is committed: a remote that fails is reported, and caught up next time.
+        for report in replicate.run(policy):
+            for name in report.deleted:
+                print(
+                    f"sovbackupd: retention deleted {name} from remote {report.remote}",
+                    file=sys.stderr,
+                )
+            _warn(report.failures)
+    except (KeyboardInterrupt, Terminated):
+        if not committed:
+            raise
+        # Past the commit (after_backup hooks, webhooks, remote copies) the backup exists:
+        # "nothing was left half-written" would tell the operator that none was made.
+        print(
+            f"sovbackupd: interrupted after backup {committed[0]} was complete; it is kept, "
+            "but its after_backup hooks, webhooks or remote copies may not have run",
+            file=sys.stderr,
+        )
+        return 130
     return ExitCode.OK
 
 

@@ -3,9 +3,10 @@
 prometheus_client's own server starts a thread per connection and waits forever for a
 request to arrive: a thousand half-sent requests hold a thousand threads and their stacks.
 Here one thread multiplexes every connection with a selector. A connection has
-:data:`IDLE_SECONDS` to send its request head (at most :data:`MAX_REQUEST_BYTES`) and to
-take the response; at :data:`MAX_CONNECTIONS` the connection idle for longest is closed to
-make room, so a scraper that sends its request at once is always answered.
+:data:`IDLE_SECONDS` to send its request head (at most :data:`MAX_REQUEST_BYTES`), to
+take the response and to close its end (what it sends meanwhile is dropped); at
+:data:`MAX_CONNECTIONS` the connection idle for longest is closed to make room, so a
+scraper that sends its request at once is always answered.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ IDLE_SECONDS = 10.0
 """How long a connection may take to send its request and to read the response."""
 MAX_REQUEST_BYTES = 8192
 """The longest request head (request line and headers) read; a longer one gets 431."""
+ACCEPT_PAUSE_SECONDS = 1.0
+"""Out of descriptors with no connection to close: how long the listener is left alone."""
 _READ_BYTES = 4096
 _PATHS = {"/", "/metrics"}
 
@@ -41,10 +44,14 @@ class _Connection:
     deadline: float
     received: bytearray = field(default_factory=bytearray)
     outgoing: memoryview | None = None
+    draining: bool = False  # answered: what the client still sends is read and dropped
 
 
-def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
-    """Return the method, the path and the lower-cased headers of a request head."""
+def _headers(head: bytes) -> tuple[str, str | None, dict[str, str]]:
+    """Return the method, the path and the lower-cased headers of a request head.
+
+    The path is None when the request target is no URL (``http://[::1``): a bad request.
+    """
     lines = head.decode("latin-1").split("\r\n")
     method, target, *_ = [*lines[0].split(" "), "", ""]
     headers = {}
@@ -52,7 +59,11 @@ def _headers(head: bytes) -> tuple[str, str, dict[str, str]]:
         name, separator, value = line.partition(":")
         if separator:
             headers[name.strip().lower()] = value.strip()
-    return method, urlsplit(target).path, headers
+    try:
+        path: str | None = urlsplit(target).path
+    except ValueError:
+        path = None
+    return method, path, headers
 
 
 def _response(status: str, headers: list[tuple[str, str]], body: bytes, head_only: bool) -> bytes:
@@ -99,6 +110,7 @@ class MetricsServer:
         self._selector.register(self._waker, selectors.EVENT_READ)
         self._connections: dict[socket.socket, _Connection] = {}
         self._stopping = False
+        self._paused_until: float | None = None  # the listener is unregistered until then
         self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
 
     @property
@@ -133,6 +145,8 @@ class MetricsServer:
         while not self._stopping:
             now = time.monotonic()
             deadlines = [connection.deadline for connection in self._connections.values()]
+            if self._paused_until is not None:
+                deadlines.append(self._paused_until)
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, events in self._selector.select(timeout):
                 if key.fileobj is self._listener:
@@ -142,6 +156,7 @@ class MetricsServer:
                     if connection is not None:
                         self._step(connection, events)
             self._expire(time.monotonic())
+            self._resume(time.monotonic())
 
     def _accept(self) -> None:
         try:
@@ -151,7 +166,13 @@ class MetricsServer:
         except OSError as error:
             # Out of descriptors: free one, the scraper's retry then gets in.
             log.warning("metrics.accept_failed", error=error.strerror)
-            self._evict_oldest()
+            if self._connections:
+                self._evict_oldest()
+            else:
+                # Nothing of ours to free: the listener would stay readable and the loop
+                # spin, logging this warning thousands of times a second. Wait instead.
+                self._selector.unregister(self._listener)
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
             return
         if len(self._connections) >= self._max_connections:
             self._evict_oldest()
@@ -159,6 +180,11 @@ class MetricsServer:
         connection = _Connection(sock, time.monotonic() + self._idle_seconds)
         self._connections[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ)
+
+    def _resume(self, now: float) -> None:
+        if self._paused_until is not None and self._paused_until <= now:
+            self._paused_until = None
+            self._selector.register(self._listener, selectors.EVENT_READ)
 
     def _evict_oldest(self) -> None:
         if self._connections:
@@ -176,6 +202,10 @@ class MetricsServer:
 
     def _step(self, connection: _Connection, events: int) -> None:
         try:
+            if connection.draining:
+                if events & selectors.EVENT_READ and not connection.sock.recv(_READ_BYTES):
+                    self._close(connection)
+                return
             if events & selectors.EVENT_READ and connection.outgoing is None:
                 self._read(connection)
             if events & selectors.EVENT_WRITE and connection.outgoing is not None:
@@ -206,6 +236,8 @@ class MetricsServer:
         method, path, headers = _headers(head)
         if method not in {"GET", "HEAD"}:
             return _error("405 Method Not Allowed")
+        if path is None:
+            return _error("400 Bad Request")
         if path not in _PATHS:
             return _error("404 Not Found")
         encoder, content_type = choose_encoder(headers.get("accept", ""))
@@ -230,4 +262,9 @@ class MetricsServer:
             return
         connection.outgoing = connection.outgoing[sent:]
         if not connection.outgoing:
-            self._close(connection)
+            # A close with unread input (a pipelined request, a body) makes the kernel send
+            # a reset, which discards what is still queued for the client. Send the end of
+            # the stream instead and read until the client closes, within the deadline.
+            connection.sock.shutdown(socket.SHUT_WR)
+            connection.draining = True
+            self._selector.modify(connection.sock, selectors.EVENT_READ)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -27,7 +28,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from types import FrameType
+from typing import IO, Any, Literal
 
 import structlog
 
@@ -184,11 +186,48 @@ def _wait(
     return None, "timed out"
 
 
+class _SignalsHeld:
+    """Hold SIGINT and SIGTERM while a hook starts; :meth:`release` raises what came.
+
+    A signal inside ``Popen()`` (the child already runs, its pid not yet returned) would
+    unwind with no process to kill: the hook would outlive the CLI. Only the main thread
+    receives signals; elsewhere (the daemon's workers) nothing is held.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._hold)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self._pending.append(signum)
+
+    def release(self) -> None:
+        """Restore the handlers, then deliver the signals that arrived meanwhile."""
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        pending, self._pending = self._pending, []
+        for signum in pending:
+            signal.raise_signal(signum)
+
+
 def _start_error(argv: Sequence[str], error: OSError | ValueError) -> str:
+    program = argv[0]
+    # exec's errno names the wrong culprit twice: ENOENT for a script whose #! interpreter
+    # is missing, EACCES for a directory (which has the execute bit).
+    found = program if "/" in program else shutil.which(program)
     if isinstance(error, FileNotFoundError):
-        return f"not found: {argv[0]}"
+        if found is not None and Path(found).is_file():
+            return f"cannot start {program}: its interpreter (#! line) was not found"
+        return f"not found: {program}"
     if isinstance(error, PermissionError):
-        return f"not executable: {argv[0]}"
+        if found is not None and Path(found).is_dir():
+            return f"cannot start {program}: it is a directory"
+        return f"not executable: {program}"
     if isinstance(error, OSError) and error.strerror:
         return f"cannot start {argv[0]}: {error.strerror}"
     return f"cannot start {argv[0]}: {error}"
@@ -203,6 +242,7 @@ def _run_one(
     started = time.monotonic()
     if not argv:
         return HookResult((), None, False, 0.0, "", error="empty command")
+    held = _SignalsHeld()
     try:
         process = subprocess.Popen(
             list(argv),
@@ -216,21 +256,26 @@ def _run_one(
     except (subprocess.SubprocessError, OSError, ValueError) as error:
         # SubprocessError: raised in the child by the capability drop; ValueError: a NUL
         # byte in argv or env.
+        held.release()
         problem = (
             f"cannot start {argv[0]}: its capabilities could not be dropped"
             if isinstance(error, subprocess.SubprocessError)
             else _start_error(argv, error)
         )
         return HookResult(tuple(argv), None, False, time.monotonic() - started, "", error=problem)
-    assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
-    output = _TailReader(process.stdout)
+    except BaseException:
+        held.release()
+        raise
     try:
+        held.release()  # a Ctrl-C during the start is raised here, where the group is known
+        assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
+        output = _TailReader(process.stdout)
         returncode, stopped = _wait(process, timeout, cancel)
     except BaseException:
         _stop_group(process)
         raise
     if stopped is not None:
-        _kill_group(process)
+        _stop_group(process)  # a Ctrl-C during the grace must not leave the group running
     output.wait(OUTPUT_DRAIN_SECONDS)
     return HookResult(
         tuple(argv),

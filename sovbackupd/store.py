@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -153,15 +154,20 @@ class Store:
         file root creates is handed to the directory's owner, and one we cannot write is
         opened read-only, which flock accepts just the same.
         """
+        # Never follow a link, never block: the directory is the service user's, and a
+        # `.sovbackupd.lock` -> /etc/shadow would have root truncate, write and chown it.
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except PermissionError:
             try:
-                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as error:
-                raise SovbackupdError(f"cannot open the lock {path}: {error.strerror}") from error
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o600)
+            except PermissionError:
+                descriptor = os.open(path, os.O_RDONLY | flags)
         except OSError as error:
-            raise SovbackupdError(f"cannot open the lock {path}: {error.strerror}") from error
+            reason = "it is a symlink" if error.errno == errno.ELOOP else error.strerror
+            raise SovbackupdError(f"cannot open the lock {path}: {reason}") from error
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise SovbackupdError(f"cannot open the lock {path}: it is not a regular file")
         owner = self.directory.stat()
         if os.geteuid() == 0 and os.fstat(descriptor).st_uid != owner.st_uid:
             os.fchown(descriptor, owner.st_uid, owner.st_gid)
@@ -193,9 +199,15 @@ class Store:
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
         staging = self.directory / STAGING_NAME
-        if staging.exists():
+        try:
+            mode = staging.lstat().st_mode
+        except FileNotFoundError:
+            return removed
+        if stat.S_ISDIR(mode):
             shutil.rmtree(staging)
-            removed.append(staging)
+        else:
+            staging.unlink()  # a symlink or a file under our name: removed, never followed
+        removed.append(staging)
         return removed
 
     def backups(self) -> list[StoredBackup]:

@@ -102,22 +102,43 @@ def merged(records: Records, heads: Iterable[Manifest]) -> dict[str, TierRecord]
     return result
 
 
-def parse(data: bytes, now: datetime) -> dict[str, TierRecord]:
-    """Return the records in the state file's *data*; raise ValueError naming the problem.
-
-    A time after *now* is refused too: it would suppress a tier's catch-up until then.
-    """
+def _validated(data: bytes) -> dict[str, TierRecord]:
     if len(data) > MAX_BYTES:
         raise ValueError(f"larger than {MAX_BYTES} bytes")
     try:
         state = _StateFile.model_validate_json(data)
     except ValidationError as error:
         raise ValueError(statefile.first_problem(error)) from error
-    for tier, record in state.tiers.items():
-        for moment in (record.last_attempt, record.last_success):
-            if moment is not None and moment > now:
-                raise ValueError(f"tiers.{tier}: {moment.isoformat()} is in the future")
     return dict(state.tiers)
+
+
+def _present(records: Records, now: datetime) -> tuple[dict[str, TierRecord], list[str]]:
+    """Return *records* without their times after *now*, and a note for each time dropped.
+
+    Only the future time goes, not the file: a clock stepped back (NTP correcting a fast
+    clock) puts the last backup's times ahead of now, and dropping every tier's record for
+    that would bring back the catch-ups and false alerts the file exists to prevent.
+    """
+    kept: dict[str, TierRecord] = {}
+    dropped: list[str] = []
+    for tier, record in records.items():
+        update: dict[str, datetime | None] = {}
+        for field_name in ("last_attempt", "last_success"):
+            moment = getattr(record, field_name)
+            if moment is not None and moment > now:
+                update[field_name] = None
+                dropped.append(f"tiers.{tier}.{field_name}: {moment.isoformat()} is in the future")
+        kept[tier] = record.model_copy(update=update) if update else record
+    return kept, dropped
+
+
+def parse(data: bytes, now: datetime) -> dict[str, TierRecord]:
+    """Return the records in the state file's *data*; raise ValueError naming the problem.
+
+    A time after *now* is left out (that time only): it would suppress a tier's catch-up
+    until then.
+    """
+    return _present(_validated(data), now)[0]
 
 
 def render(records: Records) -> bytes:
@@ -128,12 +149,13 @@ def render(records: Records) -> bytes:
 def read(directory: Path, now: datetime) -> dict[str, TierRecord]:
     """Return the records kept in *directory*; none when the file is missing or bad.
 
-    A bad file (unreadable, too large, not valid, times in the future) is logged as one
-    ``tierstate.ignored`` warning naming it and why.
+    A bad file (unreadable, too large, not valid) is logged as one ``tierstate.ignored``
+    warning naming it and why; a time in the future is left out alone, with the same
+    warning, and the file's other times are kept.
     """
     path = directory / STATE_NAME
     try:
-        return parse(statefile.read_bounded(path, MAX_BYTES), now)
+        records = _validated(statefile.read_bounded(path, MAX_BYTES))
     except FileNotFoundError:
         return {}
     except OSError as error:
@@ -142,6 +164,10 @@ def read(directory: Path, now: datetime) -> dict[str, TierRecord]:
     except ValueError as error:
         log.warning("tierstate.ignored", path=str(path), reason=str(error))
         return {}
+    kept, dropped = _present(records, now)
+    if dropped:
+        log.warning("tierstate.ignored", path=str(path), reason="; ".join(dropped))
+    return kept
 
 
 def write(directory: Path, records: Records) -> None:
@@ -154,7 +180,8 @@ def write(directory: Path, records: Records) -> None:
     archive.write_atomically(path, render(records))
     owner = directory.stat()
     if os.geteuid() == 0 and path.stat().st_uid != owner.st_uid:
-        os.chown(path, owner.st_uid, owner.st_gid)
+        # Not following a link: one swapped in after the rename must not pass on its target.
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
     archive.fsync_dir(directory)
 
 

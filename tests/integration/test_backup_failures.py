@@ -584,3 +584,55 @@ def test_sqlite_copy_onto_a_disk_that_filled_is_a_disk_space_error(
 
     assert DiskSpaceError.exit_code == ExitCode.CANT_CREATE
     assert list(staging.iterdir()) == []
+
+
+def test_a_symlink_planted_as_the_lock_is_refused_and_its_target_untouched(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A lock symlink planted by the service user must not let a root CLI write through it.
+
+    The service user owns backup_dir; root runs the CLI. A `.sovbackupd.lock` -> /etc/shadow
+    had root truncate the target, write its pid into it and chown it to the service user.
+    """
+    victim = tmp_path / "victim"
+    victim.write_text("root:$y$j9T$secret:19000:0:99999:7:::\n")
+    victim.chmod(0o600)
+    sandbox.backup_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(sandbox.backup_dir, 65534, 65534)  # the service user's, as in production
+    (sandbox.backup_dir / LOCK_NAME).symlink_to(victim)
+    policy = policy_file(sandbox, policy_data(sandbox, None))
+
+    result = run_cli("backup", config=policy)
+
+    assert victim.read_text() == "root:$y$j9T$secret:19000:0:99999:7:::\n"
+    assert (victim.stat().st_uid, victim.stat().st_gid) == (0, 0)
+    assert_refused(result, ExitCode.FAILURE, str(sandbox.backup_dir / LOCK_NAME), "symlink")
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_a_staging_name_that_is_no_directory_is_removed_and_the_backup_runs(
+    sandbox: Sandbox, tmp_path: Path, planted: str
+) -> None:
+    """`.staging` as a symlink or a file crashed every backup with a traceback (rmtree).
+
+    Left by anyone who can write backup_dir, it stopped all backups, the daemon's too. It
+    is removed as a leftover (a link is never followed: its target stays) and the backup runs.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the backup's\n")
+    sandbox.backup_dir.mkdir(parents=True, exist_ok=True)
+    staging = sandbox.backup_dir / STAGING_NAME
+    if planted == "symlink":
+        staging.symlink_to(elsewhere)
+    else:
+        staging.write_text("")
+    policy = policy_file(sandbox, policy_data(sandbox, None))
+
+    result = run_cli("backup", config=policy)
+
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [path.name for path in elsewhere.iterdir()] == ["keep"]
+    assert (elsewhere / "keep").read_text() == "not the backup's\n"
+    assert not staging.is_symlink()

@@ -115,6 +115,93 @@ def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
                 os.killpg(group, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_a_timed_out_hook_is_given_its_grace_still_kills_its_group(
+    tmp_path: Path, sandbox: Sandbox, signum: signal.Signals
+) -> None:
+    """A hook past its bound that ignores SIGTERM is not left behind by an impatient Ctrl-C.
+
+    At the bound the group gets SIGTERM and a grace before SIGKILL; an operator who
+    presses Ctrl-C during that grace must not leave the hook running, reparented to PID 1.
+    """
+    pids = tmp_path / "hook.pids"
+    script = f"echo $$ > {pids}; trap 'echo term >> {pids}' TERM; while :; do sleep 0.1; done"
+    hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 0.5}
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    group = 0
+    try:
+        deadline = time.monotonic() + 60
+        while "term" not in (pids.read_text() if pids.exists() else ""):
+            assert time.monotonic() < deadline, "the hook was not sent SIGTERM"
+            assert cli.poll() is None, cli.communicate()
+            time.sleep(0.02)
+        group = int(pids.read_text().split()[0])
+        cli.send_signal(signum)
+        _, stderr = cli.communicate(timeout=60)
+        assert cli.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        assert survivors(group) == []
+    finally:
+        cli.kill()
+        cli.wait()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_after_hook_says_the_backup_is_complete(
+    tmp_path: Path, sandbox: Sandbox, signum: signal.Signals
+) -> None:
+    """Interrupted in after_backup, the CLI said "nothing was left half-written" and no name.
+
+    The backup is committed by then: an operator (or a script) told nothing was made
+    takes another, or worse, a risky change without knowing one exists. Say which
+    backup is complete and kept, print its name as a success does, and end the hook.
+    """
+    pids = tmp_path / "hook.pids"
+    script = f"echo $$ > {pids}; sleep 300 & wait"
+    hooks = {"after_backup": [["sh", "-c", script]], "timeout_seconds": 600}
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    group = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.read_text().strip() if pids.exists() else ""):
+            assert time.monotonic() < deadline, "the after_backup hook did not start"
+            assert cli.poll() is None, cli.communicate()
+            time.sleep(0.02)
+        group = int(pids.read_text())
+        cli.send_signal(signum)
+        stdout, stderr = cli.communicate(timeout=60)
+        assert survivors(group) == []
+    finally:
+        cli.kill()
+        cli.wait()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+    [archive_name] = [name for name in backup_files(sandbox.backup_dir) if name.endswith(".tar.gz")]
+    name = archive_name.removesuffix(".tar.gz")
+    assert cli.returncode == 130, stderr
+    assert stdout.strip() == name
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    assert line.startswith("sovbackupd: interrupted after backup ")
+    assert name in line
+    assert "half-written" not in line
+
+
 def test_cancelling_a_backup_during_its_before_hook_aborts_it_and_kills_the_hook(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:

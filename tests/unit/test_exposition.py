@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
+import resource
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
@@ -128,3 +133,91 @@ def test_a_raising_collector_costs_one_scrape_not_the_endpoint() -> None:
         assert get(serving)[0] == 200
     finally:
         serving.shutdown()
+
+
+def raw(server: MetricsServer, request: bytes) -> bytes:
+    """Send *request* as is and return everything the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(4096):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("target", [b"http://[::1/metrics", b"//[/metrics", b"http://a]/metrics"])
+def test_a_request_target_that_is_no_url_is_a_400_not_a_logged_traceback(
+    server: MetricsServer, target: bytes
+) -> None:
+    """Anyone who can reach the port could otherwise write a traceback to the journal per request.
+
+    A malformed request is the client's fault: 400, and nothing logged at error level.
+    """
+    with capture_logs() as events:
+        answer = raw(server, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert events == []
+    assert get(server)[0] == 200
+
+
+def test_out_of_descriptors_is_a_few_warnings_not_a_busy_loop(server: MetricsServer) -> None:
+    """EMFILE on accept with no connection to close must not spin on the listener.
+
+    The listener stays readable while the client waits in the backlog: retrying at once
+    logged tens of thousands of `metrics.accept_failed` warnings a second on one core.
+    Once descriptors are free again, the waiting client is answered.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    client = socket.socket()
+    client.settimeout(30)
+    held: list[int] = []
+    try:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (len(list(Path("/proc/self/fd").iterdir())) + 8, hard)
+        )
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with capture_logs() as events:
+            client.connect(("127.0.0.1", server.port))  # waits in the listener's backlog
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            for _ in range(1500):  # bounded: until the server has met the limit
+                if events:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.5)  # a busy loop logs thousands here; load only lowers the count
+            failures = [event for event in events if event["event"] == "metrics.accept_failed"]
+        assert 1 <= len(failures) <= 3
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with client:
+        assert client.recv(64).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 300, b"x" * 20_000],
+    ids=["pipelined requests", "a body after the head"],
+)
+def test_bytes_sent_after_the_request_never_reset_the_answer(extra: bytes) -> None:
+    """A client that pipelines (or sends anything after its head) gets its answer and an EOF.
+
+    Closing a socket with unread input makes the kernel send a reset, which discards what
+    is still queued for the client: it saw ECONNRESET instead of the end of the response.
+    """
+    registry = CollectorRegistry()
+    gauge = Gauge("wide", "Many series.", ["label"], registry=registry)
+    for number in range(3000):  # an answer of ~100 KiB, more than one send() takes
+        gauge.labels(label=f"value{number:05}").set(number)
+    serving = MetricsServer(registry, "127.0.0.1", 0)
+    serving.start()
+    try:
+        answer = raw(serving, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" + extra)
+    finally:
+        serving.shutdown()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert body.count(b'wide{label="value') == 3000

@@ -217,6 +217,24 @@ def test_non_executable_file_is_a_result_with_an_error(tmp_path: Path) -> None:
     assert result.error == f"not executable: {script}"
 
 
+def test_a_script_whose_interpreter_is_missing_is_not_called_missing(tmp_path: Path) -> None:
+    """The kernel says ENOENT for a missing #! interpreter too: "not found: <the hook>" misleads.
+
+    The operator sees the file right there; the error must point at its first line.
+    """
+    script = tmp_path / "hook.sh"
+    script.write_text("#!/no/such/interpreter\nexit 0\n")
+    script.chmod(0o755)
+    [result] = hooks.run("before_backup", [[str(script)]], 10, {}, stop_on_failure=True)
+    assert result.error == f"cannot start {script}: its interpreter (#! line) was not found"
+
+
+def test_a_directory_as_the_hook_is_called_a_directory(tmp_path: Path) -> None:
+    """A directory has the execute bit: "not executable" would send the operator to chmod."""
+    [result] = hooks.run("before_backup", [[str(tmp_path)]], 10, {}, stop_on_failure=True)
+    assert result.error == f"cannot start {tmp_path}: it is a directory"
+
+
 def test_unusable_argument_is_a_result_with_an_error() -> None:
     """An argv with a NUL byte, which exec cannot take, fails without an exception."""
     [result] = hooks.run("on_failure", [["echo", "a\0b"]], 10, {}, stop_on_failure=False)

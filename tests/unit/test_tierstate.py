@@ -199,3 +199,46 @@ def test_a_fifo_or_symlink_planted_as_the_state_file_is_one_warning_and_never_bl
         [warning] = events
         assert warning["event"] == "tierstate.ignored", what
         path.unlink()
+
+
+def test_a_clock_stepped_back_drops_only_the_times_now_in_the_future(tmp_path: Path) -> None:
+    """A time ahead of now (NTP stepped a fast clock back) costs that time, not every tier's.
+
+    The next backup rewrites the file from what it read: ignoring the whole file there
+    would wipe the daily, weekly and monthly records, and the next restart would run their
+    catch-ups again.
+    """
+    now = datetime.now(UTC)
+    ahead = now + timedelta(minutes=10)  # the hourly that committed before the step back
+    day, week = now - timedelta(days=1), now - timedelta(days=3)
+    older = {
+        "daily": TierRecord(last_attempt=day, last_success=day),
+        "weekly": TierRecord(last_attempt=week, last_success=week),
+    }
+    kept = {**older, "hourly": TierRecord(last_attempt=ahead, last_success=ahead)}
+    (tmp_path / tierstate.STATE_NAME).write_bytes(tierstate.render(kept))
+    with capture_logs() as events:
+        assert tierstate.known(tmp_path, [], now) == {**older, "hourly": TierRecord()}
+    [warning] = events
+    assert warning["event"] == "tierstate.ignored"
+    assert "tiers.hourly.last_success" in warning["reason"]
+    with capture_logs():
+        tierstate.record_attempt(tmp_path, ["hourly"], now)
+    assert tierstate.known(tmp_path, [], now) == {**older, "hourly": TierRecord(last_attempt=now)}
+
+
+def test_a_symlink_planted_at_the_temp_name_is_never_written_through(tmp_path: Path) -> None:
+    """`.sovbackupd-tiers.json.partial` -> /etc/shadow must not truncate the target.
+
+    The backup directory is the service user's; a manual backup runs as root. Whoever
+    can write the directory must not get root to overwrite a file elsewhere.
+    """
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / f"{tierstate.STATE_NAME}.partial").symlink_to(victim)
+    tierstate.record_success(backups, ["daily"], NOW)
+    assert victim.read_text() == "precious\n"
+    assert tierstate.known(backups, [], NOW) == {"daily": TierRecord(last_success=NOW)}
+    assert not (backups / f"{tierstate.STATE_NAME}.partial").exists()
