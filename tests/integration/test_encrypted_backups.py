@@ -366,7 +366,10 @@ def test_unencrypted_backups_made_before_encryption_stay_listable_and_restorable
     assert paths == {old: f"{old}.tar.gz", new: f"{new}.tar.gz.gpg"}
     verified = run_cli("verify", "--all", "--deep", config=config)
     assert verified.returncode == 0, verified.stderr
-    assert verified.stdout.splitlines() == [f"{old}: ok (deep)", f"{new}: ok (deep)"]
+    assert verified.stdout.splitlines() == [
+        f"{new}: ok (deep)",
+        f"{old}: ok (deep)",
+    ]  # newest first
 
     damage(sandbox, None)
     restored = run_cli("restore", old, "--yes", config=config)
