@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import redis.connection
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -102,6 +103,12 @@ def _redis_url(url: str) -> str:
         # Only the scheme is echoed: the rest of a URL may hold a password.
         given = f"one starting {scheme}://" if separator else "something without a scheme"
         raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not {given}")
+    try:
+        # What the backup's Redis.from_url does first: a bad port or query is a config
+        # error now, not a ValueError in every backup. Its messages quote no password.
+        redis.connection.parse_url(url)
+    except ValueError as error:
+        raise ValueError(f"cannot be used: {error}") from None
     return url
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import socket
 import textwrap
@@ -963,3 +964,76 @@ def test_check_config_refuses_a_hostile_policy_with_one_line_and_exit_78(
     assert result.returncode == ExitCode.CONFIG, name
     assert result.stderr_lines == [f"sovbackupd: config error: {policy}{expected}"], name
     assert result.stdout == ""
+
+
+# Red-team findings: each of these crashed, hung or misled before its fix.
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'sources: {dirs: ["/srv/a\\0b"]}\n',
+        'sources: {dirs: [/srv]}\nbackup_dir: "/srv/b\\0k"\n',
+        'sources: {dirs: [/srv]}\nmetrics: {listen: "127.0.0.1\\0:9877"}\n',
+        'sources: {dirs: [/srv]}\nhooks: {before_backup: [["true\\0"]]}\n',
+    ],
+)
+def test_a_nul_character_in_any_value_is_refused_at_its_line(text: str) -> None:
+    """A "\\0" escape made a path that os.stat, bind and exec raise ValueError on."""
+    line, _ = refusal(text)
+    assert line.startswith(f"policy.yaml:{text.count(chr(10))}: NUL characters"), line
+
+
+def test_a_control_character_is_one_error_line_naming_its_line() -> None:
+    """libyaml's reader error spanned two lines and named no line of the file."""
+    line, _ = refusal(MINIMAL + "workers: 2\x00\n")
+    assert line.startswith("policy.yaml:3: not valid YAML: unacceptable character #x0000"), line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "100001", "1" + "0" * 40])
+def test_retention_days_out_of_bounds_names_the_variable(value: str) -> None:
+    """5000 digits raised ValueError from int(); 100001 was blamed on line 1 of the policy."""
+    problems = problems_of(MINIMAL, {"RETENTION_DAYS": value})
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "RETENTION_DAYS (environment): must be a whole number of days from 0 to 100000, not "
+    )
+    assert len(problems[0]) < 200
+
+
+@pytest.mark.parametrize(("value", "keep"), [("100000", 100_000), ("0" * 40 + "7", 7)])
+def test_retention_days_within_the_bound_loads(value: str, keep: int) -> None:
+    """The largest keep is accepted from the environment as from the policy."""
+    policy = parse(MINIMAL, {"RETENTION_DAYS": value})
+    assert policy.tiers.daily is not None
+    assert policy.tiers.daily.keep == keep
+
+
+def test_a_policy_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes: check-config and SIGHUP hung on one."""
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    result = run_cli("check-config", config=fifo, timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    assert result.stderr_lines == [
+        f"sovbackupd: config error: policy file {fifo} is not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:notaport/0",
+        "redis://127.0.0.1:99999/0",
+        "redis://127.0.0.1/0?socket_timeout=soon",
+        "redis://[::1/0",
+        "unix:///run/redis.sock?db=first",
+    ],
+)
+def test_a_redis_url_redis_py_cannot_parse_is_a_config_error(url: str) -> None:
+    """These passed check-config, then every backup raised ValueError from from_url."""
+    problems = problems_of(f"sources:\n  redis: {{url: '{url}'}}\n")
+    assert len(problems) == 1
+    assert problems[0].startswith("policy.yaml:2: sources.redis.url: "), problems
+    assert "cannot be used: " in problems[0]
