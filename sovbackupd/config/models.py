@@ -106,7 +106,7 @@ def _redis_url(url: str) -> str:
     try:
         # What the backup's Redis.from_url does first: a bad port or query is a config
         # error now, not a ValueError in every backup. Its messages quote no password.
-        redis.connection.parse_url(url)
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # untyped in redis-py
     except ValueError as error:
         raise ValueError(f"cannot be used: {error}") from None
     return url

@@ -547,3 +547,30 @@ def test_sqlite_copy_onto_a_disk_that_filled_is_a_disk_space_error(
 
     assert DiskSpaceError.exit_code == ExitCode.CANT_CREATE
     assert list(staging.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "damage"),
+    [("redis password_file", "fifo"), ("redis password_file", "not utf-8"), ("gpg", "fifo")],
+)
+def test_backup_refuses_a_secret_file_that_is_a_fifo_or_not_text(
+    sandbox: Sandbox,
+    good_backup: GoodBackup,
+    redis_server: RedisServer,
+    setting: str,
+    damage: str,
+) -> None:
+    """A FIFO hung the backup on open(); a non-UTF-8 password file raised UnicodeDecodeError."""
+    path = sandbox.root / "secret"
+    if damage == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"\xff\xfe-not-text\n")
+    data = policy_data(sandbox, redis_server)
+    if setting == "gpg":
+        data["encryption"] = {"gpg": {"passphrase_file": str(path)}}
+    else:
+        data["sources"]["redis"]["password_file"] = str(path)
+    result = run_cli("backup", config=policy_file(sandbox, data), timeout=120)
+    assert_refused(result, ExitCode.FAILURE, str(path))
+    good_backup.assert_untouched()

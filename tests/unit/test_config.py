@@ -979,13 +979,13 @@ def test_check_config_refuses_a_hostile_policy_with_one_line_and_exit_78(
     ],
 )
 def test_a_nul_character_in_any_value_is_refused_at_its_line(text: str) -> None:
-    """A "\\0" escape made a path that os.stat, bind and exec raise ValueError on."""
+    """A NUL escape made a path that os.stat, bind and exec raise ValueError on."""
     line, _ = refusal(text)
     assert line.startswith(f"policy.yaml:{text.count(chr(10))}: NUL characters"), line
 
 
 def test_a_control_character_is_one_error_line_naming_its_line() -> None:
-    """libyaml's reader error spanned two lines and named no line of the file."""
+    """The reader error of libyaml spanned two lines and named no line of the file."""
     line, _ = refusal(MINIMAL + "workers: 2\x00\n")
     assert line.startswith("policy.yaml:3: not valid YAML: unacceptable character #x0000"), line
     assert "\n" not in line

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -388,3 +389,23 @@ def test_a_planted_manifest_beside_an_archive_reads_as_unreadable(
     (stored,) = store.backups()
     assert stored.head() is None
     assert stored.manifest() is None
+
+
+def test_a_fifo_planted_as_a_manifest_reads_as_unreadable_without_blocking(store: Store) -> None:
+    """A FIFO in a manifest's place blocked head() (the daemon's start) and manifest() on open."""
+    name = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{name}.tar.gz")
+    fifo = store.directory / f"{name}.manifest.json"
+    os.mkfifo(fifo)
+    (stored,) = store.backups()
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.extend([stored.head(), stored.manifest()]))
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # unblock the reader before failing, so that the run ends
+        for _ in range(2):
+            with fifo.open("w"):
+                pass
+        reader.join()
+        pytest.fail("reading a FIFO planted as a manifest blocked")
+    assert found == [None, None]
