@@ -66,6 +66,15 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 LISTEN_PATTERN = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):([0-9]{1,5})")
 
 
+def shown(path: Path) -> str:
+    """Return *path* for a message, quoted when a control character is in it.
+
+    A newline in a path would split the message and could forge a line of its own.
+    """
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def _absolute(path: Path) -> Path:
     if not path.is_absolute():
         raise ValueError(f"must be an absolute path, not {str(path)!r}")
@@ -149,10 +158,12 @@ def _unique_basenames(entries: list[SourcePath], what: str) -> list[SourcePath]:
     for entry in entries:
         name = entry.path.name
         if name in RESERVED_ARCHIVE_NAMES:
-            raise ValueError(f"{what} {entry.path} would take the reserved archive name {name!r}")
+            raise ValueError(
+                f"{what} {shown(entry.path)} would take the reserved archive name {name!r}"
+            )
         if name in seen:
             raise ValueError(
-                f"{what} {seen[name]} and {entry.path} share the basename {name!r}, "
+                f"{what} {shown(seen[name])} and {shown(entry.path)} share the basename {name!r}, "
                 "which must be unique inside the archive"
             )
         seen[name] = entry.path

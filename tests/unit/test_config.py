@@ -1037,3 +1037,46 @@ def test_a_redis_url_redis_py_cannot_parse_is_a_config_error(url: str) -> None:
     assert len(problems) == 1
     assert problems[0].startswith("policy.yaml:2: sources.redis.url: "), problems
     assert "cannot be used: " in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("section", "expression"),
+    [
+        ("tiers:\n  daily: {{schedule: '{}', keep: 1}}", "0 0 31 2 *"),
+        ("tiers:\n  daily: {{schedule: '{}', keep: 1}}", "0 0 30 2 *"),
+        ("tiers:\n  daily: {{schedule: '{}', keep: 1}}", "0 0 31 4,6,9,11 *"),
+        ("test_restore:\n  schedule: '{}'", "0 5 31 2 *"),
+    ],
+)
+def test_a_schedule_that_never_fires_is_a_config_error(section: str, expression: str) -> None:
+    """February 31 passed check-config; the daemon then ran that tier once at start, never again."""
+    where = "tiers.daily.schedule" if section.startswith("tiers") else "test_restore.schedule"
+    assert problems_of(f"{MINIMAL}{section.format(expression)}\n") == (
+        f"policy.yaml:4: {where}: cron expression {expression!r} never fires: "
+        "no month has that day",
+    )
+
+
+@pytest.mark.parametrize(
+    "expression", ["0 0 29 2 *", "0 0 31 2 mon", "0 0 31 * *", "0 0 last 2 *", "* * * * * *"]
+)
+def test_a_schedule_that_fires_rarely_or_often_still_loads(expression: str) -> None:
+    """Leap days fire every four years, and a weekday rescues day 31 of February."""
+    policy = parse(f"{MINIMAL}tiers:\n  daily: {{schedule: '{expression}', keep: 1}}\n")
+    assert policy.tiers.daily is not None
+
+
+def test_a_path_with_a_newline_is_quoted_so_it_cannot_forge_an_error_line(
+    tmp_path: Path,
+) -> None:
+    """A newline in a missing path split its error in two, the second line the file's own."""
+    policy = tmp_path / "policy.yaml"
+    forged = f"{tmp_path}/a\nsovbackupd: check-config: the policy is valid\r"
+    policy.write_text(yaml.safe_dump({"sources": {"dirs": [forged], "sqlite": [forged + ".db"]}}))
+    result = run_cli("check-config", config=policy, timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    assert result.stderr.count("\n") == 2, result.stderr
+    assert "\r" not in result.stderr
+    assert result.stderr_lines[0].endswith(
+        f"sources.dirs[0]: {forged!r} does not exist (optional: true allows that)"
+    ), result.stderr
