@@ -79,6 +79,9 @@ class _Loader(
                 # Only a "\0" escape makes one; no path, argv or address may hold it.
                 raise _refusal("NUL characters (\\0) are not allowed", mark)
             resolved = self.resolve(yaml.ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            if resolved == "tag:yaml.org,2002:merge":
+                # Merged keys come before the mapping's own: a repeat would name the wrong line.
+                raise _refusal("merge keys (<<) are not allowed", mark)
             if resolved in _NUMBER_TAGS and len(event.value) > MAX_NUMBER_CHARS:
                 raise _refusal(f"a number longer than {MAX_NUMBER_CHARS} characters", mark)
         self._nodes += 1

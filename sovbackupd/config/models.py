@@ -42,6 +42,8 @@ RESERVED_ARCHIVE_NAMES = frozenset(
 # timer, timeout and counter the daemon builds from them accepts them.
 MAX_SECONDS = 7 * 24 * 3600.0  # a week: no timeout or interval needs longer
 MAX_KEEP = 100_000  # periods or backups kept: over eleven years of hourly backups
+# A file name takes 255 bytes: the prefix, "_YYYYMMDD_HHMMSS" and ".tar.zst.gpg.sha256.partial".
+MAX_PREFIX_CHARS = 200
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # [user@]host:path, the host a name or a bracketed IPv6 address, as rsync and scp write it.
@@ -643,6 +645,7 @@ class Policy(_Model):
     name_prefix: str = Field(
         default="sovereigncore_backup",
         pattern=NAME_PATTERN,
+        max_length=MAX_PREFIX_CHARS,
         description="Archives are named <name_prefix>_YYYYMMDD_HHMMSS (UTC).",
     )
     timezone: Annotated[str, AfterValidator(_timezone)] = Field(

@@ -24,6 +24,7 @@ from sovbackupd import config, scheduler
 from sovbackupd.config.files import Location
 from sovbackupd.config.loader import MAX_POLICY_BYTES, SEED_DAILY_SCHEDULE
 from sovbackupd.config.models import (
+    MAX_PREFIX_CHARS,
     PATTERN_EXPECTATIONS,
     GcsRemote,
     Policy,
@@ -32,7 +33,7 @@ from sovbackupd.config.models import (
     SourcePath,
 )
 from sovbackupd.errors import ConfigError, ExitCode
-from tests.conftest import run_cli
+from tests.conftest import Sandbox, policy_data, run_cli, write_policy
 
 VALID = """\
 backup_dir: /var/backups/sovereigncore
@@ -1080,3 +1081,32 @@ def test_a_path_with_a_newline_is_quoted_so_it_cannot_forge_an_error_line(
     assert result.stderr_lines[0].endswith(
         f"sources.dirs[0]: {forged!r} does not exist (optional: true allows that)"
     ), result.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<<: {workers: 64}\nworkers: 2\n" + MINIMAL,
+        "sources:\n  <<: {dirs: [/srv]}\n",
+        "workers: <<\n" + MINIMAL,
+    ],
+)
+def test_merge_keys_are_refused_at_their_line(text: str) -> None:
+    """`<<` silently merged keys, and a key repeated through it was blamed on the wrong line."""
+    line, _ = refusal(text)
+    first = next(number for number, row in enumerate(text.splitlines(), 1) if "<<" in row)
+    assert line == f"policy.yaml:{first}: merge keys (<<) are not allowed in a policy", line
+
+
+def test_a_name_prefix_too_long_for_a_file_name_is_a_config_error(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A 300-character prefix passed check-config, then every backup raised ENAMETOOLONG."""
+    policy = tmp_path / "policy.yaml"
+    for prefix, code in (("p" * 300, ExitCode.CONFIG), ("p" * MAX_PREFIX_CHARS, ExitCode.OK)):
+        write_policy(policy, policy_data(sandbox, None, name_prefix=prefix, compression="zstd"))
+        result = run_cli("backup", config=policy, timeout=120)
+        assert result.returncode == code, result.stderr
+        if code == ExitCode.CONFIG:
+            assert len(result.stderr_lines) == 1, result.stderr
+            assert "name_prefix: String should have at most 200 characters" in result.stderr
