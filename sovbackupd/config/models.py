@@ -94,10 +94,22 @@ def _path_shorthand(value: object) -> object:
     return {"path": value} if isinstance(value, str) else value
 
 
+def _archivable(path: Path) -> Path:
+    # The basename names the entry inside the archive: ".." would put members outside its
+    # top directory (every backup then fails verify), and "/" has no basename at all.
+    if ".." in path.parts:
+        raise ValueError(f"must not contain '..', not {str(path)!r}: name the directory itself")
+    if not path.name:
+        raise ValueError("must not be / itself: a source is archived under its basename")
+    return path
+
+
 class SourcePath(_Model):
     """A file or directory to back up."""
 
-    path: AbsolutePath = Field(description="Absolute path of the file or directory.")
+    path: Annotated[AbsolutePath, AfterValidator(_archivable)] = Field(
+        description="Absolute path of the file or directory."
+    )
     optional: bool = Field(
         default=False,
         description="When true, a missing path is recorded in the manifest instead of "

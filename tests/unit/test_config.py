@@ -1110,3 +1110,30 @@ def test_a_name_prefix_too_long_for_a_file_name_is_a_config_error(
         if code == ExitCode.CONFIG:
             assert len(result.stderr_lines) == 1, result.stderr
             assert "name_prefix: String should have at most 200 characters" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "sources: {dirs: [/srv/data/..]}\n",
+            "policy.yaml:1: sources.dirs[0]: must not contain '..', not '/srv/data/..': "
+            "name the directory itself",
+        ),
+        (
+            "sources: {sqlite: [/srv/../app.db]}\n",
+            "policy.yaml:1: sources.sqlite[0]: must not contain '..', not '/srv/../app.db': "
+            "name the directory itself",
+        ),
+        (
+            "sources: {dirs: [/]}\n",
+            "policy.yaml:1: sources.dirs[0]: must not be / itself: a source is archived "
+            "under its basename",
+        ),
+    ],
+)
+def test_a_source_path_without_a_usable_basename_is_a_config_error(
+    text: str, expected: str
+) -> None:
+    """`/srv/data/..` archived members as NAME/../f, outside the top: every verify failed."""
+    assert problems_of(text) == (expected,)
