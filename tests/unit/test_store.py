@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sovbackupd.errors import LockedError, NotFoundError
+from sovbackupd import archive
+from sovbackupd.errors import ArchiveError, LockedError, NotFoundError
 from sovbackupd.policy import Pin
 from sovbackupd.store import PIN_LIMIT_BYTES, PIN_SUFFIX, PinFile, Store, backup_name, read_pin
 from tests.integration.test_retention import write_backup
@@ -409,3 +410,31 @@ def test_a_fifo_planted_as_a_manifest_reads_as_unreadable_without_blocking(store
         reader.join()
         pytest.fail("reading a FIFO planted as a manifest blocked")
     assert found == [None, None]
+
+
+def test_a_fifo_planted_as_a_checksum_sidecar_is_unreadable_without_blocking(
+    store: Store,
+) -> None:
+    """A FIFO in the sidecar's place blocked verify (and the daemon's remote pass) on open."""
+    name = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{name}.tar.gz")
+    fifo = store.directory / f"{name}.tar.gz.sha256"
+    os.mkfifo(fifo)
+    (stored,) = store.backups()
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            archive.read_sidecar(stored.path)
+        except ArchiveError as error:
+            raised.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # unblock the reader before failing, so that the run ends
+        with fifo.open("w"):
+            pass
+        reader.join()
+        pytest.fail("reading a FIFO planted as a checksum sidecar blocked")
+    assert [str(error) for error in raised] == [f"{name}.tar.gz: checksum sidecar is unreadable"]
