@@ -232,11 +232,17 @@ _SPAN = re.compile(r"^(\d+)([hdw])$")
 _SPAN_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
 
+_SPAN_MAX = timedelta(days=100 * 366)  # past that, times before year 1 overflow
+_SIMULATED_MAX = 100_000  # points of a series: a second's work, not an hour's
+
+
 def _span(text: str) -> timedelta:
     match = _SPAN.match(text)
     if match is None or int(match[1]) == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a count and h, d or w, e.g. 6h or 400d")
-    return int(match[1]) * _SPAN_UNITS[match[2]]
+    if len(match[1]) > 7 or (span := int(match[1]) * _SPAN_UNITS[match[2]]) > _SPAN_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {_SPAN_MAX.days}d")
+    return span
 
 
 def _offset_time(text: str) -> datetime:
@@ -261,9 +267,18 @@ def _simulated_times(arguments: argparse.Namespace, policy: Policy) -> list[tupl
     if arguments.source is None:
         end = arguments.end or datetime.now(policy.zone).replace(minute=0, second=0, microsecond=0)
         count = int(arguments.span / arguments.every)
+        if count > _SIMULATED_MAX:
+            raise UsageError(
+                f"--span / --every gives {count} backups; at most {_SIMULATED_MAX} are simulated"
+            )
         moments = [end - step * arguments.every for step in range(count, -1, -1)]
         return [(moment.isoformat(), moment) for moment in moments]
-    text = sys.stdin.read() if arguments.source == "-" else Path(arguments.source).read_text()
+    try:
+        text = sys.stdin.read() if arguments.source == "-" else Path(arguments.source).read_text()
+    except OSError as error:
+        raise UsageError(f"--from {arguments.source}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--from {arguments.source}: not UTF-8 text") from None
     times = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

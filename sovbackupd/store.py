@@ -213,12 +213,19 @@ class Store:
             match = self._archive.match(entry.name)
             if match is None:
                 continue
-            created = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC)
             try:
-                size = entry.stat().st_size
+                created = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT)
+            except ValueError:
+                continue  # month 13, hour 99: planted, and not a name sovbackupd writes
+            try:
+                status = entry.stat()
             except FileNotFoundError:
                 continue  # deleted by a concurrent prune
-            found.append(StoredBackup(match["name"], entry, created, size))
+            if not stat.S_ISREG(status.st_mode):
+                continue  # a FIFO would block verify; a directory is not an archive
+            found.append(
+                StoredBackup(match["name"], entry, created.replace(tzinfo=UTC), status.st_size)
+            )
         return sorted(found, key=lambda backup: (backup.created, backup.name))
 
     def find(self, name: str) -> StoredBackup:

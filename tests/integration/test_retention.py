@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sovbackupd import __version__, archive, retention
 from sovbackupd import policy as gfs
 from sovbackupd.config import parse
+from sovbackupd.errors import ExitCode
 from sovbackupd.manifest import Manifest
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources.base import Member, SourceReport
@@ -184,3 +186,26 @@ def test_prune_counts_deletions_and_holds_in_metrics(tmp_path: Path, sandbox: Sa
     write_backup(sandbox.backup_dir, START + timedelta(days=1200), b"")
     assert retention.prune(policy, dry_run=False, metrics=metrics).held is not None
     assert registry.get_sample_value("sovbackupd_retention_held") == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "needle"),
+    [
+        (["--from", "/nonexistent/times.txt"], "--from /nonexistent/times.txt: No such file"),
+        (["--from", "binary"], "not UTF-8 text"),
+        (["--span", "99999999d"], "at most 36600d"),
+        (["--span", "36000d", "--every", "1h"], "at most 100000 are simulated"),
+    ],
+)
+def test_retention_simulate_refuses_absurd_input_with_one_line(
+    sandbox: Sandbox, tmp_path: Path, arguments: list[str], needle: str
+) -> None:
+    """A missing or binary --from and a huge --span raised tracebacks (or ran out of memory)."""
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\n")
+    given = [str(binary) if argument == "binary" else argument for argument in arguments]
+    result = run_cli("retention", "simulate", *given, config=policy, timeout=60)
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "Traceback" not in result.stderr
+    assert needle in result.stderr_lines[-1]  # argparse prints its usage line before

@@ -438,3 +438,12 @@ def test_a_fifo_planted_as_a_checksum_sidecar_is_unreadable_without_blocking(
         reader.join()
         pytest.fail("reading a FIFO planted as a checksum sidecar blocked")
     assert [str(error) for error in raised] == [f"{name}.tar.gz: checksum sidecar is unreadable"]
+
+
+def test_planted_names_that_are_no_archive_of_ours_are_not_listed(store: Store) -> None:
+    """Month 13 raised ValueError in every listing (list, each backup, the daemon's start)."""
+    good = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{good}.tar.gz", f"{PREFIX}_20261399_999999.tar.gz")
+    os.mkfifo(store.directory / f"{PREFIX}_20260103_000000.tar.gz")
+    (store.directory / f"{PREFIX}_20260104_000000.tar.gz").mkdir()
+    assert [backup.name for backup in store.backups()] == [good]
