@@ -32,7 +32,7 @@ import isal.igzip_threaded
 import zstandard
 from pydantic import ValidationError
 
-from sovbackupd import crypto
+from sovbackupd import crypto, untrusted
 from sovbackupd.config.models import Gpg
 from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest, write_manifest
@@ -49,6 +49,7 @@ ZSTD_LEVEL = 3  # zstd's own default, as `tar --zstd` uses
 ZSTD_JOB_BYTES = 2 << 20
 PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".sha256"
+SIDECAR_LIMIT_BYTES = 4096  # "<64 hex digits>  <name>\n"; more is not one of ours
 MANIFEST_SUFFIX = ".manifest.json"
 ProgressCallback = Callable[[int], None]
 UNREADABLE = (tarfile.TarError, EOFError, ValueError, zstandard.ZstdError)
@@ -746,10 +747,12 @@ def stream_sha256(stream: IO[bytes]) -> str:
 def read_sidecar(archive: Path) -> str:
     """Return the sha256 the sidecar records for *archive*."""
     try:
-        text = sidecar_path(archive).read_text(encoding="ascii")
+        # Never a FIFO (verify and the remote passes would block on it), and bounded.
+        with untrusted.open_regular(sidecar_path(archive)) as handle:
+            text = handle.read(SIDECAR_LIMIT_BYTES).decode("ascii")
     except FileNotFoundError:
         raise ArchiveError(f"{archive.name}: checksum sidecar is missing") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError, NotRegularError
         raise ArchiveError(f"{archive.name}: checksum sidecar is unreadable") from error
     digest, _, name = text.strip().partition("  ")
     if name != archive.name or len(digest) != 64:

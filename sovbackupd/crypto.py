@@ -40,6 +40,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 import structlog
 
+from sovbackupd import untrusted
 from sovbackupd.config.models import Gpg
 from sovbackupd.errors import CryptoError
 
@@ -100,10 +101,12 @@ class _Passphrase:
 def _first_line(path: Path, what: str) -> _Passphrase:
     """Read a passphrase as ``gpg --passphrase-file`` does: the first line, without its newline."""
     try:
-        with path.open("rb") as handle:
+        # A FIFO or a device here would block the backup or never end: refused.
+        with untrusted.open_regular(path, follow_symlinks=True) as handle:
             line = handle.readline(PASSPHRASE_MAX_BYTES + 1)
-    except OSError as error:
-        raise CryptoError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    except (OSError, untrusted.NotRegularError) as error:
+        reason = error.strerror if isinstance(error, OSError) else None
+        raise CryptoError(f"cannot read {what} {path}: {reason or error}") from None
     passphrase = _Passphrase(line.removesuffix(b"\n"))
     if not passphrase.value:
         raise CryptoError(f"{what} {path} is empty: its first line must be the passphrase")
@@ -231,9 +234,10 @@ def _import(home: Path, path: Path, setting: str, *, secret: bool) -> None:
     With *secret*, a secret key must be among them (gpg-agent keeps it).
     """
     try:
-        keys = path.open("rb")
-    except OSError as error:
-        raise CryptoError(f"cannot read {setting} {path}: {error.strerror or error}") from None
+        keys = untrusted.open_regular(path, follow_symlinks=True)  # never a FIFO: see there
+    except (OSError, untrusted.NotRegularError) as error:
+        reason = error.strerror if isinstance(error, OSError) else None
+        raise CryptoError(f"cannot read {setting} {path}: {reason or error}") from None
     with keys:
         report = _run_helper([*_gpg_argv(home, agent=secret), "--import"], home, stdin=keys)
     reasons = [

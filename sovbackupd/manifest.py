@@ -11,6 +11,8 @@ from typing import IO, Any, Literal
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
+from sovbackupd import untrusted
+
 FORMAT_VERSION = 1
 SAFETY_TIER = "pre-restore"
 """The label of the backup a restore takes of the live data it is about to replace."""
@@ -71,15 +73,17 @@ class Manifest(_Frozen):
 
 FILES_MARKER = b',\n "files": ['
 HEAD_LIMIT_BYTES = 16 << 20
+FULL_LIMIT_BYTES = 1 << 30  # a million files at ~300 bytes a line, with room to spare
 
 
 def read_head(path: Path) -> Manifest:
     """Read the manifest at *path* without its file list, which can hold 100k entries.
 
     :func:`write_manifest` puts every other field before ``files``, so only the bytes up
-    to that key are parsed. Raise OSError or ValueError when the file is unreadable.
+    to that key are parsed. Raise OSError or ValueError when the file is unreadable, or
+    not a regular file: a FIFO planted in its place must not block the daemon's start.
     """
-    with path.open("rb") as handle:
+    with untrusted.open_regular(path) as handle:
         head = handle.read(HEAD_LIMIT_BYTES)
     cut = head.find(FILES_MARKER)
     # pydantic's parser bounds nesting with a ValueError; json.loads would raise
@@ -88,6 +92,18 @@ def read_head(path: Path) -> Manifest:
     if isinstance(data, dict):  # anything else fails validation, a ValueError too
         data.pop("files", None)
     return Manifest.model_validate(data)
+
+
+def read_full(path: Path) -> Manifest:
+    """Read the whole manifest at *path*, file list included, as untrusted input.
+
+    Raise OSError or ValueError when it is unreadable, not a regular file or invalid.
+    """
+    with untrusted.open_regular(path) as handle:
+        data = handle.read(FULL_LIMIT_BYTES + 1)
+    if len(data) > FULL_LIMIT_BYTES:
+        raise ValueError(f"larger than {FULL_LIMIT_BYTES >> 20} MiB")
+    return Manifest.model_validate_json(data)
 
 
 def write_manifest(head: Manifest, entry_lines: Iterable[bytes], out: IO[bytes]) -> None:

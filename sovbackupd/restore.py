@@ -29,12 +29,19 @@ from pathlib import Path
 from typing import IO, BinaryIO, Literal
 
 import structlog
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from sovbackupd import archive, backup, hooks, redis_server, statefile
 from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
-from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, SAFETY_TIER, FileEntry, Manifest
+from sovbackupd.manifest import (
+    INFO_NAME,
+    MANIFEST_NAME,
+    SAFETY_TIER,
+    FileEntry,
+    Manifest,
+    read_full,
+)
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import files, sqlite
 from sovbackupd.sources.redis import RedisSource as RedisReader
@@ -192,10 +199,10 @@ def load_manifest(stored: StoredBackup) -> Manifest:
     """Return the full manifest kept beside *stored*; raise ArchiveError when unusable."""
     path = archive.manifest_path(stored.path)
     try:
-        return Manifest.model_validate_json(path.read_bytes())
+        return read_full(path)
     except FileNotFoundError:
         raise ArchiveError(f"{path.name} is missing beside {stored.path.name}") from None
-    except (OSError, ValidationError) as error:
+    except (OSError, ValueError) as error:  # ValidationError is a ValueError
         raise ArchiveError(f"{path.name} is unreadable or invalid: {error}") from None
 
 

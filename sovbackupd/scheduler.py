@@ -29,6 +29,7 @@ log = structlog.get_logger("sovbackupd.scheduler")
 # Triggers start in the past so that they can name scheduled times before they were made.
 _SINCE = datetime(2000, 1, 1, tzinfo=UTC)
 _TICK = timedelta(microseconds=1)
+_PROBE_YEARS = "2000-2008"  # three leap years, and every date of the others
 DISPATCHER = "dispatcher"
 CONTROL = "control"  # the executor of housekeeping jobs, never starved by long backups
 # How far interval() looks ahead: a year covers every calendar pattern (weekends, short
@@ -121,6 +122,12 @@ def parse_cron(expression: str, timezone: tzinfo | str) -> BaseTrigger:
         by_date = CronTrigger(**common, **{**values, "day_of_week": "*"})
         by_weekday = CronTrigger(**common, **{**values, "day": "*"})
         return OrTrigger([by_date, by_weekday])
+    # Only the date fields can make a schedule that never fires (February 31): any weekday
+    # comes within a week. APScheduler would search to year 9999 for it, at every look;
+    # years 2000-2008 hold every month's every day, February 29 included, in a millisecond.
+    probe = CronTrigger(**{**common, "timezone": UTC}, **values, year=_PROBE_YEARS)
+    if probe.get_next_fire_time(None, _SINCE) is None:
+        raise ValueError(f"cron expression {expression!r} never fires: no month has that day")
     return CronTrigger(**common, **values)
 
 

@@ -13,15 +13,13 @@ with :func:`write`.
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import TypeVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sovbackupd import archive
+from sovbackupd import archive, untrusted
 
 log = structlog.get_logger("sovbackupd.statefile")
 
@@ -53,10 +51,7 @@ def read_bounded(path: Path, limit: int) -> bytes:
     Never block and never follow: a FIFO, a device or a symlink planted at *path* raises
     ValueError or OSError (ELOOP), as does a file over *limit* bytes.
     """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise ValueError("not a regular file")
+    with untrusted.open_regular(path) as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"larger than {limit} bytes")

@@ -28,7 +28,7 @@ from sovbackupd.archive import (
     write_atomically,
 )
 from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
-from sovbackupd.manifest import Manifest, read_head
+from sovbackupd.manifest import Manifest, read_full, read_head
 
 LOCK_NAME = ".sovbackupd.lock"
 STAGING_NAME = ".staging"
@@ -62,9 +62,9 @@ class StoredBackup:
     def manifest(self) -> Manifest | None:
         """Return the manifest kept beside the archive, None when missing or unreadable."""
         try:
-            return Manifest.model_validate_json(manifest_path(self.path).read_bytes())
-        except (OSError, ValidationError):
-            return None
+            return read_full(manifest_path(self.path))
+        except (OSError, ValueError):
+            return None  # ValidationError is a ValueError
 
     def head(self) -> Manifest | None:
         """Return the manifest beside the archive without its file list (cheap to read)."""
@@ -225,12 +225,19 @@ class Store:
             match = self._archive.match(entry.name)
             if match is None:
                 continue
-            created = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC)
             try:
-                size = entry.stat().st_size
+                created = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT)
+            except ValueError:
+                continue  # month 13, hour 99: planted, and not a name sovbackupd writes
+            try:
+                status = entry.stat()
             except FileNotFoundError:
                 continue  # deleted by a concurrent prune
-            found.append(StoredBackup(match["name"], entry, created, size))
+            if not stat.S_ISREG(status.st_mode):
+                continue  # a FIFO would block verify; a directory is not an archive
+            found.append(
+                StoredBackup(match["name"], entry, created.replace(tzinfo=UTC), status.st_size)
+            )
         return sorted(found, key=lambda backup: (backup.created, backup.name))
 
     def find(self, name: str) -> StoredBackup:

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Literal
 
-from sovbackupd.config.models import Policy
+from sovbackupd.config.models import Policy, shown
 
 Location = tuple[str | int, ...]
 Kind = Literal["file", "directory"]
@@ -60,13 +60,13 @@ def _problem(path: Path, kind: Kind, optional_allowed: bool) -> str | None:
         mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):
         hint = " (optional: true allows that)" if optional_allowed else ""
-        return f"{path} does not exist{hint}"
+        return f"{shown(path)} does not exist{hint}"
     except PermissionError:
         return None  # not ours to see: the daemon may run as a user who can
     except OSError as error:
-        return f"{path} cannot be checked: {error.strerror}"
+        return f"{shown(path)} cannot be checked: {error.strerror}"
     is_kind = stat.S_ISDIR(mode) if kind == "directory" else stat.S_ISREG(mode)
-    return None if is_kind else f"{path} is not a {kind}"
+    return None if is_kind else f"{shown(path)} is not a {kind}"
 
 
 def missing(policy: Policy) -> list[tuple[Location, str]]:

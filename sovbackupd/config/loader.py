@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +16,7 @@ from yaml._yaml import CParser  # libyaml, which PyYAML's wheels carry
 
 from sovbackupd.config import files
 from sovbackupd.config.files import Location
-from sovbackupd.config.models import PATTERN_EXPECTATIONS, RSYNC_URL_PATTERN, Policy
+from sovbackupd.config.models import MAX_KEEP, PATTERN_EXPECTATIONS, RSYNC_URL_PATTERN, Policy
 from sovbackupd.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/sovbackupd/policy.yaml")
@@ -73,7 +75,13 @@ class _Loader(
         if isinstance(event, yaml.ScalarEvent):
             if len(event.value) > MAX_SCALAR_CHARS:
                 raise _refusal(f"a value longer than {MAX_SCALAR_CHARS} characters", mark)
+            if "\0" in event.value:
+                # Only a "\0" escape makes one; no path, argv or address may hold it.
+                raise _refusal("NUL characters (\\0) are not allowed", mark)
             resolved = self.resolve(yaml.ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+            if resolved == "tag:yaml.org,2002:merge":
+                # Merged keys come before the mapping's own: a repeat would name the wrong line.
+                raise _refusal("merge keys (<<) are not allowed", mark)
             if resolved in _NUMBER_TAGS and len(event.value) > MAX_NUMBER_CHARS:
                 raise _refusal(f"a number longer than {MAX_NUMBER_CHARS} characters", mark)
         self._nodes += 1
@@ -152,17 +160,25 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list
                 f"BACKUP_DIR (environment): must be an absolute path, not {backup_dir!r}"
             )
     if (retention_days := environ.get("RETENTION_DAYS")) is not None:
-        if retention_days.isascii() and retention_days.isdigit():  # str.isdigit takes "²"
-            tiers = data.setdefault("tiers", {})
-            if isinstance(tiers, dict):
-                daily = tiers.get("daily") or {"schedule": SEED_DAILY_SCHEDULE}
-                if isinstance(daily, dict):  # anything else is reported by validation
-                    tiers["daily"] = {**daily, "keep": int(retention_days)}
-        else:
+        if not (retention_days.isascii() and retention_days.isdigit()):  # isdigit takes "²"
             problems.append(
                 f"RETENTION_DAYS (environment): must be a whole number of days, "
                 f"not {retention_days!r}"
             )
+        elif len(digits := retention_days.lstrip("0")) > len(str(MAX_KEEP)) or (
+            int(digits or "0") > MAX_KEEP  # short enough for int() now
+        ):
+            shown = retention_days if len(retention_days) <= 20 else retention_days[:20] + "..."
+            problems.append(
+                f"RETENTION_DAYS (environment): must be a whole number of days from 0 to "
+                f"{MAX_KEEP}, not {shown!r}"
+            )
+        else:
+            tiers = data.setdefault("tiers", {})
+            if isinstance(tiers, dict):
+                daily = tiers.get("daily") or {"schedule": SEED_DAILY_SCHEDULE}
+                if isinstance(daily, dict):  # anything else is reported by validation
+                    tiers["daily"] = {**daily, "keep": int(digits or "0")}
     if remote_path := environ.get("REMOTE_BACKUP_PATH"):
         problems.extend(_apply_remote_path(data, remote_path))
     return problems
@@ -270,10 +286,16 @@ def _document(text: str, source: str) -> tuple[yaml.Node | None, object]:
             return root, (loader.construct_document(root) if root is not None else None)
         finally:
             loader.dispose()
+    except yaml.reader.ReaderError as error:
+        # A control character: no mark, and str() spans two lines; name its line instead.
+        line = text.count("\n", 0, max(error.position, 0)) + 1
+        raise ConfigError(
+            f"{source}:{line}: not valid YAML: {str(error).splitlines()[0]}"
+        ) from error
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(error, "problem", None) or str(error)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         what = "" if isinstance(error, _Refused) else "not valid YAML: "
         raise ConfigError(f"{where}: {what}{problem}") from error
 
@@ -320,7 +342,15 @@ def load(
     With *check_files*, the files the policy names must exist too.
     """
     try:
-        with path.open("rb") as handle:
+        # Non-blocking, so that a FIFO (which blocks an open until a writer comes, and
+        # would hang check-config or the daemon's reload) is refused rather than waited on.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(descriptor, "rb") as handle:
+            mode = os.fstat(descriptor).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"policy file {path} is not a regular file")
             raw = handle.read(MAX_POLICY_BYTES + 1)
         if len(raw) > MAX_POLICY_BYTES:
             raise _too_large(str(path))

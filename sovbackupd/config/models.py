@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import redis.connection
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -41,6 +42,8 @@ RESERVED_ARCHIVE_NAMES = frozenset(
 # timer, timeout and counter the daemon builds from them accepts them.
 MAX_SECONDS = 7 * 24 * 3600.0  # a week: no timeout or interval needs longer
 MAX_KEEP = 100_000  # periods or backups kept: over eleven years of hourly backups
+# A file name takes 255 bytes: the prefix, "_YYYYMMDD_HHMMSS" and ".tar.zst.gpg.sha256.partial".
+MAX_PREFIX_CHARS = 200
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # [user@]host:path, the host a name or a bracketed IPv6 address, as rsync and scp write it.
@@ -65,6 +68,15 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 LISTEN_PATTERN = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):([0-9]{1,5})")
 
 
+def shown(path: Path) -> str:
+    """Return *path* for a message, quoted when a control character is in it.
+
+    A newline in a path would split the message and could forge a line of its own.
+    """
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def _absolute(path: Path) -> Path:
     if not path.is_absolute():
         raise ValueError(f"must be an absolute path, not {str(path)!r}")
@@ -82,10 +94,22 @@ def _path_shorthand(value: object) -> object:
     return {"path": value} if isinstance(value, str) else value
 
 
+def _archivable(path: Path) -> Path:
+    # The basename names the entry inside the archive: ".." would put members outside its
+    # top directory (every backup then fails verify), and "/" has no basename at all.
+    if ".." in path.parts:
+        raise ValueError(f"must not contain '..', not {str(path)!r}: name the directory itself")
+    if not path.name:
+        raise ValueError("must not be / itself: a source is archived under its basename")
+    return path
+
+
 class SourcePath(_Model):
     """A file or directory to back up."""
 
-    path: AbsolutePath = Field(description="Absolute path of the file or directory.")
+    path: Annotated[AbsolutePath, AfterValidator(_archivable)] = Field(
+        description="Absolute path of the file or directory."
+    )
     optional: bool = Field(
         default=False,
         description="When true, a missing path is recorded in the manifest instead of "
@@ -102,6 +126,12 @@ def _redis_url(url: str) -> str:
         # Only the scheme is echoed: the rest of a URL may hold a password.
         given = f"one starting {scheme}://" if separator else "something without a scheme"
         raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not {given}")
+    try:
+        # What the backup's Redis.from_url does first: a bad port or query is a config
+        # error now, not a ValueError in every backup. Its messages quote no password.
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]  # untyped in redis-py
+    except ValueError as error:
+        raise ValueError(f"cannot be used: {error}") from None
     return url
 
 
@@ -142,10 +172,12 @@ def _unique_basenames(entries: list[SourcePath], what: str) -> list[SourcePath]:
     for entry in entries:
         name = entry.path.name
         if name in RESERVED_ARCHIVE_NAMES:
-            raise ValueError(f"{what} {entry.path} would take the reserved archive name {name!r}")
+            raise ValueError(
+                f"{what} {shown(entry.path)} would take the reserved archive name {name!r}"
+            )
         if name in seen:
             raise ValueError(
-                f"{what} {seen[name]} and {entry.path} share the basename {name!r}, "
+                f"{what} {shown(seen[name])} and {shown(entry.path)} share the basename {name!r}, "
                 "which must be unique inside the archive"
             )
         seen[name] = entry.path
@@ -625,6 +657,7 @@ class Policy(_Model):
     name_prefix: str = Field(
         default="sovereigncore_backup",
         pattern=NAME_PATTERN,
+        max_length=MAX_PREFIX_CHARS,
         description="Archives are named <name_prefix>_YYYYMMDD_HHMMSS (UTC).",
     )
     timezone: Annotated[str, AfterValidator(_timezone)] = Field(

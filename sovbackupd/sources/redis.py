@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from sovbackupd import untrusted
 from sovbackupd.config.models import RedisSource as RedisConfig
 from sovbackupd.errors import SourceError
 from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
@@ -23,6 +24,7 @@ from sovbackupd.sources.files import MEMBER_OVERHEAD_BYTES, open_nofollow
 
 POLL_SECONDS = 0.05
 CHECK_TIMEOUT_SECONDS = 600
+PASSWORD_MAX_BYTES = 64 << 10  # Redis takes longer ones; no password_file holds one
 _KEYS_READ = re.compile(rb"\[info\] (\d+) keys read")
 _EXPIRES = re.compile(rb"\[info\] (\d+) expires")
 
@@ -123,8 +125,12 @@ class RedisSource:
         password = None
         if self._config.password_file is not None:
             try:
-                password = self._config.password_file.read_text(encoding="utf-8").splitlines()[0]
-            except (OSError, IndexError) as error:
+                # Not read_text(): a FIFO would block the backup, /dev/zero fill the memory.
+                with untrusted.open_regular(
+                    self._config.password_file, follow_symlinks=True
+                ) as file:
+                    password = file.readline(PASSWORD_MAX_BYTES).decode("utf-8").splitlines()[0]
+            except (OSError, ValueError, IndexError) as error:  # UnicodeDecodeError too
                 raise SourceError(
                     f"cannot read the redis password from {self._config.password_file}"
                 ) from error

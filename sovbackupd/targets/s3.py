@@ -31,6 +31,7 @@ import botocore.exceptions
 import structlog
 from botocore.config import Config
 
+from sovbackupd import untrusted
 from sovbackupd.archive import CHUNK_BYTES, PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.config.models import S3Remote
 from sovbackupd.errors import NotFoundError, TargetError, TransientTargetError
@@ -55,6 +56,7 @@ PART_BYTES = 16 << 20
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 60.0
+CREDENTIALS_MAX_BYTES = 64 << 10  # a credentials file holds a few keys
 METADATA_KEY = "sha256"
 # Error codes that a later attempt may not get: throttling, a server-side hiccup, or a
 # part garbled on the way (S3 checked its checksum and refused it).
@@ -91,11 +93,22 @@ def read_credentials(remote: str, path: Path) -> Credentials:
     """Read the [default] section of the AWS credentials file at *path*."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        with path.open(encoding="utf-8") as handle:
-            parser.read_file(handle)
+        # Bounded and never a FIFO: either would hang or exhaust the backup, not fail it.
+        with untrusted.open_regular(path, follow_symlinks=True) as handle:
+            data = handle.read(CREDENTIALS_MAX_BYTES + 1)
+        if len(data) > CREDENTIALS_MAX_BYTES:
+            raise TargetError(
+                f"remote {remote}: credentials_file {path} is larger than "
+                f"{CREDENTIALS_MAX_BYTES >> 10} KiB"
+            )
+        parser.read_string(data.decode("utf-8"))
     except OSError as error:
         raise TargetError(
             f"remote {remote}: credentials_file {path} cannot be read: {error.strerror}"
+        ) from error
+    except untrusted.NotRegularError as error:
+        raise TargetError(
+            f"remote {remote}: credentials_file {path} cannot be read: {error}"
         ) from error
     except (configparser.Error, UnicodeDecodeError) as error:
         raise TargetError(

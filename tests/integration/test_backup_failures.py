@@ -636,3 +636,30 @@ def test_a_staging_name_that_is_no_directory_is_removed_and_the_backup_runs(
     assert [path.name for path in elsewhere.iterdir()] == ["keep"]
     assert (elsewhere / "keep").read_text() == "not the backup's\n"
     assert not staging.is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("setting", "damage"),
+    [("redis password_file", "fifo"), ("redis password_file", "not utf-8"), ("gpg", "fifo")],
+)
+def test_backup_refuses_a_secret_file_that_is_a_fifo_or_not_text(
+    sandbox: Sandbox,
+    good_backup: GoodBackup,
+    redis_server: RedisServer,
+    setting: str,
+    damage: str,
+) -> None:
+    """A FIFO hung the backup on open(); a non-UTF-8 password file raised UnicodeDecodeError."""
+    path = sandbox.root / "secret"
+    if damage == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"\xff\xfe-not-text\n")
+    data = policy_data(sandbox, redis_server)
+    if setting == "gpg":
+        data["encryption"] = {"gpg": {"passphrase_file": str(path)}}
+    else:
+        data["sources"]["redis"]["password_file"] = str(path)
+    result = run_cli("backup", config=policy_file(sandbox, data), timeout=120)
+    assert_refused(result, ExitCode.FAILURE, str(path))
+    good_backup.assert_untouched()

@@ -691,6 +691,47 @@ def test_sighup_during_a_running_backup_lets_it_finish_successfully(
     assert metrics.value(NEXT_RUN, tier="daily") == new_year
 
 
+def test_a_storm_of_sighups_during_a_backup_neither_kills_nor_disturbs_the_daemon(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    lock_sqlite: Callable[[Path], SqliteLock],
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """Hundreds of SIGHUPs while a backup waits coalesce into reloads; the backup succeeds."""
+    policy, listen = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"daily": daily_far_away()},
+        sources={"sqlite": [str(sandbox.database)], "sqlite_timeout_seconds": 120},
+    )
+    held = lock_sqlite(sandbox.database)
+    daemon = start_daemon(policy)
+    started = daemon.wait_for("backup.started")
+    mark = daemon.mark()
+    for _ in range(300):
+        daemon.send(signal.SIGHUP)
+    daemon.wait_for("config.reloaded", mark)
+    held.release()
+    finished = daemon.wait_for("backup.finished")
+    assert finished["result"] == "success", finished
+    assert finished["backup"] == started["backup"]
+    assert daemon.named("config.reload_failed") == []
+    assert daemon.named("backup.crashed") == []
+    assert daemon.process.poll() is None
+    rewrite(policy, tiers={"daily": {"schedule": NEW_YEAR, "keep": 100}})
+    new_year = datetime(datetime.now(UTC).year + 1, 1, 1, tzinfo=UTC).timestamp()
+    for _ in range(3):  # a reload of the storm may still have been pending: it read the old file
+        mark = daemon.mark()
+        daemon.send(signal.SIGHUP)
+        daemon.wait_for("config.reloaded", mark)
+        if scrape(listen).value(NEXT_RUN, tier="daily") == new_year:
+            break
+    else:
+        pytest.fail("the daemon never took the new schedule after the storm")
+    verify(policy, finished["backup"])
+
+
 # 3. SIGTERM.
 
 
@@ -1179,6 +1220,13 @@ def hostile_policies(policy: Path, tmp_path: Path, sandbox: Sandbox) -> dict[str
         "http redis url": yaml.safe_dump(http_redis),
         "missing passphrase file": yaml.safe_dump(no_passphrase),
         "missing sqlite database": valid.replace(str(sandbox.database), "/nonexistent.db"),
+        "NUL in a hook's argv": valid + 'hooks: {before_backup: [["true\\0"]]}\n',
+        "schedule that never fires": yaml.safe_dump(
+            {**base, "tiers": {"daily": {"schedule": "0 0 31 2 *", "keep": 1}}}
+        ),
+        "redis url with a bad port": yaml.safe_dump(
+            {**base, "sources": {**base["sources"], "redis": {"url": "redis://cache:port/0"}}}
+        ),
     }
     hostile = {what: (text, f"{policy}:") for what, text in texts.items()}
     hostile["backup_dir that is a file"] = (
@@ -1218,6 +1266,15 @@ def test_sighup_with_each_hostile_policy_is_refused_and_the_daemon_serves_on(
         metrics = scrape(listen)
         assert metrics.value("sovbackupd_config_last_reload_success") == 0, what
         assert metrics.value(NEXT_RUN, tier="daily") == scheduled, what
+
+    # A FIFO in the policy's place blocked the reload's open(): the daemon hung for good.
+    policy.unlink()
+    os.mkfifo(policy)
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    failed = daemon.wait_for("config.reload_failed", mark)
+    assert failed["problems"] == [f"policy file {policy} is not a regular file"], failed
+    policy.unlink()
 
     policy.write_text(valid)
     rewrite(policy, tiers={"daily": {"schedule": NEW_YEAR, "keep": 100}})

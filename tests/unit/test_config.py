@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 import socket
 import textwrap
@@ -23,6 +24,7 @@ from sovbackupd import config, scheduler
 from sovbackupd.config.files import Location
 from sovbackupd.config.loader import MAX_POLICY_BYTES, SEED_DAILY_SCHEDULE
 from sovbackupd.config.models import (
+    MAX_PREFIX_CHARS,
     PATTERN_EXPECTATIONS,
     GcsRemote,
     Policy,
@@ -31,7 +33,7 @@ from sovbackupd.config.models import (
     SourcePath,
 )
 from sovbackupd.errors import ConfigError, ExitCode
-from tests.conftest import run_cli
+from tests.conftest import Sandbox, policy_data, run_cli, write_policy
 
 VALID = """\
 backup_dir: /var/backups/sovereigncore
@@ -963,3 +965,175 @@ def test_check_config_refuses_a_hostile_policy_with_one_line_and_exit_78(
     assert result.returncode == ExitCode.CONFIG, name
     assert result.stderr_lines == [f"sovbackupd: config error: {policy}{expected}"], name
     assert result.stdout == ""
+
+
+# Red-team findings: each of these crashed, hung or misled before its fix.
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'sources: {dirs: ["/srv/a\\0b"]}\n',
+        'sources: {dirs: [/srv]}\nbackup_dir: "/srv/b\\0k"\n',
+        'sources: {dirs: [/srv]}\nmetrics: {listen: "127.0.0.1\\0:9877"}\n',
+        'sources: {dirs: [/srv]}\nhooks: {before_backup: [["true\\0"]]}\n',
+    ],
+)
+def test_a_nul_character_in_any_value_is_refused_at_its_line(text: str) -> None:
+    """A NUL escape made a path that os.stat, bind and exec raise ValueError on."""
+    line, _ = refusal(text)
+    assert line.startswith(f"policy.yaml:{text.count(chr(10))}: NUL characters"), line
+
+
+def test_a_control_character_is_one_error_line_naming_its_line() -> None:
+    """The reader error of libyaml spanned two lines and named no line of the file."""
+    line, _ = refusal(MINIMAL + "workers: 2\x00\n")
+    assert line.startswith("policy.yaml:3: not valid YAML: unacceptable character #x0000"), line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "100001", "1" + "0" * 40])
+def test_retention_days_out_of_bounds_names_the_variable(value: str) -> None:
+    """5000 digits raised ValueError from int(); 100001 was blamed on line 1 of the policy."""
+    problems = problems_of(MINIMAL, {"RETENTION_DAYS": value})
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "RETENTION_DAYS (environment): must be a whole number of days from 0 to 100000, not "
+    )
+    assert len(problems[0]) < 200
+
+
+@pytest.mark.parametrize(("value", "keep"), [("100000", 100_000), ("0" * 40 + "7", 7)])
+def test_retention_days_within_the_bound_loads(value: str, keep: int) -> None:
+    """The largest keep is accepted from the environment as from the policy."""
+    policy = parse(MINIMAL, {"RETENTION_DAYS": value})
+    assert policy.tiers.daily is not None
+    assert policy.tiers.daily.keep == keep
+
+
+def test_a_policy_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes: check-config and SIGHUP hung on one."""
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    result = run_cli("check-config", config=fifo, timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    assert result.stderr_lines == [
+        f"sovbackupd: config error: policy file {fifo} is not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:notaport/0",
+        "redis://127.0.0.1:99999/0",
+        "redis://127.0.0.1/0?socket_timeout=soon",
+        "redis://[::1/0",
+        "unix:///run/redis.sock?db=first",
+    ],
+)
+def test_a_redis_url_redis_py_cannot_parse_is_a_config_error(url: str) -> None:
+    """These passed check-config, then every backup raised ValueError from from_url."""
+    problems = problems_of(f"sources:\n  redis: {{url: '{url}'}}\n")
+    assert len(problems) == 1
+    assert problems[0].startswith("policy.yaml:2: sources.redis.url: "), problems
+    assert "cannot be used: " in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("section", "expression"),
+    [
+        ("tiers:\n  daily: {{schedule: '{}', keep: 1}}", "0 0 31 2 *"),
+        ("tiers:\n  daily: {{schedule: '{}', keep: 1}}", "0 0 30 2 *"),
+        ("tiers:\n  daily: {{schedule: '{}', keep: 1}}", "0 0 31 4,6,9,11 *"),
+        ("test_restore:\n  schedule: '{}'", "0 5 31 2 *"),
+    ],
+)
+def test_a_schedule_that_never_fires_is_a_config_error(section: str, expression: str) -> None:
+    """February 31 passed check-config; the daemon then ran that tier once at start, never again."""
+    where = "tiers.daily.schedule" if section.startswith("tiers") else "test_restore.schedule"
+    assert problems_of(f"{MINIMAL}{section.format(expression)}\n") == (
+        f"policy.yaml:4: {where}: cron expression {expression!r} never fires: "
+        "no month has that day",
+    )
+
+
+@pytest.mark.parametrize(
+    "expression", ["0 0 29 2 *", "0 0 31 2 mon", "0 0 31 * *", "0 0 last 2 *", "* * * * * *"]
+)
+def test_a_schedule_that_fires_rarely_or_often_still_loads(expression: str) -> None:
+    """Leap days fire every four years, and a weekday rescues day 31 of February."""
+    policy = parse(f"{MINIMAL}tiers:\n  daily: {{schedule: '{expression}', keep: 1}}\n")
+    assert policy.tiers.daily is not None
+
+
+def test_a_path_with_a_newline_is_quoted_so_it_cannot_forge_an_error_line(
+    tmp_path: Path,
+) -> None:
+    """A newline in a missing path split its error in two, the second line the file's own."""
+    policy = tmp_path / "policy.yaml"
+    forged = f"{tmp_path}/a\nsovbackupd: check-config: the policy is valid\r"
+    policy.write_text(yaml.safe_dump({"sources": {"dirs": [forged], "sqlite": [forged + ".db"]}}))
+    result = run_cli("check-config", config=policy, timeout=60)
+    assert result.returncode == ExitCode.CONFIG
+    assert result.stderr.count("\n") == 2, result.stderr
+    assert "\r" not in result.stderr
+    assert result.stderr_lines[0].endswith(
+        f"sources.dirs[0]: {forged!r} does not exist (optional: true allows that)"
+    ), result.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<<: {workers: 64}\nworkers: 2\n" + MINIMAL,
+        "sources:\n  <<: {dirs: [/srv]}\n",
+        "workers: <<\n" + MINIMAL,
+    ],
+)
+def test_merge_keys_are_refused_at_their_line(text: str) -> None:
+    """`<<` silently merged keys, and a key repeated through it was blamed on the wrong line."""
+    line, _ = refusal(text)
+    first = next(number for number, row in enumerate(text.splitlines(), 1) if "<<" in row)
+    assert line == f"policy.yaml:{first}: merge keys (<<) are not allowed in a policy", line
+
+
+def test_a_name_prefix_too_long_for_a_file_name_is_a_config_error(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A 300-character prefix passed check-config, then every backup raised ENAMETOOLONG."""
+    policy = tmp_path / "policy.yaml"
+    for prefix, code in (("p" * 300, ExitCode.CONFIG), ("p" * MAX_PREFIX_CHARS, ExitCode.OK)):
+        write_policy(policy, policy_data(sandbox, None, name_prefix=prefix, compression="zstd"))
+        result = run_cli("backup", config=policy, timeout=120)
+        assert result.returncode == code, result.stderr
+        if code == ExitCode.CONFIG:
+            assert len(result.stderr_lines) == 1, result.stderr
+            assert "name_prefix: String should have at most 200 characters" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "sources: {dirs: [/srv/data/..]}\n",
+            "policy.yaml:1: sources.dirs[0]: must not contain '..', not '/srv/data/..': "
+            "name the directory itself",
+        ),
+        (
+            "sources: {sqlite: [/srv/../app.db]}\n",
+            "policy.yaml:1: sources.sqlite[0]: must not contain '..', not '/srv/../app.db': "
+            "name the directory itself",
+        ),
+        (
+            "sources: {dirs: [/]}\n",
+            "policy.yaml:1: sources.dirs[0]: must not be / itself: a source is archived "
+            "under its basename",
+        ),
+    ],
+)
+def test_a_source_path_without_a_usable_basename_is_a_config_error(
+    text: str, expected: str
+) -> None:
+    """`/srv/data/..` archived members as NAME/../f, outside the top: every verify failed."""
+    assert problems_of(text) == (expected,)

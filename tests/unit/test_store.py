@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sovbackupd.errors import LockedError, NotFoundError
+from sovbackupd import archive
+from sovbackupd.errors import ArchiveError, LockedError, NotFoundError
 from sovbackupd.policy import Pin
 from sovbackupd.store import PIN_LIMIT_BYTES, PIN_SUFFIX, PinFile, Store, backup_name, read_pin
 from tests.integration.test_retention import write_backup
@@ -400,3 +402,60 @@ def test_a_pin_root_writes_belongs_to_the_directorys_owner(store: Store) -> None
     owner = store.pin_path(PINNED).stat()
     assert (owner.st_uid, owner.st_gid) == (65534, 65534)
     assert stat.S_IMODE(owner.st_mode) == 0o600
+
+
+def test_a_fifo_planted_as_a_manifest_reads_as_unreadable_without_blocking(store: Store) -> None:
+    """A FIFO in a manifest's place blocked head() (the daemon's start) and manifest() on open."""
+    name = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{name}.tar.gz")
+    fifo = store.directory / f"{name}.manifest.json"
+    os.mkfifo(fifo)
+    (stored,) = store.backups()
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.extend([stored.head(), stored.manifest()]))
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # unblock the reader before failing, so that the run ends
+        for _ in range(2):
+            with fifo.open("w"):
+                pass
+        reader.join()
+        pytest.fail("reading a FIFO planted as a manifest blocked")
+    assert found == [None, None]
+
+
+def test_a_fifo_planted_as_a_checksum_sidecar_is_unreadable_without_blocking(
+    store: Store,
+) -> None:
+    """A FIFO in the sidecar's place blocked verify (and the daemon's remote pass) on open."""
+    name = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{name}.tar.gz")
+    fifo = store.directory / f"{name}.tar.gz.sha256"
+    os.mkfifo(fifo)
+    (stored,) = store.backups()
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            archive.read_sidecar(stored.path)
+        except ArchiveError as error:
+            raised.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # unblock the reader before failing, so that the run ends
+        with fifo.open("w"):
+            pass
+        reader.join()
+        pytest.fail("reading a FIFO planted as a checksum sidecar blocked")
+    assert [str(error) for error in raised] == [f"{name}.tar.gz: checksum sidecar is unreadable"]
+
+
+def test_planted_names_that_are_no_archive_of_ours_are_not_listed(store: Store) -> None:
+    """Month 13 raised ValueError in every listing (list, each backup, the daemon's start)."""
+    good = backup_name(PREFIX, datetime(2026, 1, 2, tzinfo=UTC))
+    touch(store.directory, f"{good}.tar.gz", f"{PREFIX}_20261399_999999.tar.gz")
+    os.mkfifo(store.directory / f"{PREFIX}_20260103_000000.tar.gz")
+    (store.directory / f"{PREFIX}_20260104_000000.tar.gz").mkdir()
+    assert [backup.name for backup in store.backups()] == [good]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from sovbackupd.targets import Backoff, RemoteObject, RetryingTarget, build_targ
 from sovbackupd.targets.gcs import GcsTarget
 from sovbackupd.targets.local import LocalTarget
 from sovbackupd.targets.rsync import RsyncTarget, split_url
-from sovbackupd.targets.s3 import S3Target
+from sovbackupd.targets.s3 import S3Target, read_credentials
 
 REMOTES = [
     {"name": "backup-server", "type": "rsync", "url": "user@backup-server:/backups/sovereigncore"},
@@ -152,3 +154,34 @@ def test_remote_kinds_keep_their_own_fields() -> None:
     GcsRemote.model_validate(REMOTES[2])
     with pytest.raises(ValueError, match="Extra inputs"):
         GcsRemote.model_validate({**REMOTES[2], "endpoint_url": "http://x"})
+
+
+@pytest.mark.parametrize("damage", ["fifo", "huge"])
+def test_s3_credentials_file_that_is_a_fifo_or_huge_is_refused_at_once(
+    tmp_path: Path, damage: str
+) -> None:
+    """A FIFO blocked the upload on open(); /dev/zero-sized files were read whole."""
+    path = tmp_path / "credentials"
+    if damage == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"[default]\n" + b"#" * (1 << 20))
+    raised: list[TargetError] = []
+
+    def read() -> None:
+        try:
+            read_credentials("offsite", path)
+        except TargetError as error:
+            raised.append(error)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # unblock the reader before failing, so that the run ends
+        with path.open("w"):
+            pass
+        reader.join()
+        pytest.fail("reading a FIFO as the credentials file blocked")
+    [error] = raised
+    assert str(error).startswith(f"remote offsite: credentials_file {path} "), error
+    assert ("not a regular file" if damage == "fifo" else "larger than 64 KiB") in str(error)
