@@ -27,7 +27,7 @@ from sovbackupd.archive import (
     write_atomically,
 )
 from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
-from sovbackupd.manifest import Manifest, read_head
+from sovbackupd.manifest import Manifest, parse_manifest, read_head
 
 LOCK_NAME = ".sovbackupd.lock"
 STAGING_NAME = ".staging"
@@ -61,9 +61,9 @@ class StoredBackup:
     def manifest(self) -> Manifest | None:
         """Return the manifest kept beside the archive, None when missing or unreadable."""
         try:
-            return Manifest.model_validate_json(manifest_path(self.path).read_bytes())
-        except (OSError, ValidationError):
-            return None
+            return parse_manifest(manifest_path(self.path).read_bytes())
+        except (OSError, ValueError):
+            return None  # ValidationError and JSONDecodeError are ValueErrors
 
     def head(self) -> Manifest | None:
         """Return the manifest beside the archive without its file list (cheap to read)."""

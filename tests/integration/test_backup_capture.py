@@ -130,3 +130,90 @@ def test_sparse_file_is_backed_up_by_its_data_and_restored_byte_for_byte(
     assert copy.stat().st_blocks * 512 < 8 << 20, "restored sparse"
     assert archive.file_sha256(copy) == archive.file_sha256(sparse)
     assert abs(copy.stat().st_mtime_ns - exact) < 1000
+
+
+def backup_and_restore(tmp_path: Path, sandbox: Sandbox) -> Path:
+    """Back up *sandbox*, verify it deeply, restore it --to a new dir; return that dir."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    made = run_cli("backup", config=config)
+    assert made.returncode == 0, made.stderr
+    name = made.stdout.split()[0]
+    verified = run_cli("verify", name, "--deep", config=config)
+    assert verified.returncode == 0, verified.stderr
+    target = tmp_path / "restored"
+    restored = run_cli("restore", name, "--to", str(target), config=config)
+    assert restored.returncode == 0, restored.stderr
+    return target
+
+
+def test_names_that_are_not_utf8_survive_backup_verify_and_restore(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A name with bytes that are not UTF-8, short or past ustar's 100 bytes, is restorable.
+
+    The manifest keeps such a name as a lone surrogate escape; pydantic's JSON parser
+    refused it, so the backup succeeded and verify --deep and restore failed on it.
+    """
+    data = os.fsencode(sandbox.app / "data")
+    names = [b"latin1-caf\xe9", b"long-\xff-" + b"x" * 150, b"line\nbreak\tand=%\xfe"]
+    for name in names:
+        with open(data + b"/" + name, "wb") as handle:  # noqa: PTH123 (a bytes path)
+            handle.write(name)
+
+    target = backup_and_restore(tmp_path, sandbox)
+
+    for name in names:
+        with open(os.fsencode(target) + data + b"/" + name, "rb") as handle:  # noqa: PTH123
+            assert handle.read() == name
+
+
+def test_restore_brings_back_every_mtime_to_the_nanosecond(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Files and directories get their exact pax mtime back, not the manifest's float.
+
+    A float rounded .999999999 up into the next second, and other stamps ~100 ns off.
+    """
+    stamps = {
+        "last-nanosecond": 1_600_000_000_999_999_999,
+        "before-1970": -1_500_000_001,
+        "year-2100": 4_102_444_800_999_999_999,
+        "notes.txt": 1_600_000_000_500_000_000,
+        "nested": 1_700_000_000_123_456_789,
+    }
+    for name, stamp in stamps.items():
+        path = sandbox.app / "data" / name
+        if not path.exists():
+            path.write_text(name)
+        os.utime(path, ns=(stamp, stamp))
+
+    target = backup_and_restore(tmp_path, sandbox)
+
+    copies = target / str(sandbox.app / "data").lstrip("/")
+    restored = {name: (copies / name).stat().st_mtime_ns for name in stamps}
+    assert restored == stamps
+
+
+def test_a_path_longer_than_path_max_is_left_out_with_one_warning(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A file deeper than PATH_MAX (4096 bytes) is skipped with a warning, not a traceback."""
+    component = "d" * 250
+    descriptor = os.open(sandbox.app / "data", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(18):  # 18 x 251 bytes: past 4096 whatever the temp dir's length
+            os.mkdir(component, dir_fd=descriptor)
+            inner = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = inner
+        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=descriptor))
+    finally:
+        os.close(descriptor)
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+
+    made = run_cli("backup", config=config)
+
+    assert made.returncode == 0, made.stderr
+    assert "Traceback" not in made.stderr
+    (warning,) = [line for line in made.stderr_lines if "longer than the system allows" in line]
+    assert warning.startswith("sovbackupd: warning: ")
