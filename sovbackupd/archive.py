@@ -41,6 +41,7 @@ from sovbackupd.manifest import (
     Manifest,
     parse_json,
     parse_manifest,
+    read_regular,
     write_manifest,
 )
 from sovbackupd.sources.base import Member, SourceReport
@@ -743,10 +744,10 @@ def stream_sha256(stream: IO[bytes]) -> str:
 def read_sidecar(archive: Path) -> str:
     """Return the sha256 the sidecar records for *archive*."""
     try:
-        text = sidecar_path(archive).read_text(encoding="ascii")
+        text = read_regular(sidecar_path(archive), 4096).decode("ascii")
     except FileNotFoundError:
         raise ArchiveError(f"{archive.name}: checksum sidecar is missing") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError, or not a regular file
         raise ArchiveError(f"{archive.name}: checksum sidecar is unreadable") from error
     digest, _, name = text.strip().partition("  ")
     if name != archive.name or len(digest) != 64:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -92,14 +94,27 @@ def parse_manifest(data: bytes) -> Manifest:
 HEAD_LIMIT_BYTES = 16 << 20
 
 
+def read_regular(path: Path, limit: int = -1) -> bytes:
+    """Return the bytes of the regular file *path* (at most *limit* of them, if given).
+
+    A manifest or sidecar beside an archive may be planted: a FIFO there would block
+    ``backup`` (its space estimate reads manifests), ``list`` and the daemon's start
+    forever. It is opened without blocking and refused with ValueError unless regular.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        return handle.read(limit)
+
+
 def read_head(path: Path) -> Manifest:
     """Read the manifest at *path* without its file list, which can hold 100k entries.
 
     :func:`write_manifest` puts every other field before ``files``, so only the bytes up
     to that key are parsed. Raise OSError or ValueError when the file is unreadable.
     """
-    with path.open("rb") as handle:
-        head = handle.read(HEAD_LIMIT_BYTES)
+    head = read_regular(path, HEAD_LIMIT_BYTES)
     cut = head.find(FILES_MARKER)
     data = parse_json(head[:cut] + b"\n}" if cut >= 0 else head)
     if isinstance(data, dict):  # anything else fails validation, a ValueError too

@@ -42,6 +42,7 @@ from sovbackupd.manifest import (
     FileEntry,
     Manifest,
     parse_manifest,
+    read_regular,
 )
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import files, sqlite
@@ -197,7 +198,7 @@ def load_manifest(stored: StoredBackup) -> Manifest:
     """Return the full manifest kept beside *stored*; raise ArchiveError when unusable."""
     path = archive.manifest_path(stored.path)
     try:
-        return parse_manifest(path.read_bytes())
+        return parse_manifest(read_regular(path))
     except FileNotFoundError:
         raise ArchiveError(f"{path.name} is missing beside {stored.path.name}") from None
     except OSError as error:

@@ -27,7 +27,7 @@ from sovbackupd.archive import (
     write_atomically,
 )
 from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
-from sovbackupd.manifest import Manifest, parse_manifest, read_head
+from sovbackupd.manifest import Manifest, parse_manifest, read_head, read_regular
 
 LOCK_NAME = ".sovbackupd.lock"
 STAGING_NAME = ".staging"
@@ -61,7 +61,7 @@ class StoredBackup:
     def manifest(self) -> Manifest | None:
         """Return the manifest kept beside the archive, None when missing or unreadable."""
         try:
-            return parse_manifest(manifest_path(self.path).read_bytes())
+            return parse_manifest(read_regular(manifest_path(self.path)))
         except (OSError, ValueError):
             return None  # ValidationError and JSONDecodeError are ValueErrors
 
@@ -215,9 +215,12 @@ class Store:
                 continue
             created = datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC)
             try:
-                size = entry.stat().st_size
+                status = entry.stat()
             except FileNotFoundError:
                 continue  # deleted by a concurrent prune
+            if not stat.S_ISREG(status.st_mode):
+                continue  # a FIFO or directory under an archive's name is none: never opened
+            size = status.st_size
             found.append(StoredBackup(match["name"], entry, created, size))
         return sorted(found, key=lambda backup: (backup.created, backup.name))
 

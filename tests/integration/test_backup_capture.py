@@ -217,3 +217,37 @@ def test_a_path_longer_than_path_max_is_left_out_with_one_warning(
     assert "Traceback" not in made.stderr
     (warning,) = [line for line in made.stderr_lines if "longer than the system allows" in line]
     assert warning.startswith("sovbackupd: warning: ")
+
+
+def test_fifos_planted_as_a_manifest_an_archive_or_a_sidecar_block_nothing(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A FIFO under a backup file's name is refused or passed over, never opened to block.
+
+    The space estimate reads the newest manifests: a FIFO manifest hung every backup, and
+    list and verify with it, until killed.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    first = run_cli("backup", config=config)
+    assert first.returncode == 0, first.stderr
+    name = first.stdout.split()[0]
+    planted = "sovereigncore_backup_20200101_000000"
+    archive_path = sandbox.backup_dir / f"{name}.tar.gz"
+    (sandbox.backup_dir / f"{planted}.tar.gz").write_bytes(archive_path.read_bytes())
+    os.mkfifo(sandbox.backup_dir / f"{planted}.manifest.json")
+    os.mkfifo(sandbox.backup_dir / "sovereigncore_backup_20200102_000000.tar.gz")
+    sidecar = archive.sidecar_path(archive_path)
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+
+    made = run_cli("backup", config=config, timeout=120)
+    assert made.returncode == 0, made.stderr
+    listed = run_cli("list", config=config, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert planted in listed.stdout
+    assert "20200102" not in listed.stdout, "a FIFO is no archive"
+    verified = run_cli("verify", name, config=config, timeout=120)
+    assert verified.returncode == 1
+    assert verified.stderr_lines == [
+        f"sovbackupd: error: {name}.tar.gz: checksum sidecar is unreadable"
+    ]
