@@ -680,10 +680,11 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     tarfile parses the pax mtime as a float, which is some 200 ns off today and can round
     ``.999999999`` up into the next second; the record's decimal text is exact.
     """
+    text = info.pax_headers.get("mtime", str(info.mtime))
     try:
-        exact = int(decimal.Decimal(info.pax_headers["mtime"]).scaleb(9))
-    except (KeyError, ArithmeticError, ValueError):  # no record, or not a number
-        exact = int(info.mtime) * 10**9
+        exact = int(decimal.Decimal(text).scaleb(9))
+    except (ArithmeticError, ValueError):  # "nan", "inf", not a number: a hostile header
+        raise ArchiveError(f"member {info.name}: its mtime {text[:40]!r} is no time") from None
     return min(max(exact, -(2**63)), 2**63 - 1)  # a hostile header's: what utime takes
 
 
