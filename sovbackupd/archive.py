@@ -30,12 +30,19 @@ from typing import IO, BinaryIO, Literal, Self, cast
 
 import isal.igzip_threaded
 import zstandard
-from pydantic import ValidationError
 
 from sovbackupd import crypto, untrusted
 from sovbackupd.config.models import Gpg
 from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
-from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest, write_manifest
+from sovbackupd.manifest import (
+    INFO_NAME,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    parse_json,
+    parse_manifest,
+    write_manifest,
+)
 from sovbackupd.sources.base import Member, SourceReport
 
 Compression = Literal["gzip", "zstd", "none"]
@@ -582,7 +589,7 @@ class Writer:
         """Return the manifest entries recorded so far (reads them back from the spool)."""
         self._spool.flush()
         self._spool.seek(0)
-        entries = [FileEntry.model_validate_json(line) for line in self._spool]
+        entries = [FileEntry.model_validate(parse_json(line)) for line in self._spool]
         self._spool.seek(0, os.SEEK_END)
         return entries
 
@@ -815,8 +822,8 @@ def verify_members(archive: Path, top: str, encryption: Gpg | None = None) -> Ma
     if manifest_bytes is None:
         raise ArchiveError(f"{archive.name}: no {MANIFEST_NAME} inside")
     try:
-        manifest = Manifest.model_validate_json(manifest_bytes)
-    except ValidationError as error:
+        manifest = parse_manifest(manifest_bytes)
+    except ValueError as error:  # ValidationError and JSONDecodeError
         raise ArchiveError(f"{archive.name}: {MANIFEST_NAME} inside is not valid") from error
     for entry in manifest.files:
         actual = found.pop(entry.path, None)

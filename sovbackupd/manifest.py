@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field
 
 from sovbackupd import untrusted
@@ -72,6 +71,26 @@ class Manifest(_Frozen):
 
 
 FILES_MARKER = b',\n "files": ['
+
+
+def parse_json(data: bytes) -> object:
+    """Parse manifest JSON, in which a name that is not UTF-8 is a lone surrogate escape.
+
+    Such names are kept as bytes with surrogateescape (U+DCFF for the byte 0xff), which
+    pydantic's parser refuses; json.loads takes them. Raise ValueError on anything that is
+    not JSON, a planted ``[[[[...`` too (json.loads would raise RecursionError).
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Return the manifest in *data*; raise ValueError (ValidationError) when it is not one."""
+    return Manifest.model_validate(parse_json(data))
+
+
 HEAD_LIMIT_BYTES = 16 << 20
 FULL_LIMIT_BYTES = 1 << 30  # a million files at ~300 bytes a line, with room to spare
 
@@ -86,9 +105,7 @@ def read_head(path: Path) -> Manifest:
     with untrusted.open_regular(path) as handle:
         head = handle.read(HEAD_LIMIT_BYTES)
     cut = head.find(FILES_MARKER)
-    # pydantic's parser bounds nesting with a ValueError; json.loads would raise
-    # RecursionError on a planted "[[[[...", and the daemon reads heads at start.
-    data = pydantic_core.from_json(head[:cut] + b"\n}" if cut >= 0 else head)
+    data = parse_json(head[:cut] + b"\n}" if cut >= 0 else head)
     if isinstance(data, dict):  # anything else fails validation, a ValueError too
         data.pop("files", None)
     return Manifest.model_validate(data)
@@ -103,7 +120,7 @@ def read_full(path: Path) -> Manifest:
         data = handle.read(FULL_LIMIT_BYTES + 1)
     if len(data) > FULL_LIMIT_BYTES:
         raise ValueError(f"larger than {FULL_LIMIT_BYTES >> 20} MiB")
-    return Manifest.model_validate_json(data)
+    return parse_manifest(data)
 
 
 def write_manifest(head: Manifest, entry_lines: Iterable[bytes], out: IO[bytes]) -> None:

@@ -13,6 +13,7 @@ component, then the start commands. A swap that fails puts back what was already
 from __future__ import annotations
 
 import ctypes
+import decimal
 import errno
 import hashlib
 import os
@@ -202,8 +203,10 @@ def load_manifest(stored: StoredBackup) -> Manifest:
         return read_full(path)
     except FileNotFoundError:
         raise ArchiveError(f"{path.name} is missing beside {stored.path.name}") from None
-    except (OSError, ValueError) as error:  # ValidationError is a ValueError
-        raise ArchiveError(f"{path.name} is unreadable or invalid: {error}") from None
+    except OSError as error:
+        raise ArchiveError(f"{path.name} is unreadable: {error.strerror}") from None
+    except ValueError:  # ValidationError's text runs over many lines: one is enough here
+        raise ArchiveError(f"{path.name} is not a valid manifest") from None
 
 
 def _safe_relative(path: str) -> bool:
@@ -509,8 +512,8 @@ class _Extraction:
                 self._owners[unit.arcname] = unit
         self._seen: set[str] = set()
         self._symlinks: set[str] = set()
-        self._directories: list[tuple[Path, FileEntry, Unit]] = []
-        self._links: list[tuple[Path, FileEntry, Unit]] = []
+        self._directories: list[tuple[Path, FileEntry, Unit, int]] = []
+        self._links: list[tuple[Path, FileEntry, Unit, int]] = []
         self.inside: str | None = None
         """The sha256 of the manifest inside the archive."""
         self.files = 0
@@ -596,9 +599,9 @@ class _Extraction:
         elif target is not None and unit is not None:
             if kind == "dir":
                 _mkdir(target, entry.path)
-                self._directories.append((target, entry, unit))
+                self._directories.append((target, entry, unit, _mtime_ns(info)))
             else:
-                self._links.append((target, entry, unit))
+                self._links.append((target, entry, unit, _mtime_ns(info)))
 
     def _file(
         self,
@@ -615,7 +618,7 @@ class _Extraction:
             digest = archive.stream_sha256(extracted)
         else:
             digest = _write_file(extracted, target, entry, sparse=info.sparse is not None)
-            _set_metadata(target, entry, unit)
+            _set_metadata(target, entry, unit, _mtime_ns(info))
             self.files += 1
             self.bytes += entry.size
         if digest != entry.sha256:
@@ -625,13 +628,13 @@ class _Extraction:
 
     def finish(self) -> None:
         """Create the symlinks, then give directories their modes and times, deepest first."""
-        for target, entry, unit in self._links:
+        for target, entry, unit, mtime_ns in self._links:
             target.symlink_to(entry.link or "")
-            _set_metadata(target, entry, unit)
-        for target, entry, unit in sorted(
+            _set_metadata(target, entry, unit, mtime_ns)
+        for target, entry, unit, mtime_ns in sorted(
             self._directories, key=lambda item: len(item[0].parts), reverse=True
         ):
-            _set_metadata(target, entry, unit)
+            _set_metadata(target, entry, unit, mtime_ns)
 
 
 def _mkdir(path: Path, relative: str) -> None:
@@ -673,14 +676,28 @@ def _write_file(source: IO[bytes], target: Path, entry: FileEntry, *, sparse: bo
     return digest.hexdigest()
 
 
-def _set_metadata(path: Path, entry: FileEntry, unit: Unit) -> None:
-    """Give *path* the entry's owner (as root), mode and mtime, never following a link."""
+def _mtime_ns(info: tarfile.TarInfo) -> int:
+    """Return the exact mtime of a member in nanoseconds: its pax record's, else ustar's.
+
+    tarfile parses the pax mtime as a float, which is some 200 ns off today and can round
+    ``.999999999`` up into the next second; the record's decimal text is exact.
+    """
+    text = info.pax_headers.get("mtime", str(info.mtime))
+    try:
+        exact = int(decimal.Decimal(text).scaleb(9))
+    except (ArithmeticError, ValueError):  # "nan", "inf", not a number: a hostile header
+        raise ArchiveError(f"member {info.name}: its mtime {text[:40]!r} is no time") from None
+    return min(max(exact, -(2**63)), 2**63 - 1)  # a hostile header's: what utime takes
+
+
+def _set_metadata(path: Path, entry: FileEntry, unit: Unit, mtime_ns: int) -> None:
+    """Give *path* the entry's owner (as root), mode and *mtime_ns*, never following a link."""
     if os.geteuid() == 0:
         uid, gid = unit.owner or (entry.uid, entry.gid)
         os.lchown(path, uid, gid)
     if entry.type != "symlink":
         os.chmod(path, entry.mode)  # noqa: PTH101 (Path.chmod follows no differently; kept beside lchown)
-    os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+    os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
 @contextmanager

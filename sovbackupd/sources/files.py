@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import stat
@@ -78,16 +79,32 @@ class _Walk:
                     if left_out is not None:
                         left_out.append(relative)
                     continue
-                try:
-                    status = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    if report is not None:
-                        report.warnings.append(f"{entry.path}: vanished while being read")
+                status = _lstat(entry, report)
+                if status is None:
                     continue
                 yield relative, entry.path, status
                 if stat.S_ISDIR(status.st_mode):
                     subdirs.append(relative)
             pending.extend(reversed(subdirs))
+
+
+def _lstat(entry: os.DirEntry[str], report: SourceReport | None) -> os.stat_result | None:
+    """Return the lstat of *entry*, None (with a warning in *report*) when it cannot be had.
+
+    A path deeper than PATH_MAX (4096 bytes) is left out: no path-based call reaches it,
+    and no restore could put it back there.
+    """
+    try:
+        return entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        warning = f"{entry.path}: vanished while being read"
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise SourceError(f"cannot stat {entry.path}: {error.strerror}") from error
+        warning = f"{entry.path[:200]}...: path longer than the system allows, not archived"
+    if report is not None:
+        report.warnings.append(warning)
+    return None
 
 
 def excluded_paths(root: Path, exclude: Sequence[str]) -> list[str]:

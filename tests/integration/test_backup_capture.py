@@ -130,3 +130,124 @@ def test_sparse_file_is_backed_up_by_its_data_and_restored_byte_for_byte(
     assert copy.stat().st_blocks * 512 < 8 << 20, "restored sparse"
     assert archive.file_sha256(copy) == archive.file_sha256(sparse)
     assert abs(copy.stat().st_mtime_ns - exact) < 1000
+
+
+def backup_and_restore(tmp_path: Path, sandbox: Sandbox) -> Path:
+    """Back up *sandbox*, verify it deeply, restore it --to a new dir; return that dir."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    made = run_cli("backup", config=config)
+    assert made.returncode == 0, made.stderr
+    name = made.stdout.split()[0]
+    verified = run_cli("verify", name, "--deep", config=config)
+    assert verified.returncode == 0, verified.stderr
+    target = tmp_path / "restored"
+    restored = run_cli("restore", name, "--to", str(target), config=config)
+    assert restored.returncode == 0, restored.stderr
+    return target
+
+
+def test_names_that_are_not_utf8_survive_backup_verify_and_restore(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A name with bytes that are not UTF-8, short or past ustar's 100 bytes, is restorable.
+
+    The manifest keeps such a name as a lone surrogate escape; pydantic's JSON parser
+    refused it, so the backup succeeded and verify --deep and restore failed on it.
+    """
+    data = os.fsencode(sandbox.app / "data")
+    names = [b"latin1-caf\xe9", b"long-\xff-" + b"x" * 150, b"line\nbreak\tand=%\xfe"]
+    for name in names:
+        with open(data + b"/" + name, "wb") as handle:  # noqa: PTH123 (a bytes path)
+            handle.write(name)
+
+    target = backup_and_restore(tmp_path, sandbox)
+
+    for name in names:
+        with open(os.fsencode(target) + data + b"/" + name, "rb") as handle:  # noqa: PTH123
+            assert handle.read() == name
+
+
+def test_restore_brings_back_every_mtime_to_the_nanosecond(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Files and directories get their exact pax mtime back, not the manifest's float.
+
+    A float rounded .999999999 up into the next second, and other stamps ~100 ns off.
+    """
+    stamps = {
+        "last-nanosecond": 1_600_000_000_999_999_999,
+        "before-1970": -1_500_000_001,
+        "year-2100": 4_102_444_800_999_999_999,
+        "notes.txt": 1_600_000_000_500_000_000,
+        "nested": 1_700_000_000_123_456_789,
+    }
+    for name, stamp in stamps.items():
+        path = sandbox.app / "data" / name
+        if not path.exists():
+            path.write_text(name)
+        os.utime(path, ns=(stamp, stamp))
+
+    target = backup_and_restore(tmp_path, sandbox)
+
+    copies = target / str(sandbox.app / "data").lstrip("/")
+    restored = {name: (copies / name).stat().st_mtime_ns for name in stamps}
+    assert restored == stamps
+
+
+def test_a_path_longer_than_path_max_is_left_out_with_one_warning(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A file deeper than PATH_MAX (4096 bytes) is skipped with a warning, not a traceback."""
+    component = "d" * 250
+    descriptor = os.open(sandbox.app / "data", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(18):  # 18 x 251 bytes: past 4096 whatever the temp dir's length
+            os.mkdir(component, dir_fd=descriptor)
+            inner = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = inner
+        os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=descriptor))
+    finally:
+        os.close(descriptor)
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+
+    made = run_cli("backup", config=config)
+
+    assert made.returncode == 0, made.stderr
+    assert "Traceback" not in made.stderr
+    (warning,) = [line for line in made.stderr_lines if "longer than the system allows" in line]
+    assert warning.startswith("sovbackupd: warning: ")
+
+
+def test_fifos_planted_as_a_manifest_an_archive_or_a_sidecar_block_nothing(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A FIFO under a backup file's name is refused or passed over, never opened to block.
+
+    The space estimate reads the newest manifests: a FIFO manifest hung every backup, and
+    list and verify with it, until killed.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    first = run_cli("backup", config=config)
+    assert first.returncode == 0, first.stderr
+    name = first.stdout.split()[0]
+    planted = "sovereigncore_backup_20200101_000000"
+    archive_path = sandbox.backup_dir / f"{name}.tar.gz"
+    (sandbox.backup_dir / f"{planted}.tar.gz").write_bytes(archive_path.read_bytes())
+    os.mkfifo(sandbox.backup_dir / f"{planted}.manifest.json")
+    os.mkfifo(sandbox.backup_dir / "sovereigncore_backup_20200102_000000.tar.gz")
+    sidecar = archive.sidecar_path(archive_path)
+    sidecar.unlink()
+    os.mkfifo(sidecar)
+
+    made = run_cli("backup", config=config, timeout=120)
+    assert made.returncode == 0, made.stderr
+    listed = run_cli("list", config=config, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert planted in listed.stdout
+    assert "20200102" not in listed.stdout, "a FIFO is no archive"
+    verified = run_cli("verify", name, config=config, timeout=120)
+    assert verified.returncode == 1
+    assert verified.stderr_lines == [
+        f"sovbackupd: error: {name}.tar.gz: checksum sidecar is unreadable"
+    ]

@@ -291,6 +291,14 @@ def malformed_sparse_map(editor: ArchiveEditor) -> None:
     editor.save()
 
 
+def mtime_not_a_number(editor: ArchiveEditor) -> None:
+    # restore sets the exact pax mtime: a record that is no number is refused, not a crash.
+    info = editor._member("data/notes.txt").info
+    info.mtime = 0  # whole seconds: tarfile writes no mtime record over the planted one
+    info.pax_headers = {"mtime": "nan"}
+    editor.save()
+
+
 @dataclass(frozen=True)
 class Hostile:
     """One hostile archive: how it is made and what the refusal must name."""
@@ -332,6 +340,7 @@ HOSTILE = [
     Hostile("truncated-tar-in-sound-gzip", truncated_tar_in_sound_gzip, "unreadable archive"),
     Hostile("ends-before-manifest", manifest_member_left_out, "no manifest.json inside"),
     Hostile("malformed-sparse-map", malformed_sparse_map, "unreadable archive"),
+    Hostile("pax-mtime-nan", mtime_not_a_number, "data/notes.txt: its mtime 'nan' is no time"),
     Hostile("manifest-inside-differs", manifest_inside_differs, "manifest inside differs"),
     Hostile(
         "origin-outside-policy",
