@@ -623,10 +623,10 @@ class Writer:
         archive's sha256.
         """
         try:
-            manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed by the with below; its creation alone can hit ENOSPC)
+            manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in the finally below; its creation alone can hit ENOSPC)
         except OSError as error:
             raise _disk_error(error, self.partial) from error
-        with manifest:
+        try:
             try:
                 self._add_manifest(head, manifest)
             except OSError as error:
@@ -642,6 +642,12 @@ class Writer:
                 sidecar_path(self.path).unlink(missing_ok=True)
                 manifest_path(self.path).unlink(missing_ok=True)
                 raise _disk_error(error, self.partial) from error
+        finally:
+            # The temp file is nameless and its bytes, if any were needed, are copied by now;
+            # on a full disk its close flushes into ENOSPC, which must not replace the error
+            # that says what happened (a `with` would raise it from __exit__).
+            with contextlib.suppress(OSError):
+                manifest.close()
         self._spool.close()
         self._committed = True
         return sha256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sovbackupd import archive
-from sovbackupd.errors import ArchiveError
+from sovbackupd.errors import ArchiveError, DiskSpaceError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, FileEntry, Manifest
 from sovbackupd.sources.base import Member, MemberKind, SourceReport
 from sovbackupd.sources.files import open_nofollow
@@ -793,3 +794,35 @@ def test_sparse_file_with_too_many_runs_is_archived_dense_with_one_warning(
         extracted = tar.extractfile(info)
         assert extracted is not None
         assert archive.stream_sha256(extracted) == archive.file_sha256(source)
+
+
+class _FullDiskFile(io.BytesIO):
+    """A temp file on a disk that is full: every write and the flush at close fail ENOSPC.
+
+    Stands in for the disk because where a real tmpfs runs out (in a write, or only in
+    the buffered flush at close) depends on buffer sizes, and the test needs the second.
+    """
+
+    def write(self, data: object) -> int:
+        del data
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        super().close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_at_the_manifest_is_a_disk_space_error_even_when_closing_fails_too(
+    tree: Path, backup_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC again as the manifest's temp file is closed does not hide the DiskSpaceError."""
+    path = backup_dir / f"{TOP}.tar.gz"
+    with (
+        pytest.raises(DiskSpaceError, match="no space left on"),
+        archive.Writer(path, "gzip", TOP) as writer,
+    ):
+        writer.add(file_member("data", tree), SourceReport("data", "dirs"))
+        # Only the manifest's temp file, made at commit, is on the full disk.
+        monkeypatch.setattr(tempfile, "TemporaryFile", lambda **_: _FullDiskFile())
+        writer.commit(make_manifest("gzip"))
+    assert list(backup_dir.iterdir()) == []
