@@ -310,10 +310,14 @@ def test_target_and_logs_never_show_the_url_path_or_credentials(server: Recordin
 
 
 def test_invalid_url_fails_without_retries_or_showing_its_path(server: RecordingServer) -> None:
-    """A URL that http.client refuses fails once, without its path in the error."""
+    """A URL that http.client refuses fails once, without its path in the error.
+
+    The policy already refuses a URL with whitespace; a port that is no number passes its
+    pattern and is refused by http.client only.
+    """
     sleeps = Sleeps()
     [delivery] = notify.send(
-        [webhook(f"{server.base_url}/secret uuid")], "failure", PAYLOAD, sleep=sleeps
+        [webhook(f"{server.base_url}x/secret-uuid")], "failure", PAYLOAD, sleep=sleeps
     )
     assert not delivery.ok
     assert delivery.attempts == 1
