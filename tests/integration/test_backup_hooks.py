@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,50 @@ def survivors(group: int) -> list[int]:
     return group_members(group)
 
 
+@dataclass
+class Interrupted:
+    """What `sovbackupd backup`, signalled while a hook ran, left behind."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    survivors: list[int]  # the hook's process group members still alive
+
+
+def interrupt_backup_in_hook(
+    policy: Path, pids: Path, ready: Callable[[str], bool], signum: signal.Signals
+) -> Interrupted:
+    """Run a CLI backup, send *signum* once the hook's *pids* file is *ready*, and wait.
+
+    The hook writes its own pid (its process group's id) first in *pids*.
+    """
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    group = 0
+    try:
+        for _ in range(3000):  # bounded: until the hook has written what it was told to
+            if ready(pids.read_text() if pids.exists() else ""):
+                break
+            assert cli.poll() is None, cli.communicate()
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"the hook never got ready: {pids}")
+        group = int(pids.read_text().split()[0])
+        cli.send_signal(signum)
+        stdout, stderr = cli.communicate(timeout=60)
+        return Interrupted(cli.returncode, stdout, stderr, survivors(group))
+    finally:
+        cli.kill()
+        cli.wait()
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
     tmp_path: Path, sandbox: Sandbox, signum: signal.Signals
@@ -87,32 +133,16 @@ def test_ctrl_c_during_a_cli_backup_kills_the_before_hook_and_its_children(
     script = f"echo $$ > {pids}; sleep 300 & echo $! >> {pids}; wait"
     hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 600}
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    group = 0
-    try:
-        deadline = time.monotonic() + 30
-        while len(pids.read_text().split() if pids.exists() else []) < 2:
-            assert time.monotonic() < deadline, "the hook did not start"
-            assert cli.poll() is None, cli.communicate()
-            time.sleep(0.02)
-        group, grandchild = (int(pid) for pid in pids.read_text().split())
-        assert set(group_members(group)) >= {group, grandchild}
-        cli.send_signal(signum)
-        _, stderr = cli.communicate(timeout=60)
-        assert cli.returncode == 130, stderr
-        assert "Traceback" not in stderr
-        assert survivors(group) == []
-    finally:
-        cli.kill()
-        cli.wait()
-        if group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+
+    def started(text: str) -> bool:
+        """Both pids are written, and both run in the hook's group (its id is the first)."""
+        written = [int(pid) for pid in text.split()]
+        return len(written) == 2 and set(group_members(written[0])) >= set(written)
+
+    result = interrupt_backup_in_hook(policy, pids, started, signum)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.survivors == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -128,31 +158,10 @@ def test_ctrl_c_while_a_timed_out_hook_is_given_its_grace_still_kills_its_group(
     script = f"echo $$ > {pids}; trap 'echo term >> {pids}' TERM; while :; do sleep 0.1; done"
     hooks = {"before_backup": [["sh", "-c", script]], "timeout_seconds": 0.5}
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    group = 0
-    try:
-        deadline = time.monotonic() + 60
-        while "term" not in (pids.read_text() if pids.exists() else ""):
-            assert time.monotonic() < deadline, "the hook was not sent SIGTERM"
-            assert cli.poll() is None, cli.communicate()
-            time.sleep(0.02)
-        group = int(pids.read_text().split()[0])
-        cli.send_signal(signum)
-        _, stderr = cli.communicate(timeout=60)
-        assert cli.returncode == 130, stderr
-        assert "Traceback" not in stderr
-        assert survivors(group) == []
-    finally:
-        cli.kill()
-        cli.wait()
-        if group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+    result = interrupt_backup_in_hook(policy, pids, lambda text: "term" in text, signum)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.survivors == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -169,32 +178,12 @@ def test_a_signal_during_the_after_hook_says_the_backup_is_complete(
     script = f"echo $$ > {pids}; sleep 300 & wait"
     hooks = {"after_backup": [["sh", "-c", script]], "timeout_seconds": 600}
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, hooks=hooks))
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    group = 0
-    try:
-        deadline = time.monotonic() + 60
-        while not (pids.read_text().strip() if pids.exists() else ""):
-            assert time.monotonic() < deadline, "the after_backup hook did not start"
-            assert cli.poll() is None, cli.communicate()
-            time.sleep(0.02)
-        group = int(pids.read_text())
-        cli.send_signal(signum)
-        stdout, stderr = cli.communicate(timeout=60)
-        assert survivors(group) == []
-    finally:
-        cli.kill()
-        cli.wait()
-        if group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+    result = interrupt_backup_in_hook(policy, pids, lambda text: bool(text.strip()), signum)
+    assert result.survivors == []
+    stdout, stderr = result.stdout, result.stderr
     [archive_name] = [name for name in backup_files(sandbox.backup_dir) if name.endswith(".tar.gz")]
     name = archive_name.removesuffix(".tar.gz")
-    assert cli.returncode == 130, stderr
+    assert result.returncode == 130, stderr
     assert stdout.strip() == name
     [line] = [line for line in stderr.splitlines() if line.strip()]
     assert line.startswith("sovbackupd: interrupted after backup ")
