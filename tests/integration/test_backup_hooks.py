@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -96,11 +97,15 @@ def interrupt_backup_in_hook(
 
     The hook writes its own pid (its process group's id) first in *pids*.
     """
+    # A runner started in the background (nohup, `cmd &` without job control) ignores
+    # SIGINT, and its children inherit that: give the CLI the terminal's default, as an
+    # operator's shell would, so that SIGINT is the operator's Ctrl-C.
     cli = subprocess.Popen(
         [sys.executable, "-m", "sovbackupd", "--config", str(policy), "backup"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (no threads run here)
     )
     group = 0
     try:
