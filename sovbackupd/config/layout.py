@@ -27,16 +27,18 @@ Location = tuple[str | int, ...]
 # files, or (/tmp, /var/tmp) with files anyone may create and the system cleans.
 _SYSTEM_DIRS = {
     Path("/"): "the root directory",
-    **{Path(name): "a system directory" for name in ("/bin", "/boot", "/etc", "/sbin", "/usr")},
-    Path("/var"): "a system directory",
-    Path("/tmp"): "world-writable and cleaned by the system",
-    Path("/var/tmp"): "world-writable and cleaned by the system",
+    **{
+        Path(name): "a system directory"
+        for name in ("/bin", "/boot", "/etc", "/sbin", "/usr", "/var")
+    },
+    Path("/tmp"): "world-writable and cleaned by the system",  # noqa: S108 (refused, not used)
+    Path("/var/tmp"): "world-writable and cleaned by the system",  # noqa: S108 (refused, not used)
 }
 # Nothing below these is storage: kernel file systems, and /run's tmpfs, lost at boot.
 _NOT_STORAGE = {
     Path("/proc"): "a kernel file system, not storage",
     Path("/sys"): "a kernel file system, not storage",
-    Path("/dev"): "device nodes, not storage",
+    Path("/dev"): "device nodes and shared memory, not storage",
     Path("/run"): "tmpfs, emptied at every boot",
 }
 SUGGESTED_BACKUP_DIR = "/var/backups/sovereigncore"
@@ -57,6 +59,14 @@ def lexical(path: Path) -> Path:
     ``//tmp`` is ``/tmp`` on Linux, though POSIX lets pathlib keep the two slashes.
     """
     return Path("/" + os.path.normpath(path).lstrip("/"))
+
+
+def dotted(location: Location) -> str:
+    """Return *location* as the operator writes the key: ``sources.dirs[1]``."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "(top level)"
 
 
 def system_dir(path: Path) -> str | None:
@@ -98,10 +108,7 @@ class Placed:
     @property
     def key(self) -> str:
         """Return the key as the operator writes it: ``sources.dirs[1]``."""
-        text = ""
-        for part in self.location:
-            text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-        return text
+        return dotted(self.location)
 
 
 def placed(sources: Sources) -> list[Placed]:
@@ -144,14 +151,20 @@ def overlaps(
     entries = [(entry, resolve(entry.path)) for entry in placed(sources)]
     for entry, path in entries:
         if entry.is_tree and (relation := _relation(store_path, path)):
-            yield store.location, (
-                f"{_as(store, store_path)} {relation} {_as(entry, path)}: every backup would "
-                "archive the earlier ones, and restoring it would delete the newer ones"
+            yield (
+                store.location,
+                (
+                    f"{_as(store, store_path)} {relation} {_as(entry, path)}: every backup would "
+                    "archive the earlier ones, and restoring it would delete the newer ones"
+                ),
             )
         elif relation := _relation(path, store_path):
-            yield entry.location, (
-                f"{_as(entry, path)} {relation} {_as(store, store_path)}: backups would "
-                "archive their own directory, and retention and cleanup delete files there"
+            yield (
+                entry.location,
+                (
+                    f"{_as(entry, path)} {relation} {_as(store, store_path)}: backups would "
+                    "archive their own directory, and retention and cleanup delete files there"
+                ),
             )
     trees = [(entry, path) for entry, path in entries if entry.is_tree]
     for later, (entry, path) in enumerate(trees):
@@ -160,7 +173,10 @@ def overlaps(
                 "contains" if _relation(other_path, path) else None
             )
             if relation is not None:
-                yield entry.location, (
-                    f"{_as(entry, path)} {relation} {_as(other, other_path)}: it would be "
-                    "archived twice and no full restore could put it back"
+                yield (
+                    entry.location,
+                    (
+                        f"{_as(entry, path)} {relation} {_as(other, other_path)}: it would be "
+                        "archived twice and no full restore could put it back"
+                    ),
                 )

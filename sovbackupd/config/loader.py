@@ -232,13 +232,6 @@ def _readable_location(location: Location, data: object) -> Location:
     return tuple(kept)
 
 
-def _dotted(location: Location) -> str:
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "(top level)"
-
-
 def _line_of(location: Location, lines: dict[Location, int]) -> int | None:
     for end in range(len(location), -1, -1):
         if (line := lines.get(location[:end])) is not None:
@@ -267,9 +260,9 @@ def _rendered(problems: list[Problem], source: str) -> list[str]:
     """Return each problem as ``source:line: key.path: message``, in the order of the file."""
     ordered = sorted(problems, key=lambda problem: problem[0] or 0)
     return [
-        f"{source}:{line}: {_dotted(location)}: {message}"
+        f"{source}:{line}: {layout.dotted(location)}: {message}"
         if line is not None
-        else f"{source}: {_dotted(location)}: {message}"
+        else f"{source}: {layout.dotted(location)}: {message}"
         for line, location, message in ordered
     ]
 

@@ -34,7 +34,7 @@ def check_config(policy: Path, env: dict[str, str] | None = None) -> list[str]:
 def test_backup_dir_in_a_symlinked_data_dir_is_refused_at_check_config_and_start(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
-    """data -> /srv/x with backup_dir /srv/x/backups is the backup_dir-in-a-source trap."""
+    """A data dir linked to /srv/x with backup_dir /srv/x/backups: the same trap, resolved."""
     real = tmp_path / "srv" / "x"
     real.mkdir(parents=True)
     (sandbox.app / "linked").symlink_to(real)

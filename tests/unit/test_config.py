@@ -1233,7 +1233,7 @@ def test_a_config_file_may_be_named_like_a_top_level_archive_entry() -> None:
         ("/var", "a system directory"),
         ("/run/backups", "tmpfs, emptied at every boot"),
         ("/proc/1", "a kernel file system, not storage"),
-        ("/dev/shm/backups", "device nodes, not storage"),
+        ("/dev/shm/backups", "device nodes and shared memory, not storage"),
         ("/var/backups/../../etc", "a system directory"),
     ],
 )
