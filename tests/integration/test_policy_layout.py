@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import signal
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,16 @@ from sovbackupd.config import files
 from sovbackupd.config.models import RESERVED_ARCHIVE_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode
 from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
+from tests.integration.test_daemon import (
+    DaemonProcess,
+    NotifySocket,
+    daemon_policy,
+    daily_far_away,
+    notify_socket,
+    start_daemon,
+)
+
+__all__ = ["notify_socket", "start_daemon"]  # the daemon tests' fixtures, used here too
 
 
 def check_config(policy: Path, env: dict[str, str] | None = None) -> list[str]:
@@ -134,6 +146,40 @@ def test_backup_dir_of_another_non_root_user_is_refused_unless_root_runs(
     assert files.unsafe_backup_dir(directory, euid=0) is None
     os.chown(directory, 0, 0)
     assert files.unsafe_backup_dir(directory, euid=1000) is None
+
+
+def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    notify_socket: NotifySocket,
+    start_daemon: Callable[[Path], DaemonProcess],
+) -> None:
+    """SIGHUP checks the layout on disk again: the old policy stays, nothing is chmod'ed."""
+    policy, _ = daemon_policy(tmp_path, sandbox, None, {"daily": daily_far_away()})
+    daemon = start_daemon(policy)
+    daemon.wait_for_backups(1)
+    sandbox.backup_dir.chmod(0o1777)
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    failed = daemon.wait_for("config.reload_failed", mark)
+    assert f"backup_dir {sandbox.backup_dir} is world-writable (mode 1777)" in failed["problems"][0]
+    assert stat.S_IMODE(sandbox.backup_dir.stat().st_mode) == 0o1777
+
+    sandbox.backup_dir.chmod(0o700)
+    linked = sandbox.app / "archive"
+    linked.symlink_to(sandbox.backup_dir)
+    data = yaml.safe_load(policy.read_text())
+    data["sources"]["dirs"].append(str(linked))
+    policy.write_text(yaml.safe_dump(data))
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    failed = daemon.wait_for("config.reload_failed", mark)
+    assert failed["problems"] == [
+        f"{policy}:1: backup_dir: backup_dir {sandbox.backup_dir} is the same path as "
+        f"sources.dirs[3] {linked} (resolved: {sandbox.backup_dir}): every backup would "
+        "archive the earlier ones, and restoring it would delete the newer ones"
+    ]
+    assert daemon.process.poll() is None
 
 
 # The property: accepted exactly when an independent oracle finds no overlap or collision.
