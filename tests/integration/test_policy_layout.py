@@ -182,6 +182,29 @@ def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
     assert daemon.process.poll() is None
 
 
+def test_config_files_named_like_top_level_entries_back_up_and_restore(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """config/config and config/manifest.json meet nothing at the top of the archive."""
+    etc = sandbox.app / "etc"
+    etc.mkdir()
+    named = {etc / "config": "SELINUX=enforcing\n", sandbox.app / "manifest.json": '{"a": 1}\n'}
+    for path, text in named.items():
+        path.write_text(text)
+    data = policy_data(sandbox, None)
+    data["sources"]["config"] += [str(path) for path in named]
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    backup = run_cli("backup", config=policy)
+    assert backup.returncode == 0, backup.stderr
+    target = tmp_path / "restored"
+
+    restored = run_cli("restore", backup.stdout.strip(), "--to", str(target), config=policy)
+
+    assert restored.returncode == 0, restored.stderr
+    for path, text in named.items():
+        assert (target / str(path).lstrip("/")).read_text() == text
+
+
 # The property: accepted exactly when an independent oracle finds no overlap or collision.
 
 SEGMENTS = ("a", "b", "c", "d", "la", "lb", "lc", "data", "config")
