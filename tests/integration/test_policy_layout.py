@@ -110,7 +110,7 @@ def test_check_config_refuses_root_and_tmp_as_backup_dir(
     assert "must not be /" in line
 
 
-@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775, 0o770])
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775, 0o770], ids=lambda mode: f"{mode:04o}")
 def test_backup_dir_others_can_write_is_refused_and_never_chmoded(
     tmp_path: Path, sandbox: Sandbox, mode: int
 ) -> None:
