@@ -27,7 +27,14 @@ from sovbackupd.archive import (
     manifest_path,
     write_atomically,
 )
-from sovbackupd.errors import DiskSpaceError, LockedError, NotFoundError, SovbackupdError
+from sovbackupd.config import files
+from sovbackupd.errors import (
+    ConfigError,
+    DiskSpaceError,
+    LockedError,
+    NotFoundError,
+    SovbackupdError,
+)
 from sovbackupd.manifest import Manifest, read_full, read_head
 
 LOCK_NAME = ".sovbackupd.lock"
@@ -115,10 +122,18 @@ class Store:
         self._pin = re.compile(rf"^(?P<name>{re.escape(prefix)}_{stamp}){re.escape(PIN_SUFFIX)}$")
 
     def ensure(self) -> None:
-        """Create the directory (0700) if needed and tighten its mode."""
+        """Create the directory 0700 if it is missing; refuse one that others can write.
+
+        An existing directory keeps its mode: 0750 or 0755 are safe (the archives inside
+        are 0600), and a group- or world-writable one is refused rather than chmod'ed,
+        since whatever else uses it would break.
+        """
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.directory.chmod(0o700)
+            self.directory.mkdir(mode=0o700, parents=True)
+            self.directory.chmod(0o700)  # whatever the umask
+        except FileExistsError:
+            if (unsafe := files.unsafe_backup_dir(self.directory)) is not None:
+                raise ConfigError(unsafe) from None
         except OSError as error:
             raise SovbackupdError(
                 f"backup_dir {self.directory} cannot be created: {error.strerror}"

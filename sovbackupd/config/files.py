@@ -4,18 +4,23 @@ Validation (:mod:`sovbackupd.config.models`) is pure, so that the example policy
 generated reference and the tests can build policies naming paths this machine does not
 have. :func:`missing` is the step that looks at the disk; ``check-config``, the daemon's
 start and every reload run it, so that a file a backup would fail on is a config error
-before the first backup, not a failed backup hours later.
+before the first backup, not a failed backup hours later. :func:`unrestorable` is the
+same step for the layout: the model's path rules again after symlinks are resolved, and
+the backup directory's owner and mode.
 """
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 from typing import Literal
 
-from sovbackupd.config.models import Policy, shown
+from sovbackupd.config import layout
+from sovbackupd.config.layout import shown
+from sovbackupd.config.models import Policy
 
-Location = tuple[str | int, ...]
+Location = layout.Location
 Kind = Literal["file", "directory"]
 
 _GPG_FILES = (
@@ -82,4 +87,57 @@ def missing(policy: Policy) -> list[tuple[Location, str]]:
         optional_allowed = location[0] == "sources" and isinstance(location[-1], int)
         if (problem := _problem(path, kind, optional_allowed)) is not None:
             problems.append((location, problem))
+    return problems
+
+
+def _resolved(path: Path) -> Path:
+    """Return *path* with its symlinks resolved, as far as they exist; lexical on a loop."""
+    try:
+        return path.resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop: the backup reports it on its own
+        return layout.lexical(path)
+
+
+def unsafe_backup_dir(path: Path, euid: int | None = None) -> str | None:
+    """Return why the existing directory *path* may not hold backups, None when it may.
+
+    Refused: a directory others can write (group or world, sticky or not), since they could
+    delete or replace archives; and, for a user other than root (*euid*, by default the
+    running one), a directory another non-root user owns. A missing path, or one that is no
+    directory, is left to the code that creates or opens it.
+    """
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(status.st_mode):
+        return None
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        others = "world" if mode & stat.S_IWOTH else "group"
+        return (
+            f"backup_dir {shown(path)} is {others}-writable (mode {mode:04o}): others could "
+            "delete or replace its backups; make it 0700 (chmod 0700) or choose another one"
+        )
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0 and status.st_uid not in (0, euid):
+        return (
+            f"backup_dir {shown(path)} belongs to uid {status.st_uid}, not to uid {euid} "
+            "that runs sovbackupd: its owner could delete or replace its backups"
+        )
+    return None
+
+
+def unrestorable(policy: Policy) -> list[tuple[Location, str]]:
+    """Return each reason the backups of *policy* could not be restored, found on disk.
+
+    The model's layout rules once more with symlinks resolved, and the backup directory's
+    safety: where it really lies, and who else may write it.
+    """
+    backup_dir = _resolved(policy.backup_dir)
+    problems = list(layout.overlaps(policy.backup_dir, policy.sources, _resolved))
+    if (refusal := layout.backup_dir_refusal(policy.backup_dir, backup_dir)) is not None:
+        problems.append((("backup_dir",), refusal))
+    if (unsafe := unsafe_backup_dir(policy.backup_dir)) is not None:
+        problems.append((("backup_dir",), unsafe))
     return problems

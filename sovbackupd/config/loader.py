@@ -14,7 +14,7 @@ import yaml
 from pydantic import ValidationError
 from yaml._yaml import CParser  # libyaml, which PyYAML's wheels carry
 
-from sovbackupd.config import files
+from sovbackupd.config import files, layout
 from sovbackupd.config.files import Location
 from sovbackupd.config.models import MAX_KEEP, PATTERN_EXPECTATIONS, RSYNC_URL_PATTERN, Policy
 from sovbackupd.errors import ConfigError
@@ -153,12 +153,15 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> list
     """Apply the seed's environment variables to *data*; return the problems found."""
     problems: list[str] = []
     if backup_dir := environ.get("BACKUP_DIR"):
-        if Path(backup_dir).is_absolute():
-            data["backup_dir"] = backup_dir
-        else:  # validated here so the problem names the variable, not a policy line
+        # Validated here so that a problem names the variable, not a policy line.
+        if not Path(backup_dir).is_absolute():
             problems.append(
                 f"BACKUP_DIR (environment): must be an absolute path, not {backup_dir!r}"
             )
+        elif (refusal := layout.backup_dir_refusal(Path(backup_dir))) is not None:
+            problems.append(f"BACKUP_DIR (environment): {refusal}")
+        else:
+            data["backup_dir"] = backup_dir
     if (retention_days := environ.get("RETENTION_DAYS")) is not None:
         if not (retention_days.isascii() and retention_days.isdigit()):  # isdigit takes "²"
             problems.append(
@@ -229,13 +232,6 @@ def _readable_location(location: Location, data: object) -> Location:
     return tuple(kept)
 
 
-def _dotted(location: Location) -> str:
-    text = ""
-    for part in location:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text or "(top level)"
-
-
 def _line_of(location: Location, lines: dict[Location, int]) -> int | None:
     for end in range(len(location), -1, -1):
         if (line := lines.get(location[:end])) is not None:
@@ -264,9 +260,9 @@ def _rendered(problems: list[Problem], source: str) -> list[str]:
     """Return each problem as ``source:line: key.path: message``, in the order of the file."""
     ordered = sorted(problems, key=lambda problem: problem[0] or 0)
     return [
-        f"{source}:{line}: {_dotted(location)}: {message}"
+        f"{source}:{line}: {layout.dotted(location)}: {message}"
         if line is not None
-        else f"{source}: {_dotted(location)}: {message}"
+        else f"{source}: {layout.dotted(location)}: {message}"
         for line, location, message in ordered
     ]
 
@@ -305,8 +301,8 @@ def parse(
 ) -> Policy:
     """Validate policy *text* (named *source* in errors), with *environ*'s overrides.
 
-    With *check_files*, the files the policy names must exist too (see
-    :func:`sovbackupd.config.files.missing`).
+    With *check_files*, the files the policy names must exist too, and its layout must
+    hold once symlinks are resolved (see :mod:`sovbackupd.config.files`).
     """
     root, data = _document(text, source)
     if data is None:
@@ -325,7 +321,7 @@ def parse(
     except ValidationError as error:
         keyed = _validation_problems(error, data)
     if policy is not None and check_files:
-        keyed = files.missing(policy)
+        keyed = [*files.missing(policy), *files.unrestorable(policy)]
     found.extend((_line_of(location, lines), location, message) for location, message in keyed)
     problems.extend(_rendered(found, source))
     if problems or policy is None:
@@ -339,7 +335,8 @@ def load(
 ) -> Policy:
     """Read and validate the policy file at *path*; raise ConfigError naming every problem.
 
-    With *check_files*, the files the policy names must exist too.
+    With *check_files*, the files the policy names must exist too, and its layout must
+    hold once symlinks are resolved.
     """
     try:
         # Non-blocking, so that a FIFO (which blocks an open until a writer comes, and

@@ -14,11 +14,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from sovbackupd import scheduler
+from sovbackupd.config import layout
+from sovbackupd.config.layout import shown
 from sovbackupd.policy import parse_duration
 
 TIER_NAMES = ("hourly", "daily", "weekly", "monthly", "yearly")
@@ -66,15 +69,6 @@ PATTERN_EXPECTATIONS = {
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 LISTEN_PATTERN = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):([0-9]{1,5})")
-
-
-def shown(path: Path) -> str:
-    """Return *path* for a message, quoted when a control character is in it.
-
-    A newline in a path would split the message and could forge a line of its own.
-    """
-    text = str(path)
-    return text if text.isprintable() else repr(text)
 
 
 def _absolute(path: Path) -> Path:
@@ -167,11 +161,13 @@ class RedisSource(_Model):
     )
 
 
-def _unique_basenames(entries: list[SourcePath], what: str) -> list[SourcePath]:
+def _unique_basenames(
+    entries: list[SourcePath], what: str, *, top_level: bool = True
+) -> list[SourcePath]:
     seen: dict[str, Path] = {}
     for entry in entries:
         name = entry.path.name
-        if name in RESERVED_ARCHIVE_NAMES:
+        if top_level and name in RESERVED_ARCHIVE_NAMES:
             raise ValueError(
                 f"{what} {shown(entry.path)} would take the reserved archive name {name!r}"
             )
@@ -221,7 +217,8 @@ class Sources(_Model):
     @field_validator("config")
     @classmethod
     def _config_basenames(cls, entries: list[SourcePath]) -> list[SourcePath]:
-        return _unique_basenames(entries, "config file")
+        # Under config/, a name cannot meet the archive's own top-level names.
+        return _unique_basenames(entries, "config file", top_level=False)
 
     @field_validator("dirs")
     @classmethod
@@ -647,12 +644,20 @@ class GcsRemote(_Model):
 Remote = Annotated[RsyncRemote | S3Remote | GcsRemote, Field(discriminator="type")]
 
 
+def _own_directory(path: Path) -> Path:
+    if (refusal := layout.backup_dir_refusal(path)) is not None:
+        raise ValueError(refusal)
+    return path
+
+
 class Policy(_Model):
     """A sovbackupd policy file."""
 
-    backup_dir: AbsolutePath = Field(
-        default=Path("/var/backups/sovereigncore"),
-        description="Where archives are written (created 0700). Environment: BACKUP_DIR.",
+    backup_dir: Annotated[AbsolutePath, AfterValidator(_own_directory)] = Field(
+        default=Path(layout.SUGGESTED_BACKUP_DIR),
+        description="Where archives are written: created 0700 when missing; an existing "
+        "one others can write is refused. Not /, /tmp or a system directory, not inside a "
+        "data directory, and no source inside it. Environment: BACKUP_DIR.",
     )
     name_prefix: str = Field(
         default="sovereigncore_backup",
@@ -699,6 +704,16 @@ class Policy(_Model):
     test_restore: TestRestore = Field(
         default_factory=TestRestore, description="Scheduled test restores."
     )
+
+    @field_validator("sources")
+    @classmethod
+    def _restorable_layout(cls, sources: Sources, info: ValidationInfo) -> Sources:
+        backup_dir = info.data.get("backup_dir")
+        if backup_dir is not None:  # else its own error is reported
+            overlaps = [message for _, message in layout.overlaps(backup_dir, sources)]
+            if overlaps:
+                raise ValueError("; ".join(overlaps))
+        return sources
 
     @field_validator("remotes")
     @classmethod

@@ -250,6 +250,28 @@ def reference_markdown() -> str:
         "backup's source with its own error, and other commands (`list`, a `restore` on a "
         "recovery machine) do not need the files at all.",
         "",
+        "Layouts whose backups could not be restored are refused, each with one line "
+        "naming both paths and their keys: `backup_dir` inside (or equal to) a "
+        "`sources.dirs` entry, since every backup would archive the earlier ones and "
+        "restoring that directory would delete the newer ones (inside the directory of a "
+        "config file or database is fine); any source inside `backup_dir`; a data "
+        "directory inside (or equal to) another, which would be archived twice; two "
+        "sources with one archive name (directories and databases share the top of the "
+        "archive, config files share `config/`). `backup_dir` may not be `/`, `/bin`, "
+        "`/boot`, `/etc`, `/lib*`, `/sbin`, `/usr`, `/var`, `/tmp` or `/var/tmp`, nor "
+        "anything below `/proc`, `/sys`, `/dev` or `/run` (tmpfs, lost at boot); the same "
+        "holds for `BACKUP_DIR`. Validation compares the paths as written; `check-config`, "
+        "start and reload compare them again with symlinks resolved, so `data -> /srv/x` "
+        "with `backup_dir: /srv/x/backups` is refused too.",
+        "",
+        "An existing `backup_dir` is never chmod'ed: one that its group or others can "
+        "write (0775, 1777, ...) is refused at `check-config`, start, reload and before "
+        "every backup, prune or restore, and so is one owned by a non-root user other than "
+        "the one running sovbackupd (root may use the service user's directory). 0700, "
+        "0750 and 0755 are kept as they are: the archives inside are 0600. A `backup_dir` "
+        "sovbackupd creates is made 0700. Run `check-config` as the service user or root: "
+        "for another user the owner check refuses the service user's directory.",
+        "",
         "Limits, so that a damaged or hostile file is refused at once: a policy is at most "
         f"{loader.MAX_POLICY_BYTES >> 10} KiB, {loader.MAX_DEPTH} levels deep and "
         f"{loader.MAX_NODES} values, a value at most {loader.MAX_SCALAR_CHARS} characters "

@@ -1137,3 +1137,122 @@ def test_a_source_path_without_a_usable_basename_is_a_config_error(
 ) -> None:
     """`/srv/data/..` archived members as NAME/../f, outside the top: every verify failed."""
     assert problems_of(text) == (expected,)
+
+
+# Layouts whose backups could not be restored (issue 13).
+
+
+@pytest.mark.parametrize(
+    ("backup_dir", "relation"),
+    [("/a/data/backups", "is inside"), ("/a/data", "is the same path as")],
+)
+def test_backup_dir_inside_a_data_dir_is_refused_naming_both(
+    backup_dir: str, relation: str
+) -> None:
+    """A backup_dir in a data dir would archive every earlier backup into each new one."""
+    problems = problems_of(f"backup_dir: {backup_dir}\nsources:\n  dirs: [/b/memory, /a/data]\n")
+    assert problems == (
+        f"policy.yaml:2: sources: backup_dir {backup_dir} {relation} sources.dirs[1] /a/data: "
+        "every backup would archive the earlier ones, and restoring it would delete the "
+        "newer ones",
+    )
+
+
+@pytest.mark.parametrize(
+    ("sources", "key", "path"),
+    [
+        ("dirs: [/srv/backups/data]", "sources.dirs[0]", "/srv/backups/data"),
+        ("config: [/srv/backups/.env]", "sources.config[0]", "/srv/backups/.env"),
+        ("sqlite: [/srv/backups/app.db]", "sources.sqlite[0]", "/srv/backups/app.db"),
+        (
+            "redis: {rdb_path: /srv/backups/dump.rdb}",
+            "sources.redis.rdb_path",
+            "/srv/backups/dump.rdb",
+        ),
+        ("redis: {aof_dir: /srv/backups}", "sources.redis.aof_dir", "/srv/backups"),
+    ],
+)
+def test_a_source_of_any_kind_inside_backup_dir_is_refused(
+    sources: str, key: str, path: str
+) -> None:
+    """Live data inside backup_dir is archived by its own backups and managed by retention."""
+    problems = problems_of(f"backup_dir: /srv/backups\nsources:\n  {sources}\n")
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        f"policy.yaml:2: sources: {key} {path} "
+        + ("is the same path as" if path == "/srv/backups" else "is inside")
+        + " backup_dir /srv/backups: "
+    )
+
+
+@pytest.mark.parametrize(
+    ("dirs", "expected"),
+    [
+        ("[/a/data, /a/data/sub]", "sources.dirs[1] /a/data/sub is inside sources.dirs[0] /a/data"),
+        ("[/a/data/sub, /a/data]", "sources.dirs[1] /a/data contains sources.dirs[0] /a/data/sub"),
+        (
+            "[/a/data, /b/x, /a/data/deep/er]",
+            "sources.dirs[2] /a/data/deep/er is inside sources.dirs[0] /a/data",
+        ),
+    ],
+)
+def test_a_data_dir_inside_another_is_refused_in_either_order(dirs: str, expected: str) -> None:
+    """Nested data dirs are archived twice, and no full restore can put both back."""
+    assert problems_of(f"backup_dir: /b/backups\nsources:\n  dirs: {dirs}\n") == (
+        f"policy.yaml:2: sources: {expected}: it would be archived twice and no full restore "
+        "could put it back",
+    )
+
+
+def test_backup_dir_beside_config_files_and_databases_is_accepted() -> None:
+    """backup_dir in the directory of a config file or database archives nothing twice."""
+    policy = parse(
+        "backup_dir: /opt/app/backups\nsources:\n"
+        "  config: [/opt/app/.env]\n  sqlite: [/opt/app/app.db]\n  dirs: [/opt/app/data]\n"
+    )
+    assert policy.backup_dir == Path("/opt/app/backups")
+
+
+def test_a_config_file_may_be_named_like_a_top_level_archive_entry() -> None:
+    """Config files live under config/, so /etc/selinux/config collides with nothing."""
+    policy = parse("sources:\n  config: [/etc/selinux/config, /srv/app/manifest.json]\n")
+    assert [entry.path.name for entry in policy.sources.config] == ["config", "manifest.json"]
+
+
+@pytest.mark.parametrize(
+    ("backup_dir", "reason"),
+    [
+        ("/", "the root directory"),
+        ("/tmp", "world-writable and cleaned by the system"),
+        ("/tmp/", "world-writable and cleaned by the system"),
+        ("//tmp", "world-writable and cleaned by the system"),
+        ("/var/tmp", "world-writable and cleaned by the system"),
+        ("/etc", "a system directory"),
+        ("/usr", "a system directory"),
+        ("/lib64", "a system directory"),
+        ("/var", "a system directory"),
+        ("/run/backups", "tmpfs, emptied at every boot"),
+        ("/proc/1", "a kernel file system, not storage"),
+        ("/dev/shm/backups", "device nodes and shared memory, not storage"),
+        ("/var/backups/../../etc", "a system directory"),
+    ],
+)
+def test_backup_dir_on_a_system_directory_is_refused(backup_dir: str, reason: str) -> None:
+    """/, /tmp, /etc, /run/... are no place for the only copy of a server's backups."""
+    (problem,) = problems_of(f"backup_dir: {backup_dir}\n{MINIMAL}")
+    assert problem.startswith("policy.yaml:1: backup_dir: must not be ")
+    assert f": it is {reason}; use a directory of its own" in problem
+
+
+@pytest.mark.parametrize("backup_dir", ["/var/backups/sovereigncore", "/srv/backups", "/tmp/x"])
+def test_backup_dir_below_an_ordinary_directory_is_accepted(backup_dir: str) -> None:
+    """Only the system directories themselves (and what is below /proc, /sys, /dev, /run)."""
+    assert parse(f"backup_dir: {backup_dir}\n{MINIMAL}").backup_dir == Path(backup_dir)
+
+
+def test_backup_dir_from_the_environment_on_a_system_directory_names_the_variable() -> None:
+    """BACKUP_DIR=/tmp is refused as BACKUP_DIR, not as the policy's own line."""
+    assert problems_of(MINIMAL, {"BACKUP_DIR": "/tmp"}) == (
+        "BACKUP_DIR (environment): must not be /tmp: it is world-writable and cleaned by "
+        "the system; use a directory of its own, e.g. /var/backups/sovereigncore",
+    )

@@ -108,7 +108,7 @@ def test_documented_retention_simulations_print_what_the_docs_say(tmp_path: Path
     """Each `retention simulate` shown in docs/, run on the example policy, prints as shown."""
     example = yaml.safe_load((GUIDE.parents[1] / "config" / "policy.example.yaml").read_text())
     policy = {key: example[key] for key in ("timezone", "tiers", "retention")}
-    policy.update(backup_dir=str(tmp_path / "backups"), sources={"dirs": [str(tmp_path)]})
+    policy.update(backup_dir=str(tmp_path / "backups"), sources={"dirs": [str(tmp_path / "data")]})
     config = write_policy(tmp_path / "policy.yaml", policy)
     runs = documented_simulations()
     assert runs, "the guide shows retention simulate"

@@ -199,13 +199,20 @@ def test_clean_leftovers_in_a_clean_directory_removes_nothing(store: Store) -> N
 
 
 def test_ensure_creates_the_directory_private(tmp_path: Path) -> None:
-    """backup_dir is created 0700, parents included, and an existing one is tightened."""
+    """backup_dir is created 0700, parents included."""
     directory = tmp_path / "deep" / "backups"
     Store(directory, PREFIX).ensure()
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o750, 0o755])
+def test_ensure_keeps_the_mode_of_an_existing_private_directory(tmp_path: Path, mode: int) -> None:
+    """0750 and 0755 stay as the operator set them: the archives inside are 0600."""
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    directory.chmod(mode)
     Store(directory, PREFIX).ensure()
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(directory.stat().st_mode) == mode
 
 
 def test_lock_creates_the_directory_private(tmp_path: Path) -> None:
