@@ -615,12 +615,14 @@ class Writer:
             self._write(chunk)
         self._pad(size)
 
-    def commit(self, head: Manifest) -> str:
+    def commit(self, head: Manifest, read_back: Callable[[], None] | None = None) -> str:
         """Archive the manifest, finish the stream, then put the archive in place.
 
         The manifest is *head* plus every recorded entry. The sidecars are written before
-        the rename, so an archive under its final name always has them. Return the
-        archive's sha256.
+        the rename, so an archive under its final name always has them. *read_back* runs
+        once they are on disk, before the rename: whatever it raises discards the archive
+        and its sidecars, so that no archive takes its name unless its manifest reads
+        back. Return the archive's sha256.
         """
         try:
             manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in the finally below; its creation alone can hit ENOSPC)
@@ -636,12 +638,16 @@ class Writer:
                 write_atomically(sidecar_path(self.path), f"{sha256}  {self.path.name}\n".encode())
                 manifest.seek(0)
                 copy_atomically(manifest, manifest_path(self.path))
+                if read_back is not None:
+                    read_back()
                 self.partial.replace(self.path)
                 fsync_dir(self.path.parent)
-            except OSError as error:
+            except BaseException as error:
                 sidecar_path(self.path).unlink(missing_ok=True)
                 manifest_path(self.path).unlink(missing_ok=True)
-                raise _disk_error(error, self.partial) from error
+                if isinstance(error, OSError):
+                    raise _disk_error(error, self.partial) from error
+                raise
         finally:
             # The temp file is nameless and its bytes, if any were needed, are copied by now;
             # on a full disk its close flushes into ENOSPC, which must not replace the error
