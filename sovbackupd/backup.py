@@ -360,7 +360,8 @@ def _run(
                     file_bytes=writer.file_bytes,
                 )
                 info = describe(head, path.name, writer.file_count, writer.file_bytes)
-                writer.add_bytes(INFO_NAME, info.encode(), time.time())
+                # A name that is not UTF-8 (in a warning) keeps its own bytes, as ls shows it.
+                writer.add_bytes(INFO_NAME, info.encode("utf-8", "surrogateescape"), time.time())
                 stored = StoredBackup(name, path, created, 0)
                 sha256 = writer.commit(head, lambda: _read_back(policy, stored))
             tierstate.record_success(policy.backup_dir, tiers, head.finished)
