@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from sovbackupd import archive, backup, config
 from sovbackupd.config.models import SourcePath
@@ -726,7 +727,7 @@ def test_a_backup_whose_manifest_does_not_read_back_fails_and_the_good_one_survi
 def test_a_backup_discarded_at_its_read_back_counts_as_failed(
     sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The metrics count a backup whose manifest does not read back as a failure, not a success."""
+    """A backup whose manifest does not read back is counted and logged as a failure."""
     copy = archive.copy_atomically
 
     def damaging(source: Any, path: Path, **kwargs: Any) -> None:
@@ -738,9 +739,12 @@ def test_a_backup_discarded_at_its_read_back_counts_as_failed(
     policy = config.load(policy_file(sandbox, policy_data(sandbox, None)))
     metrics = Metrics(CollectorRegistry())
 
-    with pytest.raises(ArchiveError, match="was discarded"):
+    with capture_logs() as events, pytest.raises(ArchiveError, match="was discarded"):
         backup.run(policy, ["daily"], metrics=metrics)
 
+    (finished,) = [event for event in events if event["event"] == "backup.finished"]
+    assert finished["result"] == "failure"
+    assert "was discarded" in finished["error"]
     sample = metrics.registry.get_sample_value
     assert sample("sovbackupd_backups_total", {"result": "failure"}) == 1
     assert sample("sovbackupd_backups_total", {"result": "success"}) in (None, 0)
