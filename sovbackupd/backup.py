@@ -360,7 +360,8 @@ def _run(
                     file_bytes=writer.file_bytes,
                 )
                 info = describe(head, path.name, writer.file_count, writer.file_bytes)
-                # A name that is not UTF-8 (in a warning) keeps its own bytes, as ls shows it.
+                # Names in warnings come quoted; a name that is not UTF-8 anywhere else keeps
+                # its bytes rather than failing the backup.
                 writer.add_bytes(INFO_NAME, info.encode("utf-8", "surrogateescape"), time.time())
                 stored = StoredBackup(name, path, created, 0)
                 sha256 = writer.commit(head, lambda: _read_back(policy, stored))
