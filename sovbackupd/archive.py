@@ -32,7 +32,7 @@ import isal.igzip_threaded
 import zstandard
 
 from sovbackupd import crypto, untrusted
-from sovbackupd.config.models import Gpg
+from sovbackupd.config.models import Gpg, shown
 from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
 from sovbackupd.manifest import (
     INFO_NAME,
@@ -353,6 +353,11 @@ def data_regions(descriptor: int, status: os.stat_result) -> list[tuple[int, int
     return regions
 
 
+def _shown(member: Member) -> str:
+    """Return where *member* came from for a message: one line, whatever bytes its name holds."""
+    return shown(Path(member.origin or member.arcname))
+
+
 def _entry_line(member: Member, size: int, sha256: str | None) -> bytes:
     """Serialise one manifest entry (a FileEntry) as a compact JSON line."""
     entry = {
@@ -487,10 +492,10 @@ class Writer:
         try:
             handle = member.opener()
         except FileNotFoundError:
-            report.warnings.append(f"{member.origin}: vanished before it could be read")
+            report.warnings.append(f"{_shown(member)}: vanished before it could be read")
             return
         except OSError as error:
-            raise ArchiveError(f"cannot read {member.origin}: {error.strerror}") from error
+            raise ArchiveError(f"cannot read {_shown(member)}: {error.strerror}") from error
         with handle:
             before = os.fstat(handle.fileno())
             size = before.st_size
@@ -511,11 +516,11 @@ class Writer:
                 position = offset + length
             _hash_zeros(digest, size - position)
             if shrank:
-                report.warnings.append(f"{member.origin}: shrank while read, padded with zeros")
+                report.warnings.append(f"{_shown(member)}: shrank while read, padded with zeros")
             else:
                 after = os.fstat(handle.fileno())
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                    report.warnings.append(f"{member.origin}: changed while read")
+                    report.warnings.append(f"{_shown(member)}: changed while read")
         self._pad(self._tar_bytes)
         self._record(member, size, digest.hexdigest(), sum(length for _, length in runs))
 
@@ -539,7 +544,7 @@ class Writer:
         from sovbackupd.store import human_size  # noqa: PLC0415 (store imports this module)
 
         report.warnings.append(
-            f"{member.origin}: sparse, but archived as dense "
+            f"{_shown(member)}: sparse, but archived as dense "
             f"({human_size(status.st_size)}): {reason}"
         )
         return None
@@ -615,12 +620,14 @@ class Writer:
             self._write(chunk)
         self._pad(size)
 
-    def commit(self, head: Manifest) -> str:
+    def commit(self, head: Manifest, read_back: Callable[[], None] | None = None) -> str:
         """Archive the manifest, finish the stream, then put the archive in place.
 
         The manifest is *head* plus every recorded entry. The sidecars are written before
-        the rename, so an archive under its final name always has them. Return the
-        archive's sha256.
+        the rename, so an archive under its final name always has them. *read_back* runs
+        once they are on disk, before the rename: whatever it raises discards the archive
+        and its sidecars, so that no archive takes its name unless its manifest reads
+        back. Return the archive's sha256.
         """
         try:
             manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in the finally below; its creation alone can hit ENOSPC)
@@ -636,12 +643,16 @@ class Writer:
                 write_atomically(sidecar_path(self.path), f"{sha256}  {self.path.name}\n".encode())
                 manifest.seek(0)
                 copy_atomically(manifest, manifest_path(self.path))
+                if read_back is not None:
+                    read_back()
                 self.partial.replace(self.path)
                 fsync_dir(self.path.parent)
-            except OSError as error:
+            except BaseException as error:
                 sidecar_path(self.path).unlink(missing_ok=True)
                 manifest_path(self.path).unlink(missing_ok=True)
-                raise _disk_error(error, self.partial) from error
+                if isinstance(error, OSError):
+                    raise _disk_error(error, self.partial) from error
+                raise
         finally:
             # The temp file is nameless and its bytes, if any were needed, are copied by now;
             # on a full disk its close flushes into ENOSPC, which must not replace the error

@@ -23,11 +23,11 @@ import structlog
 from sovbackupd import __version__, archive, hooks, notify, retention, sources, tierstate
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy
-from sovbackupd.errors import AbortedError, HookError, SovbackupdError
+from sovbackupd.errors import AbortedError, ArchiveError, HookError, SovbackupdError
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, MANUAL_TIER, Manifest, SourceResult
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import Estimate, SourceReport
-from sovbackupd.store import Store, check_free_space, human_size
+from sovbackupd.store import Store, StoredBackup, check_free_space, human_size
 
 log = structlog.get_logger("sovbackupd.backup")
 SPACE_MARGIN_BYTES = 1 << 20  # manifest, sidecars and tar padding beyond the estimate
@@ -360,8 +360,11 @@ def _run(
                     file_bytes=writer.file_bytes,
                 )
                 info = describe(head, path.name, writer.file_count, writer.file_bytes)
-                writer.add_bytes(INFO_NAME, info.encode(), time.time())
-                sha256 = writer.commit(head)
+                # Names in warnings come quoted; a name that is not UTF-8 anywhere else keeps
+                # its bytes rather than failing the backup.
+                writer.add_bytes(INFO_NAME, info.encode("utf-8", "surrogateescape"), time.time())
+                stored = StoredBackup(name, path, created, 0)
+                sha256 = writer.commit(head, lambda: _read_back(policy, stored))
             tierstate.record_success(policy.backup_dir, tiers, head.finished)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -379,6 +382,29 @@ def _run(
         manifest=head,
         retention=outcome,
     )
+
+
+def _read_back(policy: Policy, stored: StoredBackup) -> None:
+    """Read the manifest of *stored* back from disk as restore does; raise if restore refuses.
+
+    Restore's own reader parses the manifest beside the archive and restore's own rules
+    check every entry (a safe name, under its component, put back where the policy backs
+    up), so that a backup which restore would refuse fails here, before the archive takes
+    its name and before retention counts it. Raise ArchiveError naming the backup.
+    """
+    # restore imports this module (its safety backup is a backup).
+    from sovbackupd import restore  # noqa: PLC0415
+
+    try:
+        manifest = restore.load_manifest(stored)
+        # Outside symlinks as test-restore takes them: restoring them as links is
+        # restore's business, not a reason to discard a backup.
+        restore._units(manifest, set(restore.COMPONENTS), None, policy, outside_links=True)
+    except SovbackupdError as error:
+        raise ArchiveError(
+            f"backup {stored.name} was discarded: its manifest does not read back as "
+            f"restorable: {error}"
+        ) from error
 
 
 def _pin(store: Store, name: str, pin: gfs.Pin) -> None:

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from sovbackupd.config.models import SourcePath
+from sovbackupd.config.models import SourcePath, shown
 from sovbackupd.errors import SourceError
 from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 
@@ -68,10 +68,12 @@ class _Walk:
                     found = sorted(scan, key=lambda entry: entry.name)
             except FileNotFoundError:
                 if report is not None:
-                    report.warnings.append(f"{directory}: vanished while being read")
+                    report.warnings.append(f"{shown(Path(directory))}: vanished while being read")
                 continue
             except OSError as error:
-                raise SourceError(f"cannot read directory {directory}: {error.strerror}") from error
+                raise SourceError(
+                    f"cannot read directory {shown(Path(directory))}: {error.strerror}"
+                ) from error
             subdirs = []
             for entry in found:
                 relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
@@ -97,11 +99,13 @@ def _lstat(entry: os.DirEntry[str], report: SourceReport | None) -> os.stat_resu
     try:
         return entry.stat(follow_symlinks=False)
     except FileNotFoundError:
-        warning = f"{entry.path}: vanished while being read"
+        warning = f"{shown(Path(entry.path))}: vanished while being read"
     except OSError as error:
         if error.errno != errno.ENAMETOOLONG:
-            raise SourceError(f"cannot stat {entry.path}: {error.strerror}") from error
-        warning = f"{entry.path[:200]}...: path longer than the system allows, not archived"
+            raise SourceError(f"cannot stat {shown(Path(entry.path))}: {error.strerror}") from error
+        warning = (
+            f"{shown(Path(entry.path[:200]))}...: path longer than the system allows, not archived"
+        )
     if report is not None:
         report.warnings.append(warning)
     return None
@@ -229,10 +233,12 @@ class FilesSource:
                 try:
                     target = os.readlink(path)  # noqa: PTH115 (string paths on purpose, see _Walk)
                 except FileNotFoundError:
-                    report.warnings.append(f"{path}: vanished while being read")
+                    report.warnings.append(f"{shown(Path(path))}: vanished while being read")
                     continue
                 yield Member.from_stat(arcname, path, child, linkname=target)
             else:
                 skipped.append(path)
-                report.warnings.append(f"{path}: special file (FIFO, socket or device) skipped")
+                report.warnings.append(
+                    f"{shown(Path(path))}: special file (FIFO, socket or device) skipped"
+                )
         report.details.setdefault("skipped_special", []).extend(skipped)

@@ -23,11 +23,14 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
-from sovbackupd import archive
+from sovbackupd import archive, backup, config
 from sovbackupd.config.models import SourcePath
-from sovbackupd.errors import DiskSpaceError, ExitCode
+from sovbackupd.errors import ArchiveError, DiskSpaceError, ExitCode
 from sovbackupd.manifest import Manifest
+from sovbackupd.metrics import Metrics
 from sovbackupd.sources.base import Member, SourceReport
 from sovbackupd.sources.files import open_nofollow
 from sovbackupd.sources.sqlite import SqliteSource
@@ -663,3 +666,110 @@ def test_backup_refuses_a_secret_file_that_is_a_fifo_or_not_text(
     result = run_cli("backup", config=policy_file(sandbox, data), timeout=120)
     assert_refused(result, ExitCode.FAILURE, str(path))
     good_backup.assert_untouched()
+
+
+# Runs the CLI with the manifest copy beside the archive damaged as it is written: the
+# reader under test (restore's) stays real; only the file it reads is a fault.
+DAMAGED_MANIFEST_CLI = """
+import sys
+from sovbackupd import archive, cli
+
+copy = archive.copy_atomically
+
+def damaging(source, path, **kwargs):
+    if path.name.endswith(archive.MANIFEST_SUFFIX):
+        source.read(100)  # what a torn write leaves: the manifest's first bytes
+    copy(source, path, **kwargs)
+
+archive.copy_atomically = damaging
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_backup_whose_manifest_does_not_read_back_fails_and_the_good_one_survives(
+    sandbox: Sandbox,
+) -> None:
+    """A manifest that does not read back fails the backup; retention (keep 1) keeps the last one.
+
+    Before the read-back, such a backup was committed, counted, and pruned the last backup
+    that restored.
+    """
+    data = policy_data(sandbox, None, tiers={"daily": {"schedule": "0 2 * * *", "keep": 1}})
+    policy = policy_file(sandbox, data)
+    first = run_cli("backup", "--tier", "daily", config=policy)
+    assert first.returncode == ExitCode.OK, first.stderr
+    good = GoodBackup(
+        policy, sandbox.backup_dir, first.stdout.strip(), snapshot(sandbox.backup_dir)
+    )
+
+    damaged = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DAMAGED_MANIFEST_CLI,
+            "--config",
+            str(policy),
+            "backup",
+            "--tier",
+            "daily",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    result = CliResult(damaged.returncode, damaged.stdout, damaged.stderr)
+    line = assert_refused(result, ExitCode.FAILURE, "was discarded", "not a valid manifest")
+    assert re.search(r"backup sovereigncore_backup_\d{8}_\d{6} was discarded", line), line
+    good.assert_untouched()
+
+
+def test_a_backup_discarded_at_its_read_back_counts_as_failed(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup whose manifest does not read back is counted and logged as a failure."""
+    copy = archive.copy_atomically
+
+    def damaging(source: Any, path: Path, **kwargs: Any) -> None:
+        if path.name.endswith(archive.MANIFEST_SUFFIX):
+            source.read(100)
+        copy(source, path, **kwargs)
+
+    monkeypatch.setattr(archive, "copy_atomically", damaging)
+    policy = config.load(policy_file(sandbox, policy_data(sandbox, None)))
+    metrics = Metrics(CollectorRegistry())
+
+    with capture_logs() as events, pytest.raises(ArchiveError, match="was discarded"):
+        backup.run(policy, ["daily"], metrics=metrics)
+
+    (finished,) = [event for event in events if event["event"] == "backup.finished"]
+    assert finished["result"] == "failure"
+    assert "was discarded" in finished["error"]
+    sample = metrics.registry.get_sample_value
+    assert sample("sovbackupd_backups_total", {"result": "failure"}) == 1
+    assert sample("sovbackupd_backups_total", {"result": "success"}) in (None, 0)
+    assert leftovers(sandbox.backup_dir) == []
+    assert not any(
+        name.startswith("sovereigncore_backup_") for name in backup_files(sandbox.backup_dir)
+    )
+
+
+def test_a_source_path_with_two_leading_slashes_is_refused_or_restores(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """``//opt/...`` (POSIX keeps two leading slashes) never makes a backup that cannot restore.
+
+    Its members' origins began ``//``, which restore refuses as no usable path: on main the
+    backup exited 0 and every restore and test-restore of it failed.
+    """
+    data = policy_data(sandbox, None)
+    data["sources"]["dirs"] = ["/" + str(path) for path in sandbox.data_dirs]
+    policy = policy_file(sandbox, data)
+
+    made = run_cli("backup", config=policy)
+
+    if made.returncode != ExitCode.OK:
+        assert_refused(made, ExitCode.FAILURE if made.returncode == 1 else ExitCode.CONFIG)
+        return
+    restored = run_cli("restore", "--latest", "--to", str(tmp_path / "out"), config=policy)
+    assert restored.returncode == ExitCode.OK, restored.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import stat
 import subprocess
@@ -24,6 +25,7 @@ from tests.conftest import (
     run_cli,
     write_policy,
 )
+from tests.property.trees import snapshot
 
 INSERTER = """
 import sqlite3, sys, time
@@ -312,3 +314,103 @@ def test_check_config_prints_the_effective_policy_with_environment_overrides(
     assert result.returncode == 0, result.stderr
     assert f"backup_dir: {tmp_path / 'elsewhere'}" in result.stdout
     assert "keep: 14" in result.stdout
+
+
+# Every byte but / and NUL may be in a name; none of these is valid UTF-8 text to every reader.
+ODD_NAMES = [
+    b"caf\xe9.txt",  # Latin-1
+    b"\xed\xa0\x80lone-surrogate",  # what UTF-8 would make of U+D800: not UTF-8
+    b"line\nbreak",
+    b"tab\tand\\backslash",
+    b"quo\"te's",
+    b" -leading dash and spaces ",
+    b"\x01control\x7f",
+    b"n" * 255,
+    b"\xff" * 255,
+]
+
+
+def make_odd_tree(root: Path, depth_budget: int) -> None:
+    """Fill *root* with odd names: files, a dir, links, a sparse file, a FIFO, a deep path.
+
+    The deep path takes *depth_budget* bytes below *root*, in 250-byte names.
+    """
+    base = os.fsencode(root)
+    for name in ODD_NAMES:
+        with open(base + b"/" + name, "wb") as handle:  # noqa: PTH123 (a bytes path)
+            handle.write(name)
+    os.mkdir(base + b"/dir\xe9")  # noqa: PTH102 (bytes paths: pathlib takes text)
+    with open(base + b"/dir\xe9/inner\xfe", "wb") as handle:  # noqa: PTH123
+        handle.write(b"inner")
+    os.symlink(b"caf\xe9.txt", base + b"/link\xe9")  # noqa: PTH211
+    os.symlink(b"dir\xe9/inner\xfe", base + b"/link-into-dir\xe9")  # noqa: PTH211
+    with open(base + b"/sparse\xe9", "wb") as handle:  # noqa: PTH123
+        handle.truncate(4 << 20)
+        handle.seek(1 << 20)
+        handle.write(b"data in the middle")
+    os.mkfifo(base + b"/fi\nfo\xe9")  # skipped with a warning naming it, on one line
+    deep = base
+    while len(deep) - len(base) + 251 < depth_budget:
+        deep += b"/" + b"d\xe9" + b"e" * 248
+        os.mkdir(deep)  # noqa: PTH102
+    with open(deep + b"/deep\xe9", "wb") as handle:  # noqa: PTH123
+        handle.write(b"deep")
+
+
+def test_every_name_the_file_system_holds_comes_back_identical(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Names of any bytes go through backup, verify --deep, test-restore, restore and tar -x.
+
+    The warning of a FIFO with such a name is one line, the name quoted: on main it was
+    two lines on stderr, and backup_info.txt's strict UTF-8 made the backup a traceback.
+    """
+    data = sandbox.app / "data"
+    target = tmp_path / "out"
+    # Restore stages beside the destination and the drill under backup_dir/.staging: both
+    # paths are longer than the original, and every path must stay under PATH_MAX.
+    budget = 4096 - len(os.fsencode(target)) - len(os.fsencode(data)) - 200
+    make_odd_tree(data, budget)
+    (data / "scratch.tmp").unlink()  # the sandbox policy excludes it
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    strict = {"LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8:strict"}
+    ascii_only = {"LC_ALL": "C", "PYTHONIOENCODING": "ascii"}
+
+    made = run_cli("backup", config=policy, env=strict)
+    assert made.returncode == 0, made.stderr
+    assert "Traceback" not in made.stderr
+    name = made.stdout.strip()
+    (warning,) = [line for line in made.stderr_lines if "special file" in line]
+    assert f"'{data}/fi\\nfo\\udce9': special file" in warning
+    for arguments, env in [
+        (("list",), ascii_only),
+        (("list", "--json"), ascii_only),
+        (("verify", "--deep", name), ascii_only),
+        (("verify", "--deep", "--json", name), strict),
+        (("test-restore", name), strict),
+        (("test-restore", "--json", name), ascii_only),
+        (("restore", name, "--to", str(target)), ascii_only),
+    ]:
+        result = run_cli(*arguments, config=policy, env=env)
+        assert result.returncode == 0, (arguments, result.stderr)
+        assert "Traceback" not in result.stderr, arguments
+
+    original = snapshot(os.fsencode(data))
+    assert b"fi\nfo\xe9" not in (restored := snapshot(os.fsencode(target) + os.fsencode(data)))
+    del original[b"fi\nfo\xe9"]
+    assert restored == original
+
+    extracted = tmp_path / "tar"
+    extracted.mkdir()
+    archive = sandbox.backup_dir / f"{name}.tar.gz"
+    subprocess.run(["tar", "-xzf", str(archive)], cwd=extracted, check=True, capture_output=True)
+    by_tar = snapshot(os.fsencode(extracted / name / "data"))
+    assert set(by_tar) == set(original), "GNU tar extracts every name to the same bytes"
+    assert {path: node.content for path, node in by_tar.items()} == {
+        path: node.content for path, node in original.items()
+    }
+    info = (extracted / name / "backup_info.txt").read_bytes()
+    assert f"'{data}/fi\\nfo\\udce9': special file".encode() in info
+    beside = json.loads((sandbox.backup_dir / f"{name}.manifest.json").read_bytes())
+    paths = {os.fsencode(entry["path"]) for entry in beside["files"]}
+    assert {b"data/" + path for path in original if path} <= paths
