@@ -32,7 +32,8 @@ import isal.igzip_threaded
 import zstandard
 
 from sovbackupd import crypto, untrusted
-from sovbackupd.config.models import Gpg, shown
+from sovbackupd.config.layout import shown
+from sovbackupd.config.models import Gpg
 from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
 from sovbackupd.manifest import (
     INFO_NAME,

@@ -13,7 +13,8 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from sovbackupd.config.models import SourcePath, shown
+from sovbackupd.config.layout import shown
+from sovbackupd.config.models import SourcePath
 from sovbackupd.errors import SourceError
 from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 
