@@ -135,6 +135,13 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SEC
         time.sleep(0.01)
 
 
+def wait_for_partial(backup_dir: Path, what: str) -> None:
+    """Wait until a run's archive is open: its ``.partial``, not the ``.staging`` made first."""
+    wait_for(
+        lambda: any(name.endswith(archive.PARTIAL_SUFFIX) for name in leftovers(backup_dir)), what
+    )
+
+
 def start_backup(policy: Path) -> subprocess.Popen[str]:
     """Start ``sovbackupd backup`` in the background, as a second operator or cron would."""
     return subprocess.Popen(
@@ -455,7 +462,7 @@ def test_backup_cleans_up_when_the_disk_fills_during_the_write(
     data["sources"]["sqlite_timeout_seconds"] = WAIT_SECONDS
     process = start_backup(policy_file(sandbox, data))
     try:
-        wait_for(lambda: bool(leftovers(sandbox.backup_dir)), "the backup's .partial")
+        wait_for_partial(sandbox.backup_dir, "the backup's .partial")
         # Meanwhile a data directory grows past the free space, then the backup resumes.
         (sandbox.app / "data" / "grown.bin").write_bytes(os.urandom(6 * MiB))
         locker.release()
@@ -507,9 +514,8 @@ def test_backup_is_refused_while_another_backup_holds_the_lock(
     policy = policy_file(sandbox, data)
     first = start_backup(policy)
     try:
-        wait_for(lambda: bool(leftovers(sandbox.backup_dir)), "the first backup's .partial")
+        wait_for_partial(sandbox.backup_dir, "the first backup's .partial")
         during = snapshot(sandbox.backup_dir)
-        assert any(name.endswith(archive.PARTIAL_SUFFIX) for name in during)
         assert (sandbox.backup_dir / LOCK_NAME).read_text().strip() == str(first.pid)
 
         second = run_cli("backup", config=policy)
