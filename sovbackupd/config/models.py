@@ -74,7 +74,9 @@ LISTEN_PATTERN = re.compile(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):([0-9]{1,5})")
 def _absolute(path: Path) -> Path:
     if not path.is_absolute():
         raise ValueError(f"must be an absolute path, not {str(path)!r}")
-    return path
+    # pathlib keeps a leading "//" (POSIX leaves it to the system; Linux reads it as "/"),
+    # and restore would refuse "//opt/x" as the origin of every member under it.
+    return Path("/", *path.parts[1:])
 
 
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]

@@ -226,6 +226,34 @@ def test_relative_paths_are_rejected(text: str, expected: str) -> None:
     assert problems_of(text) == (expected,)
 
 
+def test_a_leading_double_slash_is_read_as_the_root() -> None:
+    """`//opt/x` names /opt/x on Linux; kept as written, no restore took its members back."""
+    policy = parse(
+        """\
+        backup_dir: //var/backups/sov
+        sources:
+          sqlite: [//opt/app/app.db]
+          config: [//opt/app/.env]
+          dirs: [//opt/app/data]
+          redis: {url: "redis://127.0.0.1:6379/0", rdb_path: //var/lib/redis/dump.rdb}
+        """
+    )
+    paths = [
+        policy.backup_dir,
+        policy.sources.sqlite[0].path,
+        policy.sources.config[0].path,
+        policy.sources.dirs[0].path,
+        policy.sources.redis.rdb_path if policy.sources.redis else None,
+    ]
+    assert [str(path) for path in paths] == [
+        "/var/backups/sov",
+        "/opt/app/app.db",
+        "/opt/app/.env",
+        "/opt/app/data",
+        "/var/lib/redis/dump.rdb",
+    ]
+
+
 def test_duplicate_basenames_in_one_list_are_rejected() -> None:
     """Two directories archived under the same basename would collide inside the archive."""
     problems = problems_of("sources:\n  dirs: [/a/data, /b/data]\n")
