@@ -205,24 +205,29 @@ def _swap_steps(unit: Unit) -> list[str]:
 def load_manifest(stored: StoredBackup) -> Manifest:
     """Return the full manifest kept beside *stored*, validated as restore and drills need it.
 
-    Every field is checked against its bounds and every entry's path, origin and owner
-    component as :func:`plan` would: a backup whose manifest passes here restores
-    without a crash. Needs no policy. Raise ArchiveError, one line naming the backup and
-    the field, when it is unusable.
+    See :func:`read_manifest`; raise ArchiveError when it is unusable.
     """
-    path = archive.manifest_path(stored.path)
+    return read_manifest(archive.manifest_path(stored.path), stored.name)
+
+
+def read_manifest(path: Path, name: str) -> Manifest:
+    """Return the manifest at *path* of backup *name*, validated as restore reads it.
+
+    Every field is checked against its bounds, and every entry's path, origin and unit
+    as :func:`plan` checks them: a manifest that passes here restores without a crash.
+    Needs no policy, so a backup can read its own manifest back before committing it.
+    Raise ArchiveError, one line naming the backup and the field, when it is unusable.
+    """
     try:
         manifest = read_full(path)
     except FileNotFoundError:
-        raise ArchiveError(f"backup {stored.name}: {path.name} is missing") from None
+        raise ArchiveError(f"backup {name}: {path.name} is missing") from None
     except OSError as error:
-        raise ArchiveError(
-            f"backup {stored.name}: {path.name} is unreadable: {error.strerror}"
-        ) from None
+        raise ArchiveError(f"backup {name}: {path.name} is unreadable: {error.strerror}") from None
     except ManifestError as error:
-        raise ArchiveError(f"backup {stored.name}: {error}") from None
-    except ValueError as error:  # a FIFO or a file past the size limit
-        raise ArchiveError(f"backup {stored.name}: {path.name} is unusable: {error}") from None
+        raise ArchiveError(f"backup {name}: {error}") from None
+    except ValueError as error:  # a FIFO, or a file past the size limit
+        raise ArchiveError(f"backup {name}: {path.name} is unusable: {error}") from None
     _groups(manifest)
     return manifest
 
