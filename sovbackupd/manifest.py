@@ -46,15 +46,26 @@ SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$"
 """A backup name, a tier label: one path component that no shell or glob misreads."""
 
 
-def _no_nul(text: str) -> str:
-    if "\0" in text:
-        raise ValueError("holds a NUL byte")
-    return text
+def _bounded(limit: int) -> AfterValidator:
+    """Check length and NUL in Python: a name that is not UTF-8 holds lone surrogates.
+
+    pydantic's own ``max_length`` converts the string for its Rust core, which refuses
+    surrogates: the check has to run on the Python string.
+    """
+
+    def check(text: str) -> str:
+        if len(text) > limit:
+            raise ValueError(f"longer than {limit} characters")
+        if "\0" in text:
+            raise ValueError("holds a NUL byte")
+        return text
+
+    return AfterValidator(check)
 
 
 Count = Annotated[int, Field(strict=True, ge=0, le=SIZE_MAX)]
-Text = Annotated[str, Field(max_length=TEXT_MAX_CHARS), AfterValidator(_no_nul)]
-Name = Annotated[str, Field(max_length=PATH_MAX_CHARS), AfterValidator(_no_nul)]
+Text = Annotated[str, _bounded(TEXT_MAX_CHARS)]
+Name = Annotated[str, _bounded(PATH_MAX_CHARS)]
 Label = Annotated[str, Field(pattern=SAFE_NAME_PATTERN)]
 
 

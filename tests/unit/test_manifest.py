@@ -165,3 +165,18 @@ def test_json_that_is_no_manifest_is_one_line() -> None:
     """Bytes that are not JSON are a ManifestError, not a JSONDecodeError's text."""
     with pytest.raises(ManifestError, match=r"^is not JSON"):
         manifest.parse_manifest(b'{"id": ')
+
+
+@given(
+    st.binary(min_size=1, max_size=255).filter(lambda name: b"/" not in name and b"\0" not in name)
+)
+def test_a_name_that_is_not_utf8_is_within_bounds(name: bytes) -> None:
+    """Invariant: any file-system name (surrogate-escaped, as backups write it) is accepted."""
+    text = name.decode("utf-8", "surrogateescape")
+    data = with_value(("files", 1, "path"), f"data/{text}")
+    data["files"][1]["origin"] = f"/opt/sovereigncore/data/{text}"
+    data["sources"][0]["details"]["databases"] = {f"/opt/{text}.db": {"rows": {text: 1}}}
+
+    parsed = manifest.validate(data)
+
+    assert parsed.files[1].path.encode("utf-8", "surrogateescape") == b"data/" + name
