@@ -202,10 +202,12 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif not part.isidentifier() and not part.startswith(("function-", "json-or-python[")):
-            text += f"[{part!r}]"
-        elif not part.startswith(("function-", "json-or-python[")):
+        elif part.startswith(("function-", "json-or-python[")):
+            continue  # pydantic's name for a validator step, not a field
+        elif part.isidentifier():
             text += f".{part}" if text else part
+        else:
+            text += f"[{part!r}]"
     return text or "(top level)"
 
 

@@ -4,7 +4,8 @@ The archive's bytes are checked against their sidecar first. One streaming pass 
 extracts every selected member into a staging directory beside its destination, checking
 each member against the manifest (name, type, size, mode, sha256) and refusing what a
 hostile archive could use to write elsewhere: absolute or ``..`` paths, hard links,
-devices, members that pass through a symlink, symlinks that point out of their component.
+devices, members that pass through a symlink. Symlinks themselves come back as they were
+archived, whatever they point to, as tar restores them.
 Only when the whole archive has passed does anything live change: a pre-restore safety
 backup, the policy's stop commands, one atomic rename (an exchange, for directories) per
 component, then the start commands. A swap that fails puts back what was already swapped.
