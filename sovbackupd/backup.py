@@ -396,14 +396,13 @@ def _read_back(policy: Policy, stored: StoredBackup) -> None:
     from sovbackupd import restore  # noqa: PLC0415
 
     try:
-        manifest = restore.load_manifest(stored)
-        # Outside symlinks as test-restore takes them: restoring them as links is
-        # restore's business, not a reason to discard a backup.
-        restore._units(manifest, set(restore.COMPONENTS), None, policy, outside_links=True)
+        restore.check_restorable(restore.load_manifest(stored), policy)
     except SovbackupdError as error:
+        # Restore's messages start with the backup's name, which this one leads with.
+        reason = str(error).removeprefix(f"backup {stored.name}: ").removeprefix(f"{stored.name}: ")
         raise ArchiveError(
             f"backup {stored.name} was discarded: its manifest does not read back as "
-            f"restorable: {error}"
+            f"restorable: {reason}"
         ) from error
 
 

@@ -427,6 +427,8 @@ def _confirmed(plan: restore.Plan) -> bool:
     print(f"Restoring {plan.manifest.id} replaces live data:", file=sys.stderr)
     for number, step in enumerate(plan.steps(), 1):
         print(f"{number:>3}. {step}", file=sys.stderr)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     answer = input("Go ahead? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
 
@@ -438,12 +440,13 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
         only=arguments.only,
         to=arguments.to.absolute() if arguments.to else None,
         safety_backup=not arguments.no_safety_backup,
-        outside_links=arguments.allow_outside_symlinks,
     )
     if arguments.dry_run:
         print(f"sovbackupd restore {plan.manifest.id} would, changing nothing now:")
         for number, step in enumerate(plan.steps(), 1):
             print(f"{number:>3}. {step}")
+        for note in plan.notes:
+            print(f"note: {note}")
         if plan.refusal is not None:
             raise RestoreError(plan.refusal)
         return ExitCode.OK
@@ -461,6 +464,8 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
     print(f"restored {result.name}: {plural(result.files, 'file')}, {human_size(result.bytes)}")
     for unit in result.units:
         print(f"  {unit.component:<7} {unit.destination}")
+    for note in plan.notes:
+        print(f"note: {note}")
     if result.safety_backup is not None:
         print(
             f"safety backup of what was replaced: {result.safety_backup} "
@@ -591,7 +596,7 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
     restore_parser.add_argument(
         "--allow-outside-symlinks",
         action="store_true",
-        help="restore symlinks that point outside their directory as they are",
+        help="deprecated, has no effect: every symlink is restored as a link, as tar does",
     )
     restore_parser.set_defaults(handler=_restore)
 

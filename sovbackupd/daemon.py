@@ -31,7 +31,7 @@ from sovbackupd import (
     tierstate,
 )
 from sovbackupd.config.models import Policy
-from sovbackupd.errors import ConfigError, SovbackupdError
+from sovbackupd.errors import AbortedError, ConfigError, SovbackupdError
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
 from sovbackupd.tierstate import TierRecord
@@ -154,10 +154,20 @@ class Daemon:
 
     def _test_restore(self) -> None:
         """Run the scheduled test restore of the newest backup."""
-        self._exclusive(
-            lambda policy, cancel: restore.drill(policy, cancel=cancel, metrics=self._metrics),
-            "test_restore.crashed",
-        )
+        self._exclusive(self._drill, "test_restore.crashed")
+
+    def _drill(self, policy: Policy, cancel: threading.Event) -> None:
+        """Test-restore the newest backup; whatever stops it but a shutdown is a failed drill.
+
+        The failed-test-restore alert keys on restore_test_last_result: a drill that
+        cannot find a backup, take the lock or run at all must set it to 0, not leave it.
+        """
+        try:
+            restore.drill(policy, cancel=cancel, metrics=self._metrics)
+        except AbortedError:
+            raise
+        except Exception as error:  # recorded as the drill's failure, with its message
+            restore.record_failure(policy, None, error, self._metrics)
 
     def _refresh(self) -> None:
         """Update next-run metrics and STATUS=, and ping the watchdog if all is well."""

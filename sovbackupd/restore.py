@@ -4,7 +4,8 @@ The archive's bytes are checked against their sidecar first. One streaming pass 
 extracts every selected member into a staging directory beside its destination, checking
 each member against the manifest (name, type, size, mode, sha256) and refusing what a
 hostile archive could use to write elsewhere: absolute or ``..`` paths, hard links,
-devices, members that pass through a symlink, symlinks that point out of their component.
+devices, members that pass through a symlink. Symlinks themselves come back as they were
+archived, whatever they point to, as tar restores them.
 Only when the whole archive has passed does anything live change: a pre-restore safety
 backup, the policy's stop commands, one atomic rename (an exchange, for directories) per
 component, then the start commands. A swap that fails puts back what was already swapped.
@@ -16,6 +17,7 @@ import ctypes
 import decimal
 import errno
 import hashlib
+import itertools
 import os
 import shutil
 import sqlite3
@@ -32,15 +34,18 @@ from typing import IO, BinaryIO, Literal
 import structlog
 from pydantic import Field
 
-from sovbackupd import archive, backup, hooks, redis_server, statefile
+from sovbackupd import archive, backup, hooks, redis_server, statefile, tree
 from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import (
     INFO_NAME,
     MANIFEST_NAME,
     SAFETY_TIER,
+    DatabaseDetails,
     FileEntry,
     Manifest,
+    ManifestError,
+    RedisDetails,
     read_full,
 )
 from sovbackupd.metrics import Metrics
@@ -121,6 +126,8 @@ class Plan:
     """Why the restore must not go ahead (Redis runs and nothing would stop it)."""
     encryption: Gpg | None = None
     """How to decrypt the archive, when it is encrypted."""
+    notes: tuple[str, ...] = ()
+    """What the operator should know but need not act on (symlinks pointing outside)."""
 
     @property
     def staging_dirs(self) -> list[Path]:
@@ -197,16 +204,33 @@ def _swap_steps(unit: Unit) -> list[str]:
 
 
 def load_manifest(stored: StoredBackup) -> Manifest:
-    """Return the full manifest kept beside *stored*; raise ArchiveError when unusable."""
-    path = archive.manifest_path(stored.path)
+    """Return the full manifest kept beside *stored*, validated as restore and drills need it.
+
+    See :func:`read_manifest`; raise ArchiveError when it is unusable.
+    """
+    return read_manifest(archive.manifest_path(stored.path), stored.name)
+
+
+def read_manifest(path: Path, name: str) -> Manifest:
+    """Return the manifest at *path* of backup *name*, validated as restore reads it.
+
+    Every field is checked against its bounds, and every entry's path, origin and unit
+    as :func:`plan` checks them: a manifest that passes here restores without a crash.
+    Needs no policy, so a backup can read its own manifest back before committing it.
+    Raise ArchiveError, one line naming the backup and the field, when it is unusable.
+    """
     try:
-        return read_full(path)
+        manifest = read_full(path)
     except FileNotFoundError:
-        raise ArchiveError(f"{path.name} is missing beside {stored.path.name}") from None
+        raise ArchiveError(f"backup {name}: {path.name} is missing") from None
     except OSError as error:
-        raise ArchiveError(f"{path.name} is unreadable: {error.strerror}") from None
-    except ValueError:  # ValidationError's text runs over many lines: one is enough here
-        raise ArchiveError(f"{path.name} is not a valid manifest") from None
+        raise ArchiveError(f"backup {name}: {path.name} is unreadable: {error.strerror}") from None
+    except ManifestError as error:
+        raise ArchiveError(f"backup {name}: {error}") from None
+    except ValueError as error:  # a FIFO, or a file past the size limit
+        raise ArchiveError(f"backup {name}: {path.name} is unusable: {error}") from None
+    _groups(manifest)
+    return manifest
 
 
 def _safe_relative(path: str) -> bool:
@@ -245,17 +269,34 @@ def _stays_inside(path: str, links: dict[str, str], root: str) -> bool:
     return True
 
 
-def _escaping_link(unit: Unit) -> FileEntry | None:
-    """Return a symlink of *unit* that leads outside it (absolute ones always do)."""
+def _outside_links(unit: Unit) -> list[FileEntry]:
+    """Return the symlinks of *unit* that lead outside it (absolute ones always do)."""
     links = {entry.path: entry.link or "" for entry in unit.entries if entry.type == "symlink"}
-    for entry in unit.entries:
-        if entry.type != "symlink":
-            continue
-        if not entry.link or entry.link.startswith("/"):
-            return entry
-        if not _stays_inside(entry.path, links, unit.arcname):
-            return entry
-    return None
+    return [
+        entry
+        for entry in unit.entries
+        if entry.type == "symlink"
+        and (
+            not entry.link
+            or entry.link.startswith("/")
+            or not _stays_inside(entry.path, links, unit.arcname)
+        )
+    ]
+
+
+NOTES_SHOWN = 10
+
+
+def _link_notes(units: list[Unit]) -> list[str]:
+    """Say which restored symlinks point outside their component: restored as they are."""
+    outside = [(unit, entry) for unit in units for entry in _outside_links(unit)]
+    notes = [
+        f"{entry.path} -> {entry.link} points outside {unit.arcname}; restored as a link"
+        for unit, entry in outside[:NOTES_SHOWN]
+    ]
+    if len(outside) > NOTES_SHOWN:
+        notes.append(f"{plural(len(outside) - NOTES_SHOWN, 'more symlink')} point outside too")
+    return notes
 
 
 def _component_of(entry: FileEntry) -> tuple[Component, str] | None:
@@ -294,11 +335,22 @@ def _destination(origin: str | None, arcname: str, to: Path | None) -> Path:
     return to / origin[1:] if to is not None else Path(origin)
 
 
-def _units(
-    manifest: Manifest, only: set[Component], to: Path | None, policy: Policy, outside_links: bool
-) -> list[Unit]:
-    """Group the manifest's entries into units and check each entry's name and link."""
-    units: dict[str, Unit] = {}
+@dataclass(frozen=True)
+class _Group:
+    """The manifest's entries of one future unit, before any policy is applied."""
+
+    component: Component
+    arcname: str
+    origin: str
+    entries: list[FileEntry]
+
+
+def _groups(manifest: Manifest) -> list[_Group]:
+    """Group the manifest's entries into units; check each name, origin and nesting.
+
+    Needs no policy: what is refused here is refused whatever restores the backup.
+    """
+    groups: dict[str, _Group] = {}
     for entry in manifest.files:
         if not _safe_relative(entry.path):
             raise ArchiveError(f"{manifest.id}: manifest entry {entry.path!r} is not a safe path")
@@ -306,36 +358,64 @@ def _units(
         if found is None:
             continue
         component, root = found
-        unit = units.get(root)
-        if unit is None:
+        group = groups.get(root)
+        if group is None:
             if entry.path != root:
                 raise ArchiveError(f"{manifest.id}: {entry.path} comes before its directory")
-            destination = _destination(entry.origin, root, to)
-            if to is None and component in only:
-                if str(destination) not in _allowed_origins(policy, component):
-                    raise RestoreError(
-                        f"{manifest.id} puts {root} back to {destination}, which the policy "
-                        "does not back up; restore it with --to DIR and move it by hand"
-                    )
-                # A symlinked .env or data dir was backed up by content: the link stays,
-                # what it points to is restored.
-                if destination.is_symlink():
-                    destination = destination.resolve()
-            kind: Literal["file", "dir"] = "dir" if entry.type == "dir" else "file"
             if entry.type == "symlink":
                 raise ArchiveError(f"{manifest.id}: {root} is a symlink, not a file or directory")
-            staged = destination.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
-            unit = Unit(component, root, kind, destination, staged)
-            units[root] = unit
-        unit.entries.append(entry)
-    for unit in units.values():
-        escaping = None if outside_links else _escaping_link(unit)
-        if escaping is not None:
+            _destination(entry.origin, root, None)
+            group = _Group(component, root, entry.origin or "", [])
+            groups[root] = group
+        group.entries.append(entry)
+    _check_not_nested(manifest, list(groups.values()))
+    return list(groups.values())
+
+
+def _check_not_nested(manifest: Manifest, groups: list[_Group]) -> None:
+    """Refuse two units of which one would be put back inside the other.
+
+    The inner one would be staged in, and swapped into, a tree the outer swap replaces,
+    and through a symlink of the outer one it could land anywhere.
+    """
+    by_origin = sorted(groups, key=lambda group: group.origin.split("/"))
+    for outer, inner in itertools.pairwise(by_origin):
+        if inner.origin == outer.origin or inner.origin.startswith(f"{outer.origin}/"):
             raise ArchiveError(
-                f"{manifest.id}: {escaping.path} is a symlink to {escaping.link!r}, outside "
-                f"{unit.arcname}; pass --allow-outside-symlinks to restore it as it is"
+                f"{manifest.id}: {inner.arcname} ({inner.origin}) would be restored inside "
+                f"{outer.arcname} ({outer.origin}): restore them one at a time with --only"
             )
-    return [unit for unit in units.values() if unit.component in only]
+
+
+def _units(manifest: Manifest, only: set[Component], to: Path | None, policy: Policy) -> list[Unit]:
+    """Return the units of the *only* components, with their destinations and staging."""
+    units: list[Unit] = []
+    for group in _groups(manifest):
+        destination = _destination(group.origin, group.arcname, to)
+        if to is None and group.component in only:
+            if str(destination) not in _allowed_origins(policy, group.component):
+                raise RestoreError(
+                    f"{manifest.id} puts {group.arcname} back to {destination}, which the "
+                    "policy does not back up; restore it with --to DIR and move it by hand"
+                )
+            # A symlinked .env or data dir was backed up by content: the link stays,
+            # what it points to is restored.
+            if destination.is_symlink():
+                destination = destination.resolve()
+        kind: Literal["file", "dir"] = "dir" if group.entries[0].type == "dir" else "file"
+        staged = destination.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
+        units.append(Unit(group.component, group.arcname, kind, destination, staged))
+        units[-1].entries.extend(group.entries)
+    return [unit for unit in units if unit.component in only]
+
+
+def check_restorable(manifest: Manifest, policy: Policy) -> None:
+    """Raise as a live restore of all of *manifest* would, before it touched anything.
+
+    Each unit must go back to a path the policy backs up; a backup checks its own
+    manifest with this before it commits.
+    """
+    _units(manifest, set(COMPONENTS), None, policy)
 
 
 def _redis_files_owner(unit: Unit) -> tuple[int, int] | None:
@@ -426,7 +506,6 @@ def plan(
     only: set[Component] | None = None,
     to: Path | None = None,
     safety_backup: bool = True,
-    outside_links: bool = False,
 ) -> Plan:
     """Decide every step of restoring *stored*; touch nothing.
 
@@ -442,7 +521,7 @@ def plan(
             "(passphrase_file, or secret_keys_file on the recovery machine)"
         )
     selected = only or set(COMPONENTS)
-    units = _units(manifest, selected, to, policy, outside_links)
+    units = _units(manifest, selected, to, policy)
     if not units:
         wanted = ", ".join(sorted(selected))
         raise RestoreError(f"{manifest.id} holds nothing of {wanted}")
@@ -492,6 +571,7 @@ def plan(
         exclude=tuple(policy.sources.exclude),
         refusal=refusal,
         encryption=policy.gpg,
+        notes=tuple(_link_notes(units)),
     )
 
 
@@ -833,15 +913,27 @@ def _remove_stale_staging(directory: Path) -> None:
     if not directory.parent.is_dir():
         return
     for stale in directory.parent.glob(f"{STAGING_PREFIX}*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
+        if stale.is_dir() and not stale.is_symlink() and _removed(stale):
             log.info("restore.leftover_removed", path=str(stale))
+
+
+def _removed(path: Path) -> bool:
+    """Remove the tree *path*; log one warning and return False when some of it stays."""
+    problem = tree.remove(path)
+    if problem is not None:
+        log.warning(
+            "restore.leftover_kept",
+            path=str(path),
+            entry=str(problem.filename),
+            error=problem.strerror,
+        )
+    return problem is None
 
 
 def cleanup(plan: Plan) -> None:
     """Remove the plan's staging directories (and the replaced data moved into them)."""
     for directory in plan.staging_dirs:
-        shutil.rmtree(directory, ignore_errors=True)
+        _removed(directory)
 
 
 # --- the swap -----------------------------------------------------------------------------
@@ -1117,17 +1209,16 @@ def _rows(count: object) -> str:
     return plural(count, "row") if isinstance(count, int) else "no such table"
 
 
-def _check_sqlite(restored: Path, origin: str, expected: object) -> Check:
+def _check_sqlite(restored: Path, origin: str, expected: DatabaseDetails | None) -> Check:
     what = f"sqlite {Path(origin).name}"
     try:
         found = sqlite.inspect(restored)
     except (SovbackupdError, sqlite3.DatabaseError) as error:
         return Check(what, ok=False, detail=str(error))
     rows = found["rows"]
-    wanted = expected.get("rows") if isinstance(expected, dict) else None
     assert isinstance(rows, dict)  # noqa: S101 (inspect() maps each table to its count)
-    if rows != wanted:
-        wanted_rows = wanted if isinstance(wanted, dict) else {}
+    wanted_rows = expected.rows if expected is not None else {}
+    if expected is None or rows != wanted_rows:
         differing = [
             f"{table}: {_rows(rows.get(table))}, the manifest says {_rows(wanted_rows.get(table))}"
             for table in sorted({*rows, *wanted_rows})
@@ -1157,18 +1248,18 @@ def _link_into(source: Path, directory: Path, name: str) -> None:
     if source.is_dir():
         target.mkdir()
         for child in source.iterdir():
-            os.link(child, target / child.name)
+            os.link(child, target / child.name, follow_symlinks=False)
     else:
-        os.link(source, target)
+        os.link(source, target, follow_symlinks=False)
 
 
-def _check_redis(units: list[Unit], details: dict[str, object], scratch: Path) -> list[Check]:
+def _check_redis(units: list[Unit], details: RedisDetails, scratch: Path) -> list[Check]:
     """Load the restored RDB, and the AOF if archived, into throwaway servers; count keys."""
     by_name = {unit.arcname: unit for unit in units}
     checks = []
-    keys = details.get("keys_in_rdb")
-    expires = details.get("expires_in_rdb", 0)
-    persistent = keys - expires if isinstance(keys, int) and isinstance(expires, int) else None
+    keys = details.keys_in_rdb
+    expires = details.expires_in_rdb
+    persistent = keys - expires if keys is not None else None
     rdb_dir = scratch / ".redis-rdb"
     rdb_dir.mkdir()
     _link_into(by_name[RDB_NAME].destination, rdb_dir, "dump.rdb")
@@ -1178,7 +1269,7 @@ def _check_redis(units: list[Unit], details: dict[str, object], scratch: Path) -
         checks.append(Check("redis rdb", ok=False, detail=str(error)))
     else:
         # Keys with a TTL may have expired since the backup; every other key must be there.
-        if persistent is None or not isinstance(keys, int):
+        if persistent is None or keys is None:
             checks.append(Check("redis rdb", ok=True, detail=f"{plural(loaded, 'key')} loaded"))
         elif persistent <= loaded <= keys:
             detail = f"{plural(loaded, 'key')} loaded of {keys} archived"
@@ -1199,6 +1290,10 @@ def _check_redis(units: list[Unit], details: dict[str, object], scratch: Path) -
 
 
 def _check_aof(unit: Unit, scratch: Path, persistent: int | None) -> Check:
+    linked = next((entry.path for entry in unit.entries if entry.type == "symlink"), None)
+    if linked is not None:
+        # Redis appends to its AOF files: through a link, it would write outside scratch.
+        return Check("redis aof", ok=False, detail=f"{linked} is a symlink, not an AOF file")
     aof_dir = scratch / ".redis-aof"
     aof_dir.mkdir()
     _link_into(unit.destination, aof_dir, unit.arcname)
@@ -1220,7 +1315,7 @@ def _drill_checks(
     policy: Policy, stored: StoredBackup, scratch: Path, cancel: threading.Event | None
 ) -> list[Check]:
     try:
-        drill_plan = plan(policy, stored, to=scratch, safety_backup=False, outside_links=True)
+        drill_plan = plan(policy, stored, to=scratch, safety_backup=False)
         result = run(policy, drill_plan, cancel)
     except AbortedError:
         raise
@@ -1234,14 +1329,17 @@ def _drill_checks(
             f"{'matches' if result.files == 1 else 'match'} the manifest",
         )
     ]
-    details = {source.component: source.details for source in drill_plan.manifest.sources}
-    databases = details.get("sqlite", {}).get("databases", {})
+    sources = {source.component: source for source in drill_plan.manifest.sources}
+    sqlite_source = sources.get("sqlite")
+    databases = sqlite_source.sqlite().databases if sqlite_source is not None else {}
     for unit in drill_plan.units:
         if unit.component == "sqlite":
             origin = unit.entries[0].origin or unit.arcname
             checks.append(_check_sqlite(unit.destination, origin, databases.get(origin)))
     if RDB_NAME in {unit.arcname for unit in drill_plan.units}:
-        checks.extend(_check_redis(drill_plan.units, details.get("redis", {}), scratch))
+        redis_source = sources.get("redis")
+        redis_details = redis_source.redis() if redis_source is not None else RedisDetails()
+        checks.extend(_check_redis(drill_plan.units, redis_details, scratch))
     return checks
 
 
@@ -1264,14 +1362,41 @@ def drill(
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         stored = store.find(name) if name else store.latest()
-        store.clean_leftovers()
+        checks = _drill_in_scratch(policy, store, stored, cancel)
+    return _report(policy, stored.name, checks, started, metrics)
+
+
+def _drill_in_scratch(
+    policy: Policy, store: Store, stored: StoredBackup, cancel: threading.Event | None
+) -> list[Check]:
+    """Run the drill's checks in a fresh scratch directory, removed afterwards.
+
+    Whatever goes wrong but a shutdown (a manifest out of bounds, an extraction error, a
+    full disk, a bug) is a failed check: a drill that cannot run has failed.
+    """
+    store.clean_leftovers()
+    try:
         scratch = store.staging(f"test-restore-{stored.name}")
-        try:
-            checks = _drill_checks(policy, stored, scratch, cancel)
-        finally:
-            shutil.rmtree(scratch.parent, ignore_errors=True)
+    except OSError as error:
+        return [
+            Check("scratch", ok=False, detail=f"cannot create {error.filename}: {error.strerror}")
+        ]
+    try:
+        return _drill_checks(policy, stored, scratch, cancel)
+    except AbortedError:
+        raise
+    except Exception as error:  # recorded as the drill's failure, with its type
+        return [Check("test restore", ok=False, detail=f"{type(error).__name__}: {error}")]
+    finally:
+        _removed(scratch.parent)
+
+
+def _report(
+    policy: Policy, name: str, checks: list[Check], started: float, metrics: Metrics | None
+) -> DrillReport:
+    """Record the drill of *name* and log its one summary event; return its report."""
     report = DrillReport(
-        name=stored.name,
+        name=name,
         ok=all(check.ok for check in checks),
         checks=checks,
         finished=time.time(),
@@ -1286,6 +1411,14 @@ def drill(
         duration_seconds=round(report.duration_seconds, 3),
     )
     return report
+
+
+def record_failure(
+    policy: Policy, name: str | None, error: Exception, metrics: Metrics | None
+) -> DrillReport:
+    """Record a drill that could not even start (no backup, no lock) as a failed one."""
+    check = Check("test restore", ok=False, detail=str(error) or type(error).__name__)
+    return _report(policy, name or "", [check], time.monotonic(), metrics)
 
 
 class DrillState(statefile.State):

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from sovbackupd import policy as gfs
+from sovbackupd import tree
 from sovbackupd.archive import (
     MANIFEST_SUFFIX,
     PARTIAL_SUFFIX,
@@ -36,6 +38,8 @@ from sovbackupd.errors import (
     SovbackupdError,
 )
 from sovbackupd.manifest import Manifest, read_full, read_head
+
+log = structlog.get_logger("sovbackupd.store")
 
 LOCK_NAME = ".sovbackupd.lock"
 STAGING_NAME = ".staging"
@@ -198,7 +202,8 @@ class Store:
         """Remove what a killed run left: partial files, staging, orphaned sidecars.
 
         Pin files stay even without their archive: a pin also holds the remotes' copies.
-        Call only while holding the lock. Return what was removed.
+        Call only while holding the lock. Return what was removed. A staging tree that
+        cannot be removed (not ours to change) is one warning, never a failed run.
         """
         removed: list[Path] = []
         finals = {backup.path.name for backup in self.backups()}
@@ -214,15 +219,19 @@ class Store:
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
         staging = self.directory / STAGING_NAME
-        try:
-            mode = staging.lstat().st_mode
-        except FileNotFoundError:
+        if not os.path.lexists(staging):
             return removed
-        if stat.S_ISDIR(mode):
-            shutil.rmtree(staging)
+        # A symlink or a file under our name is removed, never followed.
+        problem = tree.remove(staging)
+        if problem is None:
+            removed.append(staging)
         else:
-            staging.unlink()  # a symlink or a file under our name: removed, never followed
-        removed.append(staging)
+            log.warning(
+                "store.leftover_kept",
+                path=str(staging),
+                entry=str(problem.filename),
+                error=problem.strerror,
+            )
         return removed
 
     def backups(self) -> list[StoredBackup]:

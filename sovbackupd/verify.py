@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from sovbackupd import archive
+from sovbackupd import archive, restore
 from sovbackupd.config.models import Gpg
 from sovbackupd.errors import SovbackupdError
+from sovbackupd.manifest import Manifest
 from sovbackupd.store import StoredBackup
 
 
@@ -25,15 +27,26 @@ def check(backup: StoredBackup, deep: bool, encryption: Gpg | None = None) -> Ve
 
     Deep verification decrypts (with *encryption*) and decompresses the whole archive,
     hashes every member and compares it with the manifest inside, and that manifest with
-    the copy kept beside the archive.
+    the copy kept beside the archive. That copy is validated as restore reads it: a
+    field out of its bounds fails verification, naming the field.
     """
     try:
         archive.verify_checksum(backup.path)
+        beside = _beside(backup)
         inside = archive.verify_members(backup.path, backup.name, encryption) if deep else None
     except SovbackupdError as error:
         return Verdict(backup.name, ok=False, deep=deep, problem=str(error))
-    beside = backup.manifest()
     if inside is not None and beside is not None and beside != inside:
         problem = f"{backup.path.name}: the manifest beside it differs from the one inside"
         return Verdict(backup.name, ok=False, deep=deep, problem=problem)
     return Verdict(backup.name, ok=True, deep=deep)
+
+
+def _beside(backup: StoredBackup) -> Manifest | None:
+    """Return the manifest kept beside *backup*, None when there is none.
+
+    Raise ArchiveError, naming the field, when it is there but restore would refuse it.
+    """
+    if not os.path.lexists(archive.manifest_path(backup.path)):
+        return None
+    return restore.load_manifest(backup)

@@ -725,8 +725,9 @@ def test_a_backup_whose_manifest_does_not_read_back_fails_and_the_good_one_survi
     )
 
     result = CliResult(damaged.returncode, damaged.stdout, damaged.stderr)
-    line = assert_refused(result, ExitCode.FAILURE, "was discarded", "not a valid manifest")
+    line = assert_refused(result, ExitCode.FAILURE, "was discarded", "manifest is not JSON")
     assert re.search(r"backup sovereigncore_backup_\d{8}_\d{6} was discarded", line), line
+    assert line.count("sovereigncore_backup_") == 1, line
     good.assert_untouched()
 
 

@@ -7,7 +7,11 @@ the sidecar) so that only the drill's own checks of the restored data can catch 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,26 @@ from prometheus_client import CollectorRegistry
 from sovbackupd import config, restore
 from sovbackupd.config.models import Policy
 from sovbackupd.metrics import Metrics
-from tests.conftest import RedisServer, Sandbox, policy_data, run_cli, write_policy
+from tests.conftest import (
+    CliResult,
+    RedisServer,
+    Sandbox,
+    policy_data,
+    require_tool,
+    run_cli,
+    write_policy,
+)
+from tests.integration.test_daemon import (
+    EVERY_2_SECONDS,
+    NEW_YEAR,
+    DaemonProcess,
+    daemon_policy,
+    daily_far_away,
+    notify_socket,  # noqa: F401 (a fixture start_daemon needs, found by its name)
+    rewrite,
+    scrape,
+    start_daemon,  # noqa: F401 (a fixture, found by its name)
+)
 from tests.integration.test_restore_hostile import ArchiveEditor
 
 RESULT = "sovbackupd_restore_test_last_result"
@@ -319,3 +342,159 @@ def test_drill_fails_the_archive_check_on_a_member_not_in_the_manifest(
     assert "data/stowaway.txt is not in the manifest" in report.checks[0].detail
     assert sample(metrics, RESULT) == 0
     assert_cleaned_up(policy, tmp_path, servers_before)
+
+
+def test_drill_of_a_manifest_out_of_bounds_is_a_recorded_failure(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    """A uid of 2**40 in the manifest fails the drill's archive check: recorded, never raised."""
+    config_path, policy = write_config(tmp_path, sandbox, redis_server)
+    editor = backup_now(config_path, sandbox)
+    editor.entry("data/notes.txt")["uid"] = 2**40
+    editor.save()
+    servers_before = redis_servers_under(tmp_path)
+    metrics = new_metrics()
+
+    report = restore.drill(policy, editor.top, metrics=metrics)
+
+    assert not report.ok
+    assert [check.what for check in report.checks] == ["archive"]
+    assert ".uid: 1099511627776" in report.checks[0].detail
+    assert sample(metrics, RESULT) == 0
+    assert recorded_drill(policy)["ok"] is False
+    assert_cleaned_up(policy, tmp_path, servers_before)
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda editor: editor.entry("data/notes.txt").update(uid=2**40),
+        lambda editor: editor.entry("data/notes.txt").update(mtime=math.nan),
+        lambda editor: next(
+            source for source in editor.manifest["sources"] if source["component"] == "sqlite"
+        )["details"].update(databases=[]),
+    ],
+    ids=["uid-2**40", "mtime-nan", "databases-a-list"],
+)
+def test_scheduled_drill_of_a_forged_manifest_sets_the_result_to_0(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    start_daemon: Callable[[Path], DaemonProcess],  # noqa: F811 (the fixture imported above)
+    forge: Callable[[ArchiveEditor], None],
+) -> None:
+    """The daemon's drill of a forged manifest logs one failure and exports result 0, not NaN."""
+    policy, listen = daemon_policy(
+        tmp_path, sandbox, None, {"daily": daily_far_away()}, test_restore={"schedule": NEW_YEAR}
+    )
+    daily = run_cli("backup", "--tier", "daily", config=policy)  # no catch-up at start
+    assert daily.returncode == 0, daily.stderr
+    editor = ArchiveEditor(sandbox.backup_dir / f"{daily.stdout.strip()}.tar.gz")
+    forge(editor)
+    editor.save()
+    rewrite(policy, test_restore={"schedule": EVERY_2_SECONDS})
+
+    daemon = start_daemon(policy)
+    drilled = daemon.wait_for("test_restore.finished")
+
+    assert drilled["result"] == "failure", drilled
+    assert drilled["backup"] == editor.top
+    assert "manifest field" in drilled["problems"][0]
+    assert scrape(listen).value(RESULT) == 0
+    assert daemon.named("test_restore.crashed") == []
+    state = json.loads((sandbox.backup_dir / restore.DRILL_STATE_NAME).read_text())
+    assert state["ok"] is False
+
+
+def test_scheduled_drill_with_no_backup_to_test_sets_the_result_to_0(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    start_daemon: Callable[[Path], DaemonProcess],  # noqa: F811 (the fixture imported above)
+) -> None:
+    """Every backup failing (a damaged database) leaves nothing to drill: result 0."""
+    sandbox.database.write_bytes(b"SQLite format 3\0" + b"\xff" * 4096)
+    policy, listen = daemon_policy(
+        tmp_path,
+        sandbox,
+        None,
+        {"daily": daily_far_away()},
+        test_restore={"schedule": EVERY_2_SECONDS},
+    )
+
+    daemon = start_daemon(policy)
+    drilled = daemon.wait_for("test_restore.finished")
+
+    assert drilled["result"] == "failure", drilled
+    assert scrape(listen).value(RESULT) == 0
+    assert daemon.named("test_restore.crashed") == []
+
+
+UNPRIVILEGED = ("--inh-caps=-all", "--bounding-set=-all,+dac_read_search")
+"""The unit's privileges as root: no CAP_DAC_OVERRIDE, no CAP_FOWNER (see systemd/)."""
+
+
+def run_unprivileged(*arguments: str, config: Path) -> CliResult:
+    """Run the CLI as root without CAP_DAC_OVERRIDE and CAP_FOWNER, as the unit does."""
+    argv = [require_tool("setpriv"), *UNPRIVILEGED, sys.executable, "-m", "sovbackupd"]
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"BACKUP_DIR", "RETENTION_DAYS", "REMOTE_BACKUP_PATH", "SOVBACKUPD_CONFIG"}
+    }
+    completed = subprocess.run(
+        [*argv, "--config", str(config), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        check=False,
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def test_unprivileged_drill_of_read_only_dirs_cleans_up_and_the_next_backup_runs(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Without CAP_DAC_OVERRIDE, 0555 and 0000 dirs restored by a drill are removed all the same."""
+    locked = sandbox.app / "data" / "locked"
+    (locked / "sealed").mkdir(parents=True)
+    (locked / "read-only.txt").write_text("kept\n")
+    (locked / "read-only.txt").chmod(0o444)
+    (locked / "sealed").chmod(0o000)
+    locked.chmod(0o555)
+    config_path, _ = write_config(tmp_path, sandbox, None)
+    try:
+        editor = backup_now(config_path, sandbox)
+
+        drill = run_unprivileged("test-restore", editor.top, config=config_path)
+        after = run_unprivileged("backup", config=config_path)
+    finally:
+        locked.chmod(0o755)
+        (locked / "sealed").chmod(0o755)
+
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert f"test restore of {editor.top} passed" in drill.stdout
+    assert not (sandbox.backup_dir / ".staging").exists()
+    assert after.returncode == 0, after.stderr
+    assert "Traceback" not in after.stderr
+
+
+def test_a_leftover_the_unit_cannot_remove_is_one_warning_not_a_failed_backup(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A staging tree owned by someone else, 0555: the next backup warns once and succeeds."""
+    config_path, _ = write_config(tmp_path, sandbox, None)
+    backup_now(config_path, sandbox)
+    foreign = sandbox.backup_dir / ".staging" / "test-restore-x" / "foreign"
+    foreign.mkdir(parents=True)
+    (foreign / "file").write_text("not ours\n")
+    os.chown(foreign, 12345, 12345)
+    foreign.chmod(0o555)
+    try:
+        result = run_unprivileged("backup", config=config_path)
+    finally:
+        foreign.chmod(0o755)
+
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "store.leftover_kept" in line]
+    assert len(warnings) == 1, result.stderr

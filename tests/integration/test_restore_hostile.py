@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import stat
 import tarfile
@@ -24,7 +25,14 @@ from typing import Any, Literal
 import pytest
 
 from sovbackupd.manifest import MANIFEST_NAME
-from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
+from tests.conftest import (
+    RedisServer,
+    Sandbox,
+    backup_files,
+    policy_data,
+    run_cli,
+    write_policy,
+)
 
 MemberKind = Literal["file", "dir", "symlink", "hardlink", "chardev", "fifo"]
 _TAR_TYPES: dict[MemberKind, bytes] = {
@@ -196,8 +204,9 @@ def symlink_then_file_through_it(editor: ArchiveEditor) -> None:
     editor.save()
 
 
-def relative_symlink_escape(editor: ArchiveEditor) -> None:
+def file_through_dotdot_symlink(editor: ArchiveEditor) -> None:
     editor.add("data/up", "symlink", link="../../../..")
+    editor.add("data/up/evil", "file", b"owned\n")
     editor.save()
 
 
@@ -268,11 +277,19 @@ def origin_outside_policy(editor: ArchiveEditor) -> None:
     editor.save()
 
 
-def symlink_chain_escape(editor: ArchiveEditor) -> None:
+def file_through_symlink_chain(editor: ArchiveEditor) -> None:
     # Each link alone resolves inside data/, but data/a goes through data/nested/up
     # (which is data/ itself) and one level up: data/a is the directory holding data/.
     editor.add("data/nested/up", "symlink", link="..")
     editor.add("data/a", "symlink", link="nested/up/..")
+    editor.add("data/a/evil", "file", b"owned\n")
+    editor.save()
+
+
+def origin_inside_another_unit(editor: ArchiveEditor) -> None:
+    # memory/ put back inside data/: staged in a tree data's swap replaces, and through
+    # data's symlinks it could land anywhere.
+    editor.entry("memory")["origin"] = f"{editor.entry('data')['origin']}/memory"
     editor.save()
 
 
@@ -314,15 +331,20 @@ class Hostile:
 HOSTILE = [
     Hostile("absolute-path", absolute_member, "'/etc/evil' is outside"),
     Hostile("dotdot-path", dotdot_member, "/../../evil' is outside"),
-    Hostile("symlink-outside", symlink_then_file_through_it, "data/escape is a symlink to '/etc'"),
+    Hostile(
+        "file-through-absolute-symlink",
+        symlink_then_file_through_it,
+        "data/escape/cron lies below a symlink",
+    ),
     Hostile(
         "file-through-symlink-when-outside-symlinks-allowed",
         symlink_then_file_through_it,
         "data/escape/cron lies below a symlink",
         ("--allow-outside-symlinks",),
     ),
-    Hostile("relative-symlink-escape", relative_symlink_escape, "data/up is a symlink"),
-    Hostile("symlink-chain-escape", symlink_chain_escape, "data/a is a symlink"),
+    Hostile("file-through-dotdot-symlink", file_through_dotdot_symlink, "data/up/evil lies below"),
+    Hostile("file-through-symlink-chain", file_through_symlink_chain, "data/a/evil lies below"),
+    Hostile("origin-inside-another", origin_inside_another_unit, "would be restored inside data"),
     Hostile("hardlink", hardlink_member, "data/passwd is a hard link"),
     Hostile("character-device", device_member, "data/null is a character device"),
     Hostile("fifo", fifo_member, "data/pipe is a FIFO"),
@@ -484,3 +506,168 @@ def test_restore_never_moves_excluded_files_through_a_restored_symlink(
 
     assert "Traceback" not in result.stderr
     assert list(outside.iterdir()) == []
+
+
+# --- symlinks whose target lies outside: restored as links, as tar does ------------------
+
+OUTSIDE_LINKS = {
+    "absolute": {"data/abs_link": "/etc/hostname"},
+    "absolute-dir": {"data/abs_dir": "/etc"},
+    "dotdot": {"data/up": "../../../.."},
+    "dangling": {"data/nowhere": "no/such/file"},
+    "chain": {"data/nested/up": "..", "data/a": "nested/up/.."},
+}
+POINTING_OUTSIDE = {"data/abs_link", "data/abs_dir", "data/up", "data/a"}
+"""The links above whose target leaves data/, so that the plan notes them."""
+
+
+def add_links(editor: ArchiveEditor, links: dict[str, str]) -> None:
+    for relative, target in links.items():
+        editor.add(relative, "symlink", link=target)
+    editor.save()
+
+
+@pytest.mark.parametrize("links", OUTSIDE_LINKS.values(), ids=OUTSIDE_LINKS.keys())
+def test_outside_symlinks_restore_as_links_with_a_note_and_block_nothing(
+    tmp_path: Path, sandbox: Sandbox, links: dict[str, str]
+) -> None:
+    """A symlink pointing outside data/ comes back as that link; --only, --to, --dry-run work."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    add_links(editor, links)
+    destination = tmp_path / "restored"
+
+    dry_run = run_cli("restore", editor.top, "--dry-run", config=config)
+    to_dir = run_cli("restore", editor.top, "--to", str(destination), config=config)
+    only_sqlite = run_cli(
+        "restore", editor.top, "--only", "sqlite", "--yes", "--no-safety-backup", config=config
+    )
+    deprecated = run_cli(
+        "restore", editor.top, "--to", str(tmp_path / "again"), "--allow-outside-symlinks",
+        config=config,
+    )  # fmt: skip
+
+    for result in (dry_run, to_dir, only_sqlite, deprecated):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    for relative, target in links.items():
+        note = f"note: {relative} -> {target} points outside data; restored as a link"
+        assert (note in dry_run.stdout) == (relative in POINTING_OUTSIDE), dry_run.stdout
+    restored = destination / str(sandbox.app).lstrip("/")
+    for relative, target in links.items():
+        assert str((restored / relative).readlink()) == target
+    assert staging_leftovers(tmp_path) == []
+
+
+def test_outside_symlink_blocks_neither_only_redis_nor_test_restore(
+    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
+) -> None:
+    """With absolute links in data/, --only redis and test-restore pass; nothing outside changes."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "kept.txt").write_text("kept\n")
+    data = policy_data(sandbox, redis_server, restore={"stop": [["true"]], "start": [["true"]]})
+    config = write_policy(tmp_path / "policy.yaml", data)
+    editor = backup_sandbox(config, sandbox)
+    add_links(editor, {"data/abs_link": "/etc/hostname", "data/abs_dir": str(outside)})
+    outside_before = tree_state(outside)
+    redis_server.stop()
+
+    only_redis = run_cli(
+        "restore", editor.top, "--only", "redis", "--yes", "--no-safety-backup", config=config
+    )
+    drill = run_cli("test-restore", editor.top, config=config)
+
+    assert only_redis.returncode == 0, only_redis.stderr
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert f"test restore of {editor.top} passed" in drill.stdout
+    assert tree_state(outside) == outside_before
+    assert not (sandbox.backup_dir / ".staging").exists()
+    assert staging_leftovers(tmp_path) == []
+
+
+# --- manifest fields out of their bounds: one error naming the backup and the field ----
+
+
+def notes_index(editor: ArchiveEditor) -> int:
+    files: list[dict[str, Any]] = editor.manifest["files"]
+    return next(index for index, entry in enumerate(files) if entry["path"] == "data/notes.txt")
+
+
+def sqlite_details(editor: ArchiveEditor) -> dict[str, Any]:
+    sources: list[dict[str, Any]] = editor.manifest["sources"]
+    found: dict[str, Any] = next(s for s in sources if s["component"] == "sqlite")["details"]
+    return found
+
+
+@dataclass(frozen=True)
+class Forged:
+    """One manifest field set out of bounds, in both manifests, and the field it names."""
+
+    id: str
+    edit: Callable[[ArchiveEditor], str]
+    """Change the field in ``editor.manifest``; return the field's path as the error names it."""
+
+
+def _files_field(field_name: str, value: object) -> Callable[[ArchiveEditor], str]:
+    def edit(editor: ArchiveEditor) -> str:
+        index = notes_index(editor)
+        editor.manifest["files"][index][field_name] = value
+        return f"files[{index}].{field_name}"
+
+    return edit
+
+
+def _databases_list(editor: ArchiveEditor) -> str:
+    sqlite_details(editor)["databases"] = []
+    return ".details.databases"
+
+
+def _negative_rows(editor: ArchiveEditor) -> str:
+    for database in sqlite_details(editor)["databases"].values():
+        database["rows"]["entries"] = -1
+    return ".rows.entries: -1"
+
+
+FORGED = [
+    Forged("uid-2**40", _files_field("uid", 2**40)),
+    Forged("uid-negative", _files_field("uid", -5)),
+    Forged("gid-no-one", _files_field("gid", 2**32 - 1)),
+    Forged("mtime-nan", _files_field("mtime", math.nan)),
+    Forged("mtime-1e300", _files_field("mtime", 1e300)),
+    Forged("mode-past-07777", _files_field("mode", 0o100644)),
+    Forged("sha256-not-hex", _files_field("sha256", "z" * 64)),
+    Forged("path-with-nul", _files_field("origin", "/opt/x\0y")),
+    Forged("databases-a-list", _databases_list),
+    Forged("row-count-negative", _negative_rows),
+]
+
+
+@pytest.mark.parametrize("forged", FORGED, ids=[forged.id for forged in FORGED])
+def test_manifest_field_out_of_bounds_is_one_error_in_every_command(
+    tmp_path: Path, sandbox: Sandbox, forged: Forged
+) -> None:
+    """restore, test-restore, verify and verify --deep all fail with one line naming the field."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    field = forged.edit(editor)
+    editor.save()
+    destination = tmp_path / "restored"
+
+    restored = run_cli("restore", editor.top, "--to", str(destination), config=config)
+    drill = run_cli("test-restore", editor.top, config=config)
+    verified = run_cli("verify", editor.top, config=config)
+    deep = run_cli("verify", editor.top, "--deep", config=config)
+
+    for result in (restored, drill, verified, deep):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+    for result in (restored, verified, deep):
+        assert len(result.stderr_lines) == 1, result.stderr
+        assert result.stderr_lines[0].startswith(f"sovbackupd: error: backup {editor.top}: ")
+        assert "manifest field " in result.stderr_lines[0]
+        assert field in result.stderr_lines[0]
+    assert f"FAIL archive: backup {editor.top}: manifest field" in drill.stdout
+    assert field in drill.stdout
+    assert not destination.exists()
+    assert staging_leftovers(tmp_path) == []

@@ -283,9 +283,7 @@ def test_every_tree_restores_as_it_was_or_is_refused_with_one_line(tree: Tree) -
         COUNTER.tried += 1
         stored = Store(policy.backup_dir, policy.name_prefix).find(made.name)
         target = workdir / "out"
-        # Outside symlinks restore only with the flag until restore takes them as links
-        # (i13-restore); then outside_links goes.
-        restore.run(policy, restore.plan(policy, stored, to=target, outside_links=True))
+        restore.run(policy, restore.plan(policy, stored, to=target))
         restored = snapshot(os.fsencode(target) + os.fsencode(data))
         assert _differences(original, restored) == [], tree.describe()
         drill = restore.drill(policy, made.name)
@@ -307,11 +305,6 @@ UNIT_PRIVILEGES = ["--inh-caps=-all", "--bounding-set=-all,+dac_read_search"]
 """The systemd unit's: reading everything (CAP_DAC_READ_SEARCH), no CAP_DAC_OVERRIDE."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="test-restore leaves .staging it cannot remove without CAP_DAC_OVERRIDE (a 0555 "
-    "dir); i13-restore's fix makes staging cleanup chmod dirs writable before removing them",
-)
 def test_a_read_only_tree_backs_up_and_drills_with_the_unit_privileges(tmp_path: Path) -> None:
     """Without CAP_DAC_OVERRIDE, backup, test-restore and the next backup pass, leaving nothing."""
     setpriv = require_tool("setpriv")

@@ -1,0 +1,117 @@
+"""Remove a restored or left-over tree: following no symlink, needing no CAP_DAC_OVERRIDE.
+
+A restored tree holds what the backup held: 0555 and 0000 directories, read-only files,
+symlinks to anywhere. ``shutil.rmtree`` needs CAP_DAC_OVERRIDE to empty a 0555 directory
+and cannot even list a 0000 one, and the systemd unit runs without it. :func:`remove`
+makes each directory u+rwx before it removes its entries, and opens every directory
+relative to its parent's descriptor with ``O_NOFOLLOW``, so a symlink (or a directory
+swapped for one meanwhile) is removed as a link and never entered.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OWNER_ALL = stat.S_IRWXU
+
+
+@dataclass
+class _Frame:
+    """A directory being emptied: its descriptor, its name in its parent, what is left."""
+
+    parent: int
+    name: str
+    descriptor: int
+    names: list[str]
+
+
+def _open_writable(parent: int, name: str) -> int:
+    """Open the directory *name* below *parent* and give its owner rwx; never follow a link."""
+    try:
+        descriptor = os.open(name, _OPEN_DIR, dir_fd=parent)
+    except PermissionError:
+        # A 0000 directory cannot be opened for reading without CAP_DAC_READ_SEARCH; an
+        # O_PATH descriptor needs no permission, and chmod through /proc/self/fd acts on
+        # the directory it holds, not on whatever the name points to by then.
+        handle = os.open(
+            name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent
+        )
+        try:
+            os.chmod(f"/proc/self/fd/{handle}", _OWNER_ALL)  # noqa: PTH101 (a descriptor's path)
+        finally:
+            os.close(handle)
+        descriptor = os.open(name, _OPEN_DIR, dir_fd=parent)
+    try:
+        mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
+        if mode & _OWNER_ALL != _OWNER_ALL:
+            os.fchmod(descriptor, mode | _OWNER_ALL)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+def _descend(parent: int, name: str, stack: list[_Frame]) -> None:
+    """Remove *name* below *parent* if it is no directory, else push it onto *stack*."""
+    if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+        os.unlink(name, dir_fd=parent)
+        return
+    descriptor = _open_writable(parent, name)
+    try:
+        names = os.listdir(descriptor)  # noqa: PTH208 (a descriptor: pathlib takes none)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    stack.append(_Frame(parent, name, descriptor, names))
+
+
+def remove(path: Path) -> OSError | None:
+    """Remove *path* (a file, a symlink, or a directory and all below it) as far as possible.
+
+    Nothing is followed: a symlink anywhere in the tree is removed, never entered. What
+    cannot be removed is left and the walk goes on. Return the first error met, None when
+    *path* is gone (or never was). The walk keeps one descriptor per level, not a stack
+    frame, so a deep tree cannot exhaust Python's recursion limit.
+    """
+    try:
+        top = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return error
+    first: OSError | None = None
+    stack: list[_Frame] = []
+    try:
+        try:
+            _descend(top, path.name, stack)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            return error
+        while stack:
+            frame = stack[-1]
+            if frame.names:
+                try:
+                    _descend(frame.descriptor, frame.names.pop(), stack)
+                except FileNotFoundError:
+                    continue
+                except OSError as error:
+                    first = first or error
+                continue
+            stack.pop()
+            os.close(frame.descriptor)
+            try:
+                os.rmdir(frame.name, dir_fd=frame.parent)
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                first = first or error
+    finally:
+        for frame in stack:
+            os.close(frame.descriptor)
+        os.close(top)
+    return first
