@@ -7,8 +7,11 @@ the same code path as ``sovbackupd backup``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +44,7 @@ STATUS_SECONDS = 30.0  # how often STATUS= and next-run metrics are refreshed at
 HEARTBEAT_SECONDS = 5.0
 ABORT_WAIT_SECONDS = 60.0  # after cancelling a backup, how long its cleanup may take
 TEST_RESTORE_JOB = "test-restore"
+WAKE_READ_BYTES = 65536
 
 
 def _schedules(policy: Policy) -> dict[str, str]:
@@ -62,6 +66,38 @@ def _listen_address(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class Waker:
+    """Wakes the main loop from a signal handler or another thread, taking no lock.
+
+    A ``threading.Event`` cannot be set from a signal handler: the handler runs in the
+    main thread, and when the signal lands while that thread is inside the Event's own
+    lock (in ``wait()`` or ``clear()``), ``set()`` waits for that lock for ever. A storm
+    of SIGHUPs did that to the daemon. A byte written to a socket pair takes no lock.
+    """
+
+    def __init__(self) -> None:
+        """Open the socket pair, both ends non-blocking."""
+        self._reader, self._writer = socket.socketpair()
+        for end in (self._reader, self._writer):
+            end.setblocking(False)
+        self._poller = select.poll()
+        self._poller.register(self._reader, select.POLLIN)
+
+    def wake(self) -> None:
+        """Make the current or next :meth:`wait` return at once."""
+        # A full buffer holds wake-ups enough: the loop wakes all the same.
+        with contextlib.suppress(BlockingIOError):
+            self._writer.send(b"x")
+
+    def wait(self, timeout: float) -> None:
+        """Return after *timeout* seconds, or as soon as :meth:`wake` was called."""
+        if self._poller.poll(timeout * 1000):
+            # One read, not a drain: a flood of signals cannot keep the loop here. A
+            # wake-up left over only makes the next wait return at once.
+            with contextlib.suppress(BlockingIOError):
+                self._reader.recv(WAKE_READ_BYTES)
+
+
 class Daemon:
     """One policy file, scheduled, observed and reloadable."""
 
@@ -72,7 +108,7 @@ class Daemon:
         self._metrics = Metrics(registry)
         self._registry = registry
         self._notifier = sdnotify.SystemdNotifier()
-        self._wake = threading.Event()
+        self._wake = Waker()
         self._stop_requested = False
         self._reload_requested = False
         self._idle = threading.Event()  # set while no backup runs
@@ -115,7 +151,7 @@ class Daemon:
                 bound.cancel()
                 self._cancel = None
                 self._idle.set()
-                self._wake.set()  # refresh STATUS= and the next-run metrics now
+                self._wake.wake()  # refresh STATUS= and the next-run metrics now
 
     def _backup(self, tiers: list[str]) -> None:
         """Run one backup of *tiers*, then copy it off-site on another worker."""
@@ -271,7 +307,7 @@ class Daemon:
             self._reload_requested = True
         else:
             self._stop_requested = True
-        self._wake.set()
+        self._wake.wake()
 
     def serve(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit code."""
@@ -328,7 +364,6 @@ class Daemon:
             interval = min(interval, watchdog_usec / 2_000_000)
         while not self._stop_requested:
             self._wake.wait(interval)
-            self._wake.clear()
             if self._stop_requested:
                 break
             if self._reload_requested:
