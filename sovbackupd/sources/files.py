@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
 import stat
@@ -20,6 +19,11 @@ from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 
 # Room each member takes besides its data: a header block, a PAX block, padding.
 MEMBER_OVERHEAD_BYTES = 2048
+# Restore writes each member by a path longer than its own: staged beside its destination
+# (.sovbackupd-restore-<name>/<n>/), below --to DIR, or below backup_dir/.staging/ in a
+# drill. A deeper path would back up and then fail every restore with ENAMETOOLONG.
+RESTORE_HEADROOM_BYTES = 1024
+RESTORABLE_PATH_BYTES = 4095 - RESTORE_HEADROOM_BYTES
 
 
 def stored_bytes(status: os.stat_result) -> int:
@@ -94,19 +98,25 @@ class _Walk:
 def _lstat(entry: os.DirEntry[str], report: SourceReport | None) -> os.stat_result | None:
     """Return the lstat of *entry*, None (with a warning in *report*) when it cannot be had.
 
-    A path deeper than PATH_MAX (4096 bytes) is left out: no path-based call reaches it,
-    and no restore could put it back there.
+    A path longer than :data:`RESTORABLE_PATH_BYTES` is left out: no restore could put it
+    back (and past PATH_MAX no path-based call reaches it).
     """
-    try:
-        return entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        warning = f"{shown(Path(entry.path))}: vanished while being read"
-    except OSError as error:
-        if error.errno != errno.ENAMETOOLONG:
-            raise SourceError(f"cannot stat {shown(Path(entry.path))}: {error.strerror}") from error
+    # A character takes at most 4 bytes: most paths need no encoding to be measured.
+    if (
+        len(entry.path) * 4 > RESTORABLE_PATH_BYTES
+        and (length := len(os.fsencode(entry.path))) > RESTORABLE_PATH_BYTES
+    ):
         warning = (
-            f"{shown(Path(entry.path[:200]))}...: path longer than the system allows, not archived"
+            f"{shown(Path(entry.path[:200]))}...: path of {length} bytes, longer than restore "
+            f"can put back ({RESTORABLE_PATH_BYTES}), not archived"
         )
+    else:
+        try:
+            return entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            warning = f"{shown(Path(entry.path))}: vanished while being read"
+        except OSError as error:
+            raise SourceError(f"cannot stat {shown(Path(entry.path))}: {error.strerror}") from error
     if report is not None:
         report.warnings.append(warning)
     return None

@@ -14,6 +14,7 @@ from sovbackupd import archive, backup
 from sovbackupd.config import loader
 from sovbackupd.config.models import Policy
 from sovbackupd.progress import ProgressBar
+from sovbackupd.sources import files
 from tests.conftest import RedisServer, Sandbox, policy_data, run_cli, write_policy
 from tests.integration.test_backup_failures import Mount, mount_tmpfs
 
@@ -194,29 +195,57 @@ def test_restore_brings_back_every_mtime_to_the_nanosecond(
     assert restored == stamps
 
 
-def test_a_path_longer_than_path_max_is_left_out_with_one_warning(
-    tmp_path: Path, sandbox: Sandbox
-) -> None:
-    """A file deeper than PATH_MAX (4096 bytes) is skipped with a warning, not a traceback."""
+def make_deep_file(directory: Path, depth_bytes: int) -> bytes:
+    """Make a file *depth_bytes* or more below *directory*, in 250-byte names; return its path.
+
+    The directories are made through descriptors: past PATH_MAX no path reaches them.
+    """
     component = "d" * 250
-    descriptor = os.open(sandbox.app / "data", os.O_RDONLY | os.O_DIRECTORY)
+    path = os.fsencode(directory)
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for _ in range(18):  # 18 x 251 bytes: past 4096 whatever the temp dir's length
+        for _ in range(-(-depth_bytes // 251)):
             os.mkdir(component, dir_fd=descriptor)
             inner = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=descriptor)
             os.close(descriptor)
             descriptor = inner
+            path += b"/" + component.encode()
         os.close(os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=descriptor))
     finally:
         os.close(descriptor)
+    return path + b"/deep.txt"
+
+
+@pytest.mark.parametrize("past", ["restore's limit", "PATH_MAX"])
+def test_a_path_no_restore_could_put_back_is_left_out_with_one_warning(
+    tmp_path: Path, sandbox: Sandbox, past: str
+) -> None:
+    """A path deeper than restore can write (or than PATH_MAX) is skipped with one warning.
+
+    Restore stages each member on a longer path than its own (and a drill below
+    backup_dir/.staging): a 3.5 KB path backed up fine and then failed every restore and
+    test-restore with "File name too long".
+    """
+    data = sandbox.app / "data"
+    if past == "PATH_MAX":
+        deep = make_deep_file(data, 4096)
+        assert len(deep) > 4096
+    else:
+        deep = make_deep_file(data, files.RESTORABLE_PATH_BYTES - len(os.fsencode(data)))
+        assert files.RESTORABLE_PATH_BYTES < len(deep) < 4096
     config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
 
     made = run_cli("backup", config=config)
 
     assert made.returncode == 0, made.stderr
     assert "Traceback" not in made.stderr
-    (warning,) = [line for line in made.stderr_lines if "longer than the system allows" in line]
+    (warning,) = [line for line in made.stderr_lines if "longer than restore can put back" in line]
     assert warning.startswith("sovbackupd: warning: ")
+    drill = run_cli("test-restore", "--latest", config=config)
+    assert drill.returncode == 0, drill.stderr
+    restored = run_cli("restore", "--latest", "--to", str(tmp_path / "out"), config=config)
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "out" / str(data).lstrip("/") / "notes.txt").is_file()
 
 
 def test_fifos_planted_as_a_manifest_an_archive_or_a_sidecar_block_nothing(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sovbackupd.manifest import Manifest
+from sovbackupd.sources import files
 from tests.conftest import (
     RedisServer,
     Sandbox,
@@ -367,9 +368,8 @@ def test_every_name_the_file_system_holds_comes_back_identical(
     """
     data = sandbox.app / "data"
     target = tmp_path / "out"
-    # Restore stages beside the destination and the drill under backup_dir/.staging: both
-    # paths are longer than the original, and every path must stay under PATH_MAX.
-    budget = 4096 - len(os.fsencode(target)) - len(os.fsencode(data)) - 200
+    # As deep as a backup takes: restore's staging and --to have the headroom beyond it.
+    budget = files.RESTORABLE_PATH_BYTES - len(os.fsencode(data))
     make_odd_tree(data, budget)
     (data / "scratch.tmp").unlink()  # the sandbox policy excludes it
     policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
