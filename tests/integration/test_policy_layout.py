@@ -182,6 +182,46 @@ def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
     assert daemon.process.poll() is None
 
 
+@pytest.mark.parametrize("how", ["data_dir_linked", "linked_into_backup_dir"])
+def test_a_data_dir_turned_into_a_link_to_backup_dir_fails_the_next_backup(
+    tmp_path: Path, sandbox: Sandbox, how: str
+) -> None:
+    """Every backup checks the layout on disk again: no archive holds the earlier ones."""
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    assert run_cli("backup", config=policy).returncode == ExitCode.OK
+    before = backup_files(sandbox.backup_dir)
+    memory = sandbox.app / "memory"
+    for child in memory.iterdir():
+        child.unlink()
+    memory.rmdir()
+    if how == "data_dir_linked":
+        memory.symlink_to(sandbox.backup_dir)
+        resolved = sandbox.backup_dir
+        relation = "is the same path as"
+    else:  # a link to a directory inside backup_dir: its backups would archive themselves
+        (sandbox.backup_dir / "memory").mkdir()
+        memory.symlink_to(sandbox.backup_dir / "memory")
+        resolved = sandbox.backup_dir / "memory"
+        relation = "is inside"
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    index = [str(path) for path in sandbox.data_dirs].index(str(memory))
+    if how == "data_dir_linked":
+        expected = (
+            f"backup_dir: backup_dir {sandbox.backup_dir} {relation} sources.dirs[{index}] "
+            f"{memory} (resolved: {resolved})"
+        )
+    else:
+        expected = (
+            f"sources.dirs[{index}]: sources.dirs[{index}] {memory} (resolved: {resolved}) "
+            f"{relation} backup_dir {sandbox.backup_dir}"
+        )
+    assert expected in result.stderr_lines[0], result.stderr
+    after = backup_files(sandbox.backup_dir) - {"memory"}
+    assert after == before
+
+
 def test_config_files_named_like_top_level_entries_back_up_and_restore(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
