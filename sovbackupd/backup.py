@@ -320,7 +320,9 @@ def _run(
         _check_layout(policy)
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
-        built = sources.build_all(policy.sources, redis_offline=redis_offline)
+        built = sources.build_all(
+            policy.sources, redis_offline=redis_offline, backup_dir=policy.backup_dir
+        )
         estimate = _preflight(built)
         ratio = compression_ratio(store, policy.archive_suffix)
         needed = space_needed(estimate, ratio)

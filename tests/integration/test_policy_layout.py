@@ -9,7 +9,8 @@ import os
 import posixpath
 import signal
 import stat
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from sovbackupd import config
 from sovbackupd.config import files
 from sovbackupd.config.models import RESERVED_ARCHIVE_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode
-from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
+from tests.conftest import (
+    Sandbox,
+    backup_files,
+    policy_data,
+    require_tool,
+    run_cli,
+    write_policy,
+)
 from tests.integration.test_daemon import (
     DaemonProcess,
     NotifySocket,
@@ -220,6 +228,51 @@ def test_a_data_dir_turned_into_a_link_to_backup_dir_fails_the_next_backup(
     assert expected in result.stderr_lines[0], result.stderr
     after = backup_files(sandbox.backup_dir) - {"memory"}
     assert after == before
+
+
+@pytest.fixture
+def bind_mount() -> Iterator[Callable[[Path, Path], None]]:
+    """Bind-mount a directory onto another (needs root); unmount them all afterwards."""
+    mount_binary = require_tool("mount")
+    umount_binary = require_tool("umount")
+    mounted: list[Path] = []
+
+    def mount(source: Path, target: Path) -> None:
+        completed = subprocess.run(
+            [mount_binary, "--bind", str(source), str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if completed.returncode != 0:
+            pytest.fail(f"cannot bind-mount {source} on {target} (CI runs as root): {completed}")
+        mounted.append(target)
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run([umount_binary, str(target)], check=True)
+
+
+def test_backup_dir_bind_mounted_inside_a_data_dir_fails_the_backup(
+    tmp_path: Path, sandbox: Sandbox, bind_mount: Callable[[Path, Path], None]
+) -> None:
+    """No path check sees a bind mount; the walk knows backup_dir by its inode and stops."""
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    assert run_cli("backup", config=policy).returncode == ExitCode.OK
+    before = backup_files(sandbox.backup_dir)
+    mount_point = sandbox.app / "data" / "nested" / "archive"
+    mount_point.mkdir()
+    bind_mount(sandbox.backup_dir, mount_point)
+    assert run_cli("check-config", config=policy).returncode == ExitCode.OK  # blind to it
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr_lines == [
+        f"sovbackupd: config error: {mount_point} is backup_dir {sandbox.backup_dir} (a bind "
+        "mount or a link): every backup would archive the earlier ones, and restoring it "
+        "would delete the newer ones; exclude it or move backup_dir"
+    ]
+    assert backup_files(sandbox.backup_dir) == before
 
 
 def test_config_files_named_like_top_level_entries_back_up_and_restore(
