@@ -58,9 +58,7 @@ def build_all(
         source
         for kind in SOURCE_ORDER
         if (
-            source := build_source(
-                kind, config, redis_offline=redis_offline, backup_dir=backup_dir
-            )
+            source := build_source(kind, config, redis_offline=redis_offline, backup_dir=backup_dir)
         )
         is not None
     ]

@@ -67,7 +67,7 @@ class _Walk:
         store = _identity(self.backup_dir)
         if store is not None:
             with contextlib.suppress(OSError):  # a missing root: the scan below reports it
-                self._refuse_store(root, os.stat(root), store)
+                self._refuse_store(root, self.root.stat(), store)
         while pending:
             relative_dir = pending.pop()
             directory = f"{root}/{relative_dir}" if relative_dir else root
