@@ -156,6 +156,58 @@ def test_backup_dir_of_another_non_root_user_is_refused_unless_root_runs(
     assert files.unsafe_backup_dir(directory, euid=1000) is None
 
 
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "missing"])
+def test_backup_dir_in_a_directory_others_can_write_is_refused(
+    tmp_path: Path, sandbox: Sandbox, exists: bool
+) -> None:
+    """Anyone could rename it away and plant their own backups: refused, never created."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    backup_dir = shared / "backups"
+    if exists:
+        backup_dir.mkdir(mode=0o700)
+    data = policy_data(sandbox, None, backup_dir=str(backup_dir))
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    expected = (
+        f"backup_dir {backup_dir} lies in {shared}, which others can write (mode 0777): they "
+        f"could rename {backup_dir} away and plant their own backups"
+    )
+    assert expected in check_config(policy)[-1]
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr_lines[-1]
+    assert backup_dir.exists() == exists
+    assert not exists or backup_files(backup_dir) == set()
+
+
+def test_backup_dir_another_user_made_in_a_sticky_shared_directory_is_refused_for_root(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """/tmp/x made by another user before the first backup: theirs to empty or forge."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    planted = sticky / "backups"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 4242, 4242)
+    data = policy_data(sandbox, None, backup_dir=str(planted))
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    expected = (
+        f"backup_dir {planted}: {planted} belongs to uid 4242 in {sticky}, which anyone can "
+        "write (mode 1777): its owner could delete or replace the backups"
+    )
+    assert files.unsafe_backup_dir(planted, euid=0) is not None
+    assert expected in check_config(policy)[-1]
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert expected in result.stderr_lines[-1]
+    assert list(planted.iterdir()) == []
+    os.chown(planted, 0, 0)  # root's own directory there: the sticky bit keeps it root's
+    assert files.unsafe_backup_dir(planted, euid=0) is None
+
+
 def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
     tmp_path: Path,
     sandbox: Sandbox,
