@@ -49,7 +49,15 @@ def shown(path: Path) -> str:
 
     A newline in a path would split the message and could forge a line of its own.
     """
-    text = str(path)
+    return quoted(str(path))
+
+
+def quoted(text: str) -> str:
+    """Return *text* (a name, a link target) for a message, quoted when it is not printable.
+
+    An escape sequence in it would drive the operator's terminal; a newline would forge a
+    line. A text that needs no quoting comes back as it is.
+    """
     return text if text.isprintable() else repr(text)
 
 
