@@ -188,3 +188,16 @@ def overlaps(
                         "archived twice and no full restore could put it back"
                     ),
                 )
+    for entry, path in entries:
+        if entry.is_tree:
+            continue
+        for tree, tree_path in trees:
+            if relation := _relation(path, tree_path):
+                yield (
+                    entry.location,
+                    (
+                        f"{_as(entry, path)} {relation} {_as(tree, tree_path)}: it would be "
+                        "archived twice and no full restore could put it back; restore "
+                        "refuses a file inside a data dir"
+                    ),
+                )

@@ -26,6 +26,7 @@ from sovbackupd.errors import ConfigError, ExitCode
 from tests.conftest import (
     Sandbox,
     backup_files,
+    make_database,
     policy_data,
     require_tool,
     run_cli,
@@ -87,6 +88,30 @@ def test_data_dir_that_is_a_symlink_into_another_is_refused(
         f"{sandbox.app}/data/nested) is inside sources.dirs[0] {sandbox.app}/data: it would "
         "be archived twice and no full restore could put it back"
     )
+
+
+def test_sqlite_and_config_files_inside_a_data_dir_are_refused(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Each would be archived twice, and every backup discarded at its read-back."""
+    (sandbox.app / "data" / "app.env").write_text("A=1\n")
+    data = policy_data(sandbox, None)
+    data["sources"]["dirs"] = [str(sandbox.app / "mcp_data"), str(sandbox.app / "data")]
+    data["sources"]["config"] = [str(sandbox.app / "data" / "app.env")]
+    inner_db = sandbox.app / "data" / "inner.db"
+    make_database(inner_db)
+    data["sources"]["sqlite"] = [str(inner_db)]
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    lines = check_config(policy)
+    for key, path in (("sqlite", inner_db), ("config", sandbox.app / "data" / "app.env")):
+        expected = (
+            f"sources.{key}[0] {path} is inside sources.dirs[1] {sandbox.app}/data: it would "
+            "be archived twice and no full restore could put it back"
+        )
+        assert any(expected in line for line in lines), lines
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert not sandbox.backup_dir.exists()
 
 
 def test_backup_dir_that_is_a_symlink_to_var_tmp_is_refused(
@@ -404,6 +429,8 @@ def oracle(backup_dir: str, dirs: list[str], files_: list[str]) -> bool:
     if any(contains(directory, backup_dir) for directory in dirs):
         return True
     if any(contains(backup_dir, source) for source in [*dirs, *files_]):
+        return True
+    if any(contains(directory, source) for directory in dirs for source in files_):
         return True
     return any(
         contains(first, second) or contains(second, first)
