@@ -22,8 +22,15 @@ import structlog
 
 from sovbackupd import __version__, archive, hooks, notify, retention, sources, tierstate
 from sovbackupd import policy as gfs
+from sovbackupd.config import files, layout
 from sovbackupd.config.models import Policy
-from sovbackupd.errors import AbortedError, ArchiveError, HookError, SovbackupdError
+from sovbackupd.errors import (
+    AbortedError,
+    ArchiveError,
+    ConfigError,
+    HookError,
+    SovbackupdError,
+)
 from sovbackupd.manifest import INFO_NAME, MANIFEST_NAME, MANUAL_TIER, Manifest, SourceResult
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import Estimate, SourceReport
@@ -274,6 +281,18 @@ def run(
     return result
 
 
+def _check_layout(policy: Policy) -> None:
+    """Refuse to back up when the layout on disk no longer holds; raise ConfigError.
+
+    check-config, start and reload checked it, but a data dir replaced since by a link
+    into backup_dir (or a CLI backup, which skips those checks) would archive every
+    earlier backup and its own ``.partial`` into the new one.
+    """
+    if problems := files.unrestorable(policy):
+        lines = tuple(f"{layout.dotted(location)}: {message}" for location, message in problems)
+        raise ConfigError(lines[0], lines)
+
+
 def _retain(store: Store, policy: Policy, metrics: Metrics | None) -> retention.Outcome | None:
     """Apply retention after a committed backup; its failure never fails the backup."""
     try:
@@ -298,9 +317,12 @@ def _run(
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         tierstate.record_attempt(policy.backup_dir, tiers, datetime.now(UTC))
+        _check_layout(policy)
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
-        built = sources.build_all(policy.sources, redis_offline=redis_offline)
+        built = sources.build_all(
+            policy.sources, redis_offline=redis_offline, backup_dir=policy.backup_dir
+        )
         estimate = _preflight(built)
         ratio = compression_ratio(store, policy.archive_suffix)
         needed = space_needed(estimate, ratio)

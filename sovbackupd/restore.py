@@ -35,6 +35,7 @@ import structlog
 from pydantic import Field
 
 from sovbackupd import archive, backup, hooks, redis_server, statefile, tree
+from sovbackupd.config.layout import quoted
 from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import (
@@ -291,7 +292,8 @@ def _link_notes(units: list[Unit]) -> list[str]:
     """Say which restored symlinks point outside their component: restored as they are."""
     outside = [(unit, entry) for unit in units for entry in _outside_links(unit)]
     notes = [
-        f"{entry.path} -> {entry.link} points outside {unit.arcname}; restored as a link"
+        f"{quoted(entry.path)} -> {quoted(entry.link or '')} points outside "
+        f"{quoted(unit.arcname)}; restored as a link"
         for unit, entry in outside[:NOTES_SHOWN]
     ]
     if len(outside) > NOTES_SHOWN:
@@ -361,9 +363,13 @@ def _groups(manifest: Manifest) -> list[_Group]:
         group = groups.get(root)
         if group is None:
             if entry.path != root:
-                raise ArchiveError(f"{manifest.id}: {entry.path} comes before its directory")
+                raise ArchiveError(
+                    f"{manifest.id}: {quoted(entry.path)} comes before its directory"
+                )
             if entry.type == "symlink":
-                raise ArchiveError(f"{manifest.id}: {root} is a symlink, not a file or directory")
+                raise ArchiveError(
+                    f"{manifest.id}: {quoted(root)} is a symlink, not a file or directory"
+                )
             _destination(entry.origin, root, None)
             group = _Group(component, root, entry.origin or "", [])
             groups[root] = group
@@ -382,8 +388,9 @@ def _check_not_nested(manifest: Manifest, groups: list[_Group]) -> None:
     for outer, inner in itertools.pairwise(by_origin):
         if inner.origin == outer.origin or inner.origin.startswith(f"{outer.origin}/"):
             raise ArchiveError(
-                f"{manifest.id}: {inner.arcname} ({inner.origin}) would be restored inside "
-                f"{outer.arcname} ({outer.origin}): restore them one at a time with --only"
+                f"{manifest.id}: {quoted(inner.arcname)} ({quoted(inner.origin)}) would be "
+                f"restored inside {quoted(outer.arcname)} ({quoted(outer.origin)}): restore "
+                "them one at a time with --only"
             )
 
 
@@ -631,7 +638,7 @@ class _Extraction:
             kind = _KINDS.get(info.type)
             if kind is None:
                 what = _TYPE_NAMES.get(info.type, f"member of type {info.type!r}")
-                raise ArchiveError(f"{archive_name}: {relative} is a {what}: refused")
+                raise ArchiveError(f"{archive_name}: {quoted(relative)} is a {what}: refused")
             if relative in (MANIFEST_NAME, INFO_NAME) and kind == "file":
                 extracted = tar.extractfile(info)
                 digest = archive.stream_sha256(extracted) if extracted is not None else None
@@ -641,7 +648,7 @@ class _Extraction:
             self._member(tar, info, kind, self._entry(info, kind, relative))
         missing = sorted(set(self._expected) - self._seen)
         if missing:
-            raise ArchiveError(f"{archive_name}: {missing[0]} is missing from the archive")
+            raise ArchiveError(f"{archive_name}: {quoted(missing[0])} is missing from the archive")
         if self.inside is None:
             raise ArchiveError(f"{archive_name}: no {MANIFEST_NAME} inside")
 
@@ -650,11 +657,11 @@ class _Extraction:
         archive_name = self._plan.backup.path.name
         entry = self._expected.get(relative)
         if entry is None:
-            raise ArchiveError(f"{archive_name}: {relative} is not in the manifest")
+            raise ArchiveError(f"{archive_name}: {quoted(relative)} is not in the manifest")
         if relative in self._seen:
-            raise ArchiveError(f"{archive_name}: {relative} appears twice")
+            raise ArchiveError(f"{archive_name}: {quoted(relative)} appears twice")
         if self._through_symlink(relative):
-            raise ArchiveError(f"{archive_name}: {relative} lies below a symlink: refused")
+            raise ArchiveError(f"{archive_name}: {quoted(relative)} lies below a symlink: refused")
         link = info.linkname if kind == "symlink" else ""
         if (kind, info.size, info.mode & 0o7777, link) != (
             entry.type,
@@ -662,7 +669,7 @@ class _Extraction:
             entry.mode,
             entry.link or "",
         ):
-            raise ArchiveError(f"{archive_name}: {relative} differs from the manifest")
+            raise ArchiveError(f"{archive_name}: {quoted(relative)} differs from the manifest")
         self._seen.add(relative)
         return entry
 
@@ -693,7 +700,7 @@ class _Extraction:
     ) -> None:
         extracted = tar.extractfile(info)
         if extracted is None:
-            raise ArchiveError(f"member {entry.path} cannot be read")
+            raise ArchiveError(f"member {quoted(entry.path)} cannot be read")
         if target is None or unit is None:
             digest = archive.stream_sha256(extracted)
         else:
@@ -703,7 +710,7 @@ class _Extraction:
             self.bytes += entry.size
         if digest != entry.sha256:
             raise ArchiveError(
-                f"{self._plan.backup.path.name}: {entry.path} does not match its sha256"
+                f"{self._plan.backup.path.name}: {quoted(entry.path)} does not match its sha256"
             )
 
     def finish(self) -> None:
@@ -721,9 +728,11 @@ def _mkdir(path: Path, relative: str) -> None:
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
-        raise ArchiveError(f"{relative} appears twice in the archive") from None
+        raise ArchiveError(f"{quoted(relative)} appears twice in the archive") from None
     except FileNotFoundError:
-        raise ArchiveError(f"{relative} comes before its directory in the archive") from None
+        raise ArchiveError(
+            f"{quoted(relative)} comes before its directory in the archive"
+        ) from None
 
 
 def _write_file(source: IO[bytes], target: Path, entry: FileEntry, *, sparse: bool) -> str:
@@ -738,9 +747,11 @@ def _write_file(source: IO[bytes], target: Path, entry: FileEntry, *, sparse: bo
             target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
     except FileNotFoundError:
-        raise ArchiveError(f"{entry.path} comes before its directory in the archive") from None
+        raise ArchiveError(
+            f"{quoted(entry.path)} comes before its directory in the archive"
+        ) from None
     except FileExistsError:
-        raise ArchiveError(f"{entry.path} appears twice in the archive") from None
+        raise ArchiveError(f"{quoted(entry.path)} appears twice in the archive") from None
     digest = hashlib.sha256()
     # No fsync per file: one syncfs() per staging filesystem before the swap (see
     # _sync_staging) costs a fraction of thousands of fsyncs.
@@ -766,7 +777,9 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     try:
         exact = int(decimal.Decimal(text).scaleb(9))
     except (ArithmeticError, ValueError):  # "nan", "inf", not a number: a hostile header
-        raise ArchiveError(f"member {info.name}: its mtime {text[:40]!r} is no time") from None
+        raise ArchiveError(
+            f"member {quoted(info.name)}: its mtime {text[:40]!r} is no time"
+        ) from None
     return min(max(exact, -(2**63)), 2**63 - 1)  # a hostile header's: what utime takes
 
 

@@ -130,12 +130,15 @@ class Store:
 
         An existing directory keeps its mode: 0750 or 0755 are safe (the archives inside
         are 0600), and a group- or world-writable one is refused rather than chmod'ed,
-        since whatever else uses it would break.
+        since whatever else uses it would break; so is one in a directory others can write
+        (see :func:`sovbackupd.config.files.unsafe_backup_dir`), created or not.
         """
+        if (unsafe := files.unsafe_backup_dir(self.directory)) is not None:
+            raise ConfigError(unsafe)
         try:
             self.directory.mkdir(mode=0o700, parents=True)
             self.directory.chmod(0o700)  # whatever the umask
-        except FileExistsError:
+        except FileExistsError:  # perhaps made since the check, by someone else
             if (unsafe := files.unsafe_backup_dir(self.directory)) is not None:
                 raise ConfigError(unsafe) from None
         except OSError as error:

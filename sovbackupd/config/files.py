@@ -99,13 +99,19 @@ def _resolved(path: Path) -> Path:
 
 
 def unsafe_backup_dir(path: Path, euid: int | None = None) -> str | None:
-    """Return why the existing directory *path* may not hold backups, None when it may.
+    """Return why the directory *path* may not hold backups, None when it may.
 
     Refused: a directory others can write (group or world, sticky or not), since they could
-    delete or replace archives; and, for a user other than root (*euid*, by default the
-    running one), a directory another non-root user owns. A missing path, or one that is no
-    directory, is left to the code that creates or opens it.
+    delete or replace archives; for a user other than root (*euid*, by default the running
+    one), a directory another non-root user owns; and, existing or not, a path through a
+    directory others can write: without the sticky bit they could rename the backup_dir
+    (or a parent) away and plant their own, and with it a directory there that another
+    user made is theirs (``/tmp/x`` made before the daemon first ran). A path that is no
+    directory is left to the code that creates or opens it.
     """
+    euid = os.geteuid() if euid is None else euid
+    if (shared := _shared_parent(path, euid)) is not None:
+        return shared
     try:
         status = path.stat()
     except OSError:
@@ -119,12 +125,43 @@ def unsafe_backup_dir(path: Path, euid: int | None = None) -> str | None:
             f"backup_dir {shown(path)} is {others}-writable (mode {mode:04o}): others could "
             "delete or replace its backups; make it 0700 (chmod 0700) or choose another one"
         )
-    euid = os.geteuid() if euid is None else euid
     if euid != 0 and status.st_uid not in (0, euid):
         return (
             f"backup_dir {shown(path)} belongs to uid {status.st_uid}, not to uid {euid} "
             "that runs sovbackupd: its owner could delete or replace its backups"
         )
+    return None
+
+
+def _shared_parent(path: Path, euid: int) -> str | None:
+    """Return why a directory on the way to *path* lets others replace it, None if none does."""
+    child = _resolved(path)
+    for parent in child.parents:
+        try:
+            mode = stat.S_IMODE(parent.stat().st_mode)
+        except OSError:  # not there yet: created with the backup_dir, ours alone
+            child = parent
+            continue
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if not mode & stat.S_ISVTX:
+                return (
+                    f"backup_dir {shown(path)} lies in {shown(parent)}, which others can write "
+                    f"(mode {mode:04o}): they could rename {shown(child)} away and plant "
+                    f"their own backups; use a directory of its own, e.g. "
+                    f"{layout.SUGGESTED_BACKUP_DIR}"
+                )
+            try:
+                owner = child.lstat().st_uid
+            except OSError:
+                owner = euid  # not there yet: made by us when the first backup runs
+            if owner not in (0, euid):
+                return (
+                    f"backup_dir {shown(path)}: {shown(child)} belongs to uid {owner} in "
+                    f"{shown(parent)}, which anyone can write (mode {mode:04o}): its owner "
+                    "could delete or replace the backups; use a directory of its own, e.g. "
+                    f"{layout.SUGGESTED_BACKUP_DIR}"
+                )
+        child = parent
     return None
 
 

@@ -49,7 +49,15 @@ def shown(path: Path) -> str:
 
     A newline in a path would split the message and could forge a line of its own.
     """
-    text = str(path)
+    return quoted(str(path))
+
+
+def quoted(text: str) -> str:
+    """Return *text* (a name, a link target) for a message, quoted when it is not printable.
+
+    An escape sequence in it would drive the operator's terminal; a newline would forge a
+    line. A text that needs no quoting comes back as it is.
+    """
     return text if text.isprintable() else repr(text)
 
 
@@ -178,5 +186,18 @@ def overlaps(
                     (
                         f"{_as(entry, path)} {relation} {_as(other, other_path)}: it would be "
                         "archived twice and no full restore could put it back"
+                    ),
+                )
+    for entry, path in entries:
+        if entry.is_tree:
+            continue
+        for tree, tree_path in trees:
+            if relation := _relation(path, tree_path):
+                yield (
+                    entry.location,
+                    (
+                        f"{_as(entry, path)} {relation} {_as(tree, tree_path)}: it would be "
+                        "archived twice and no full restore could put it back; restore "
+                        "refuses a file inside a data dir"
                     ),
                 )

@@ -1,5 +1,6 @@
 """Sources: one module per kind of data, behind the Protocol in base.py."""
 
+from pathlib import Path
 from typing import Literal, assert_never
 
 from sovbackupd.config.models import Sources
@@ -13,11 +14,16 @@ SOURCE_ORDER: tuple[SourceKind, ...] = ("redis", "sqlite", "config", "dirs")
 
 
 def build_source(
-    kind: SourceKind, config: Sources, *, redis_offline: bool = False
+    kind: SourceKind,
+    config: Sources,
+    *,
+    redis_offline: bool = False,
+    backup_dir: Path | None = None,
 ) -> Source | None:
     """Return the source of *kind* that *config* describes, or None when it has none.
 
     *redis_offline* archives a stopped Redis server's files as they are (see RedisSource).
+    A data directory walk that meets *backup_dir* fails (see FilesSource).
     """
     match kind:
         case "redis":
@@ -35,17 +41,26 @@ def build_source(
         case "config":
             return FilesSource("config", config.config, config.exclude) if config.config else None
         case "dirs":
-            return FilesSource("data", config.dirs, config.exclude) if config.dirs else None
+            return (
+                FilesSource("data", config.dirs, config.exclude, backup_dir)
+                if config.dirs
+                else None
+            )
         case _:
             assert_never(kind)
 
 
-def build_all(config: Sources, *, redis_offline: bool = False) -> list[Source]:
+def build_all(
+    config: Sources, *, redis_offline: bool = False, backup_dir: Path | None = None
+) -> list[Source]:
     """Return every configured source, in archive order (Redis first: it fails fastest)."""
     return [
         source
         for kind in SOURCE_ORDER
-        if (source := build_source(kind, config, redis_offline=redis_offline)) is not None
+        if (
+            source := build_source(kind, config, redis_offline=redis_offline, backup_dir=backup_dir)
+        )
+        is not None
     ]
 
 

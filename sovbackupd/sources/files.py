@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import stat
@@ -14,7 +15,7 @@ from typing import BinaryIO
 
 from sovbackupd.config.layout import shown
 from sovbackupd.config.models import SourcePath
-from sovbackupd.errors import SourceError
+from sovbackupd.errors import ConfigError, SourceError
 from sovbackupd.sources.base import Component, Estimate, Member, SourceReport
 
 # Room each member takes besides its data: a header block, a PAX block, padding.
@@ -47,6 +48,8 @@ class _Walk:
 
     root: Path
     exclude: tuple[str, ...]
+    backup_dir: Path | None = None
+    """Refused wherever it turns up: a bind mount or a link swapped in after the checks."""
 
     def excluded(self, name: str, relative: str) -> bool:
         return any(
@@ -65,6 +68,10 @@ class _Walk:
         """
         pending = [""]
         root = str(self.root)
+        store = _identity(self.backup_dir)
+        if store is not None:
+            with contextlib.suppress(OSError):  # a missing root: the scan below reports it
+                self._refuse_store(root, self.root.stat(), store)
         while pending:
             relative_dir = pending.pop()
             directory = f"{root}/{relative_dir}" if relative_dir else root
@@ -89,10 +96,32 @@ class _Walk:
                 status = _lstat(entry, report)
                 if status is None:
                     continue
-                yield relative, entry.path, status
                 if stat.S_ISDIR(status.st_mode):
+                    if store is not None:
+                        self._refuse_store(entry.path, status, store)
                     subdirs.append(relative)
+                yield relative, entry.path, status
             pending.extend(reversed(subdirs))
+
+    def _refuse_store(self, path: str, status: os.stat_result, store: tuple[int, int]) -> None:
+        """Raise ConfigError when the directory *path* (its stat *status*) is backup_dir."""
+        if (status.st_dev, status.st_ino) == store:
+            raise ConfigError(
+                f"{shown(Path(path))} is backup_dir {shown(self.backup_dir or Path())} (a bind "
+                "mount or a link): every backup would archive the earlier ones, and restoring "
+                "it would delete the newer ones; exclude it or move backup_dir"
+            )
+
+
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    """Return the device and inode of the directory *path*, None when there is none."""
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
 
 
 def _lstat(entry: os.DirEntry[str], report: SourceReport | None) -> os.stat_result | None:
@@ -141,11 +170,21 @@ class FilesSource:
     sockets and devices are skipped with a warning, and excludes apply.
     """
 
-    def __init__(self, component: Component, entries: list[SourcePath], exclude: list[str]) -> None:
-        """Back up *entries*: config files when *component* is "config", else directories."""
+    def __init__(
+        self,
+        component: Component,
+        entries: list[SourcePath],
+        exclude: list[str],
+        backup_dir: Path | None = None,
+    ) -> None:
+        """Back up *entries*: config files when *component* is "config", else directories.
+
+        A directory below them that is *backup_dir* (a bind mount, say) fails the backup.
+        """
         self._component = component
         self._entries = entries
         self._exclude = tuple(exclude)
+        self._backup_dir = backup_dir
 
     @property
     def component(self) -> Component:
@@ -199,7 +238,7 @@ class FilesSource:
             if self._component == "config":
                 read += stored_bytes(status)
                 continue
-            walk = _Walk(entry.path, self._exclude)
+            walk = _Walk(entry.path, self._exclude, self._backup_dir)
             for _, _, child in walk.entries(None):
                 members += 1
                 if stat.S_ISREG(child.st_mode):
@@ -232,7 +271,7 @@ class FilesSource:
     def _tree(self, root: Path, status: os.stat_result, report: SourceReport) -> Generator[Member]:
         yield Member.from_stat(root.name, root, status)
         skipped: list[str] = []
-        walk = _Walk(root, self._exclude)
+        walk = _Walk(root, self._exclude, self._backup_dir)
         for relative, path, child in walk.entries(report):
             arcname = f"{root.name}/{relative}"
             mode = child.st_mode

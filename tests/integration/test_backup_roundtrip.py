@@ -414,3 +414,32 @@ def test_every_name_the_file_system_holds_comes_back_identical(
     beside = json.loads((sandbox.backup_dir / f"{name}.manifest.json").read_bytes())
     paths = {os.fsencode(entry["path"]) for entry in beside["files"]}
     assert {b"data/" + path for path in original if path} <= paths
+
+
+def test_restore_notes_quote_names_with_control_characters(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A link named with an escape or a newline is quoted in notes: no forged line, no ANSI."""
+    data_dir = sandbox.app / "data"
+    (data_dir / "\x1b[31mevil\nFORGED: restore ok").symlink_to("/etc/host\nname")
+    (data_dir / "x\x1b]0;title\x07").symlink_to("/etc/hostname")
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    assert run_cli("backup", config=policy).returncode == 0
+    dry = run_cli("restore", "--latest", "--dry-run", config=policy)
+    into = run_cli("restore", "--latest", "--to", str(tmp_path / "out"), "--yes", config=policy)
+    for result in (dry, into):
+        assert result.returncode == 0, result.stderr
+        assert "\x1b" not in result.stdout + result.stderr
+        assert "\x07" not in result.stdout
+        lines = result.stdout.splitlines()
+        assert not any(line.startswith("FORGED") or line.startswith("name ") for line in lines)
+        notes = [line for line in lines if line.startswith("note: ") and "points outside" in line]
+        assert notes == [
+            "note: 'data/\\x1b[31mevil\\nFORGED: restore ok' -> '/etc/host\\nname' points "
+            "outside data; restored as a link",
+            "note: 'data/x\\x1b]0;title\\x07' -> /etc/hostname points outside data; "
+            "restored as a link",
+        ]
+    restored = tmp_path / "out" / str(data_dir).lstrip("/")
+    link = restored / "\x1b[31mevil\nFORGED: restore ok"
+    assert link.readlink() == Path("/etc/host\nname")

@@ -9,7 +9,8 @@ import os
 import posixpath
 import signal
 import stat
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,15 @@ from sovbackupd import config
 from sovbackupd.config import files
 from sovbackupd.config.models import RESERVED_ARCHIVE_NAMES, Policy
 from sovbackupd.errors import ConfigError, ExitCode
-from tests.conftest import Sandbox, backup_files, policy_data, run_cli, write_policy
+from tests.conftest import (
+    Sandbox,
+    backup_files,
+    make_database,
+    policy_data,
+    require_tool,
+    run_cli,
+    write_policy,
+)
 from tests.integration.test_daemon import (
     DaemonProcess,
     NotifySocket,
@@ -79,6 +88,30 @@ def test_data_dir_that_is_a_symlink_into_another_is_refused(
         f"{sandbox.app}/data/nested) is inside sources.dirs[0] {sandbox.app}/data: it would "
         "be archived twice and no full restore could put it back"
     )
+
+
+def test_sqlite_and_config_files_inside_a_data_dir_are_refused(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Each would be archived twice, and every backup discarded at its read-back."""
+    (sandbox.app / "data" / "app.env").write_text("A=1\n")
+    data = policy_data(sandbox, None)
+    data["sources"]["dirs"] = [str(sandbox.app / "mcp_data"), str(sandbox.app / "data")]
+    data["sources"]["config"] = [str(sandbox.app / "data" / "app.env")]
+    inner_db = sandbox.app / "data" / "inner.db"
+    make_database(inner_db)
+    data["sources"]["sqlite"] = [str(inner_db)]
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    lines = check_config(policy)
+    for key, path in (("sqlite", inner_db), ("config", sandbox.app / "data" / "app.env")):
+        expected = (
+            f"sources.{key}[0] {path} is inside sources.dirs[1] {sandbox.app}/data: it would "
+            "be archived twice and no full restore could put it back"
+        )
+        assert any(expected in line for line in lines), lines
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert not sandbox.backup_dir.exists()
 
 
 def test_backup_dir_that_is_a_symlink_to_var_tmp_is_refused(
@@ -148,6 +181,58 @@ def test_backup_dir_of_another_non_root_user_is_refused_unless_root_runs(
     assert files.unsafe_backup_dir(directory, euid=1000) is None
 
 
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "missing"])
+def test_backup_dir_in_a_directory_others_can_write_is_refused(
+    tmp_path: Path, sandbox: Sandbox, exists: bool
+) -> None:
+    """Anyone could rename it away and plant their own backups: refused, never created."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    backup_dir = shared / "backups"
+    if exists:
+        backup_dir.mkdir(mode=0o700)
+    data = policy_data(sandbox, None, backup_dir=str(backup_dir))
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    expected = (
+        f"backup_dir {backup_dir} lies in {shared}, which others can write (mode 0777): they "
+        f"could rename {backup_dir} away and plant their own backups"
+    )
+    assert expected in check_config(policy)[-1]
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr_lines[-1]
+    assert backup_dir.exists() == exists
+    assert not exists or backup_files(backup_dir) == set()
+
+
+def test_backup_dir_another_user_made_in_a_sticky_shared_directory_is_refused_for_root(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """/tmp/x made by another user before the first backup: theirs to empty or forge."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    planted = sticky / "backups"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 4242, 4242)
+    data = policy_data(sandbox, None, backup_dir=str(planted))
+    policy = write_policy(tmp_path / "policy.yaml", data)
+    expected = (
+        f"backup_dir {planted}: {planted} belongs to uid 4242 in {sticky}, which anyone can "
+        "write (mode 1777): its owner could delete or replace the backups"
+    )
+    assert files.unsafe_backup_dir(planted, euid=0) is not None
+    assert expected in check_config(policy)[-1]
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert expected in result.stderr_lines[-1]
+    assert list(planted.iterdir()) == []
+    os.chown(planted, 0, 0)  # root's own directory there: the sticky bit keeps it root's
+    assert files.unsafe_backup_dir(planted, euid=0) is None
+
+
 def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
     tmp_path: Path,
     sandbox: Sandbox,
@@ -180,6 +265,91 @@ def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
         "archive the earlier ones, and restoring it would delete the newer ones"
     ]
     assert daemon.process.poll() is None
+
+
+@pytest.mark.parametrize("how", ["data_dir_linked", "linked_into_backup_dir"])
+def test_a_data_dir_turned_into_a_link_to_backup_dir_fails_the_next_backup(
+    tmp_path: Path, sandbox: Sandbox, how: str
+) -> None:
+    """Every backup checks the layout on disk again: no archive holds the earlier ones."""
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    assert run_cli("backup", config=policy).returncode == ExitCode.OK
+    before = backup_files(sandbox.backup_dir)
+    memory = sandbox.app / "memory"
+    for child in memory.iterdir():
+        child.unlink()
+    memory.rmdir()
+    if how == "data_dir_linked":
+        memory.symlink_to(sandbox.backup_dir)
+        resolved = sandbox.backup_dir
+        relation = "is the same path as"
+    else:  # a link to a directory inside backup_dir: its backups would archive themselves
+        (sandbox.backup_dir / "memory").mkdir()
+        memory.symlink_to(sandbox.backup_dir / "memory")
+        resolved = sandbox.backup_dir / "memory"
+        relation = "is inside"
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    index = [str(path) for path in sandbox.data_dirs].index(str(memory))
+    if how == "data_dir_linked":
+        expected = (
+            f"backup_dir: backup_dir {sandbox.backup_dir} {relation} sources.dirs[{index}] "
+            f"{memory} (resolved: {resolved})"
+        )
+    else:
+        expected = (
+            f"sources.dirs[{index}]: sources.dirs[{index}] {memory} (resolved: {resolved}) "
+            f"{relation} backup_dir {sandbox.backup_dir}"
+        )
+    assert expected in result.stderr_lines[0], result.stderr
+    after = backup_files(sandbox.backup_dir) - {"memory"}
+    assert after == before
+
+
+@pytest.fixture
+def bind_mount() -> Iterator[Callable[[Path, Path], None]]:
+    """Bind-mount a directory onto another (needs root); unmount them all afterwards."""
+    mount_binary = require_tool("mount")
+    umount_binary = require_tool("umount")
+    mounted: list[Path] = []
+
+    def mount(source: Path, target: Path) -> None:
+        completed = subprocess.run(
+            [mount_binary, "--bind", str(source), str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if completed.returncode != 0:
+            pytest.fail(f"cannot bind-mount {source} on {target} (CI runs as root): {completed}")
+        mounted.append(target)
+
+    yield mount
+    for target in reversed(mounted):
+        subprocess.run([umount_binary, str(target)], check=True)
+
+
+def test_backup_dir_bind_mounted_inside_a_data_dir_fails_the_backup(
+    tmp_path: Path, sandbox: Sandbox, bind_mount: Callable[[Path, Path], None]
+) -> None:
+    """No path check sees a bind mount; the walk knows backup_dir by its inode and stops."""
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    assert run_cli("backup", config=policy).returncode == ExitCode.OK
+    before = backup_files(sandbox.backup_dir)
+    mount_point = sandbox.app / "data" / "nested" / "archive"
+    mount_point.mkdir()
+    bind_mount(sandbox.backup_dir, mount_point)
+    assert run_cli("check-config", config=policy).returncode == ExitCode.OK  # blind to it
+    result = run_cli("backup", config=policy)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr_lines == [
+        f"sovbackupd: config error: {mount_point} is backup_dir {sandbox.backup_dir} (a bind "
+        "mount or a link): every backup would archive the earlier ones, and restoring it "
+        "would delete the newer ones; exclude it or move backup_dir"
+    ]
+    assert backup_files(sandbox.backup_dir) == before
 
 
 def test_config_files_named_like_top_level_entries_back_up_and_restore(
@@ -259,6 +429,8 @@ def oracle(backup_dir: str, dirs: list[str], files_: list[str]) -> bool:
     if any(contains(directory, backup_dir) for directory in dirs):
         return True
     if any(contains(backup_dir, source) for source in [*dirs, *files_]):
+        return True
+    if any(contains(directory, source) for directory in dirs for source in files_):
         return True
     return any(
         contains(first, second) or contains(second, first)
