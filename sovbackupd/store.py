@@ -215,11 +215,11 @@ class Store:
                 entry.name.removesuffix(SIDECAR_SUFFIX) not in finals
             )
             orphan_manifest = entry.name.endswith(MANIFEST_SUFFIX) and entry.name not in bases
-            if entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest:
-                # A directory or an immutable file under our name: removed as far as it
-                # can be, else one warning; a symlink is removed, never followed.
-                if self._remove_leftover(entry):
-                    removed.append(entry)
+            leftover = entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest
+            # A directory or an immutable file under our name: removed as far as it can
+            # be, else one warning; a symlink is removed, never followed.
+            if leftover and self._remove_leftover(entry):
+                removed.append(entry)
         staging = self.directory / STAGING_NAME
         if os.path.lexists(staging) and self._remove_leftover(staging):
             removed.append(staging)
