@@ -230,6 +230,12 @@ def read_manifest(path: Path, name: str) -> Manifest:
         raise ArchiveError(f"backup {name}: {error}") from None
     except ValueError as error:  # a FIFO, or a file past the size limit
         raise ArchiveError(f"backup {name}: {path.name} is unusable: {error}") from None
+    if manifest.id != name:
+        # A copy renamed to look newer (or older): it would restore another backup's data
+        # under this name, and retention would keep it for a date it does not hold.
+        raise ArchiveError(
+            f"backup {name}: manifest field id: {manifest.id!r} is another backup's name"
+        )
     _groups(manifest)
     return manifest
 
@@ -353,9 +359,16 @@ def _groups(manifest: Manifest) -> list[_Group]:
     Needs no policy: what is refused here is refused whatever restores the backup.
     """
     groups: dict[str, _Group] = {}
+    listed: set[str] = set()
     for entry in manifest.files:
         if not _safe_relative(entry.path):
             raise ArchiveError(f"{manifest.id}: manifest entry {entry.path!r} is not a safe path")
+        if entry.path in listed:
+            # One member, two descriptions: which one restore checked would be a guess.
+            raise ArchiveError(
+                f"{manifest.id}: {quoted(entry.path)} is listed twice in the manifest"
+            )
+        listed.add(entry.path)
         found = _component_of(entry)
         if found is None:
             continue
@@ -662,6 +675,7 @@ class _Extraction:
             raise ArchiveError(f"{archive_name}: {quoted(relative)} appears twice")
         if self._through_symlink(relative):
             raise ArchiveError(f"{archive_name}: {quoted(relative)} lies below a symlink: refused")
+        _mtime_ns(info)  # a member not restored this time is still refused for it
         link = info.linkname if kind == "symlink" else ""
         if (kind, info.size, info.mode & 0o7777, link) != (
             entry.type,
@@ -846,25 +860,7 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
     try:
         with _opened(plan.backup) as handle:
             _check_sidecar(handle, plan.backup)
-            extraction = _Extraction(plan, cancel)
-            try:
-                with ExitStack() as stack:
-                    stream = stack.enter_context(
-                        archive.readable(handle, plan.backup.path, plan.encryption)
-                    )
-                    tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
-                    extraction.run(tar)
-            except archive.UNREADABLE as error:
-                name = plan.backup.path.name
-                raise ArchiveError(f"{name}: unreadable archive: {error}") from error
-            except OSError as error:
-                if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                    where = ", ".join(str(path.parent) for path in plan.staging_dirs)
-                    raise RestoreError(
-                        f"no space left in {where} to stage {plan.backup.path.name}"
-                    ) from error
-                raise ArchiveError(f"{plan.backup.path.name}: cannot restore: {error}") from error
-            extraction.finish()
+            extraction = _stream(plan, handle, cancel)
         _check_inside_manifest(plan, extraction.inside)
         _synthesize_aof(plan)
         _sync_staging(plan)
@@ -873,6 +869,62 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
         _remove_empty(created)
         raise
     return extraction.files, extraction.bytes
+
+
+def _stream(plan: Plan, handle: BinaryIO, cancel: threading.Event | None) -> _Extraction:
+    """Check every member of the opened archive and stage the plan's units; return the pass.
+
+    The symlinks and the directories' modes are set too (:meth:`_Extraction.finish`), so
+    that a disk that fills or a chown refused there is the same one error line.
+    """
+    extraction = _Extraction(plan, cancel)
+    try:
+        with ExitStack() as stack:
+            stream = stack.enter_context(
+                archive.readable(handle, plan.backup.path, plan.encryption)
+            )
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|"))
+            extraction.run(tar)
+        extraction.finish()
+    except archive.UNREADABLE as error:
+        raise ArchiveError(f"{plan.backup.path.name}: unreadable archive: {error}") from error
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = ", ".join(str(path.parent) for path in plan.staging_dirs)
+            raise RestoreError(
+                f"no space left in {where} to stage {plan.backup.path.name}"
+            ) from error
+        raise ArchiveError(f"{plan.backup.path.name}: cannot restore: {error}") from error
+    return extraction
+
+
+def verify_members(stored: StoredBackup, encryption: Gpg | None = None) -> Manifest:
+    """Check every member of *stored* exactly as a restore of all of it would; write nothing.
+
+    The manifest beside the archive is read as restore reads it, each member checked
+    against it (names, types, symlinks above it, duplicates, mtimes, sha256), and the
+    manifest inside compared with it byte for byte: ``verify --deep`` passes no archive
+    that restore or test-restore would refuse. Return the manifest; raise ArchiveError
+    (CryptoError for an archive that does not decrypt) at the first problem.
+    """
+    manifest = load_manifest(stored)
+    checking = Plan(
+        backup=stored,
+        manifest=manifest,
+        units=[],
+        live=False,
+        safety_sources=None,
+        safety_note="",
+        stop=[],
+        start=[],
+        redis_running=False,
+        redis_where=None,
+        encryption=encryption,
+    )
+    with _opened(stored) as handle:
+        extraction = _stream(checking, handle, None)
+    _check_inside_manifest(checking, extraction.inside)
+    return manifest
 
 
 def _sync_staging(plan: Plan) -> None:

@@ -218,24 +218,28 @@ class Store:
                 entry.name.removesuffix(SIDECAR_SUFFIX) not in finals
             )
             orphan_manifest = entry.name.endswith(MANIFEST_SUFFIX) and entry.name not in bases
-            if entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest:
-                entry.unlink(missing_ok=True)
+            leftover = entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest
+            # A directory or an immutable file under our name: removed as far as it can
+            # be, else one warning; a symlink is removed, never followed.
+            if leftover and self._remove_leftover(entry):
                 removed.append(entry)
         staging = self.directory / STAGING_NAME
-        if not os.path.lexists(staging):
-            return removed
-        # A symlink or a file under our name is removed, never followed.
-        problem = tree.remove(staging)
-        if problem is None:
+        if os.path.lexists(staging) and self._remove_leftover(staging):
             removed.append(staging)
-        else:
+        return removed
+
+    @staticmethod
+    def _remove_leftover(path: Path) -> bool:
+        """Remove *path* (any tree, following nothing); log a warning when some of it stays."""
+        problem = tree.remove(path)
+        if problem is not None:
             log.warning(
                 "store.leftover_kept",
-                path=str(staging),
+                path=str(path),
                 entry=str(problem.filename),
                 error=problem.strerror,
             )
-        return removed
+        return problem is None
 
     def backups(self) -> list[StoredBackup]:
         """Return the archives in the directory, oldest first."""

@@ -5,11 +5,13 @@ symlinks to anywhere. ``shutil.rmtree`` needs CAP_DAC_OVERRIDE to empty a 0555 d
 and cannot even list a 0000 one, and the systemd unit runs without it. :func:`remove`
 makes each directory u+rwx before it removes its entries, and opens every directory
 relative to its parent's descriptor with ``O_NOFOLLOW``, so a symlink (or a directory
-swapped for one meanwhile) is removed as a link and never entered.
+swapped for one meanwhile) is removed as a link and never entered; a mount point
+below the top is never entered either.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -55,11 +57,42 @@ def _open_writable(parent: int, name: str) -> int:
     return descriptor
 
 
-def _descend(parent: int, name: str, stack: list[_Frame]) -> None:
-    """Remove *name* below *parent* if it is no directory, else push it onto *stack*."""
+def _mount_of(descriptor: int) -> tuple[int, str]:
+    """Return the device and the mount id of the open *descriptor*.
+
+    A bind mount of a directory on the same file system has the same st_dev: only the
+    mount id (``/proc/self/fdinfo``) tells it apart; "" when /proc does not say.
+    """
+    device = os.fstat(descriptor).st_dev
+    try:
+        with open(f"/proc/self/fdinfo/{descriptor}", encoding="ascii") as info:  # noqa: PTH123
+            found = [line for line in info if line.startswith("mnt_id:")]
+    except (OSError, ValueError):
+        return device, ""
+    return device, found[0].split(":", 1)[1].strip() if found else ""
+
+
+def _descend(
+    parent: int, name: str, stack: list[_Frame], mount: tuple[int, str] | None = None
+) -> tuple[int, str] | None:
+    """Remove *name* below *parent* if it is no directory, else push it onto *stack*.
+
+    A directory on another mount than *mount* (a mount point, a bind mount) is not
+    entered: what is mounted there is not part of the tree, as with ``rm
+    --one-file-system``. Return the mount of *name* when it is a directory.
+    """
     if not stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
         os.unlink(name, dir_fd=parent)
-        return
+        return None
+    # Checked on a descriptor that needs no permission, before any chmod: the mounted
+    # directory is not ours to make writable either.
+    handle = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        found = _mount_of(handle)
+    finally:
+        os.close(handle)
+    if mount is not None and found != mount:
+        raise OSError(errno.EXDEV, "a mount point: not entered", name)
     descriptor = _open_writable(parent, name)
     try:
         names = os.listdir(descriptor)  # noqa: PTH208 (a descriptor: pathlib takes none)
@@ -67,6 +100,7 @@ def _descend(parent: int, name: str, stack: list[_Frame]) -> None:
         os.close(descriptor)
         raise
     stack.append(_Frame(parent, name, descriptor, names))
+    return found
 
 
 def remove(path: Path) -> OSError | None:
@@ -87,7 +121,7 @@ def remove(path: Path) -> OSError | None:
     stack: list[_Frame] = []
     try:
         try:
-            _descend(top, path.name, stack)
+            mount = _descend(top, path.name, stack)
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -96,7 +130,7 @@ def remove(path: Path) -> OSError | None:
             frame = stack[-1]
             if frame.names:
                 try:
-                    _descend(frame.descriptor, frame.names.pop(), stack)
+                    _descend(frame.descriptor, frame.names.pop(), stack, mount)
                 except FileNotFoundError:
                     continue
                 except OSError as error:

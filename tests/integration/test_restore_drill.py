@@ -498,3 +498,27 @@ def test_a_leftover_the_unit_cannot_remove_is_one_warning_not_a_failed_backup(
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if "store.leftover_kept" in line]
     assert len(warnings) == 1, result.stderr
+
+
+def test_unprivileged_restore_that_cannot_chown_a_directory_is_one_error_line(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Root without CAP_CHOWN: a directory of another owner is one error, not a traceback.
+
+    Directories and symlinks get their owner after every member is read: a failure there
+    is reported as one during the read is, and the staging is removed.
+    """
+    foreign = sandbox.app / "data" / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 12345, 12345)
+    config_path, _ = write_config(tmp_path, sandbox, None)
+    editor = backup_now(config_path, sandbox)
+    destination = tmp_path / "restored"
+
+    result = run_unprivileged("restore", editor.top, "--to", str(destination), config=config_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert "Operation not permitted" in result.stderr_lines[0], result.stderr
+    assert list(tmp_path.rglob(".sovbackupd-restore-*")) == []

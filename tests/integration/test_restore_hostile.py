@@ -272,6 +272,13 @@ def duplicate_member(editor: ArchiveEditor) -> None:
     editor.save()
 
 
+def entry_listed_twice(editor: ArchiveEditor) -> None:
+    # One member, two manifest entries that disagree: restore checked the last one only.
+    twin = dict(editor.entry("data/notes.txt"), mode=0o4755, uid=0, gid=0)
+    editor.manifest["files"].append(twin)
+    editor.save()
+
+
 def origin_outside_policy(editor: ArchiveEditor) -> None:
     editor.entry("memory")["origin"] = "/etc/cron.d"
     editor.save()
@@ -356,6 +363,7 @@ HOSTILE = [
     ),
     Hostile("member-not-in-manifest", member_not_in_manifest, "data/stowaway.txt is not in"),
     Hostile("duplicate-member", duplicate_member, "data/notes.txt appears twice"),
+    Hostile("entry-listed-twice", entry_listed_twice, "data/notes.txt is listed twice"),
     Hostile("content-not-manifest-sha256", content_differs_from_manifest, "data/notes.txt does"),
     Hostile("checksum-mismatch", checksum_mismatch, "checksum mismatch"),
     Hostile("truncated", truncated_archive, "unreadable archive"),
@@ -445,6 +453,31 @@ def test_hostile_archive_is_refused_before_anything_is_written(
     assert without_dirs(tree_state(destination)) == without_dirs(destination_before)
     assert backup_files(sandbox.backup_dir) == stored_before, "no safety backup was taken"
     assert staging_leftovers(tmp_path) == []
+
+
+DEEP_PARAMS = [
+    pytest.param(hostile, id=hostile.id)
+    for hostile in HOSTILE
+    if "to" in hostile.where and not hostile.options
+]
+"""The archives restore --to refuses whatever the policy: verify --deep must fail them too."""
+
+
+@pytest.mark.parametrize("hostile", DEEP_PARAMS)
+def test_verify_deep_fails_every_archive_restore_refuses(
+    tmp_path: Path, sandbox: Sandbox, hostile: Hostile
+) -> None:
+    """A deep verify calls no archive ok that restore or test-restore would refuse."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    hostile.edit(editor)
+
+    result = run_cli("verify", editor.top, "--deep", config=config)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert hostile.refusal in result.stderr_lines[0], result.stderr
 
 
 def test_rewritten_archive_without_hostile_member_restores(
@@ -671,3 +704,34 @@ def test_manifest_field_out_of_bounds_is_one_error_in_every_command(
     assert field in drill.stdout
     assert not destination.exists()
     assert staging_leftovers(tmp_path) == []
+
+
+def test_an_archive_renamed_as_another_backup_is_refused_naming_the_id(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A backup copied under a newer name (sidecar and manifest too) restores as nothing.
+
+    Its members and manifest say they are the older backup: restored, verified or drilled
+    under the new name, it would pass off the older data as the newer.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    renamed = editor.top[:-1] + ("9" if editor.top[-1] != "9" else "8")
+    copy_path = editor.path.with_name(f"{renamed}.tar.gz")
+    copy_path.write_bytes(editor.path.read_bytes())
+    write_sidecar(copy_path)
+    copy_path.with_name(f"{renamed}.manifest.json").write_bytes(editor.manifest_path.read_bytes())
+    destination = tmp_path / "restored"
+
+    restored = run_cli("restore", renamed, "--to", str(destination), config=config)
+    drill = run_cli("test-restore", renamed, config=config)
+    deep = run_cli("verify", renamed, "--deep", config=config)
+
+    for result in (restored, drill, deep):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+    for result in (restored, deep):
+        assert len(result.stderr_lines) == 1, result.stderr
+        assert f"backup {renamed}: manifest field id: '{editor.top}'" in result.stderr_lines[0]
+    assert "manifest field id" in drill.stdout
+    assert not destination.exists()

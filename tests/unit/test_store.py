@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from sovbackupd import archive
 from sovbackupd.errors import ArchiveError, LockedError, NotFoundError
@@ -168,6 +170,45 @@ def test_clean_leftovers_removes_partials_staging_and_orphans(store: Store) -> N
         f"{PREFIX}_20260103_000000.tar.zst.gpg.sha256",
         ".staging",
     }
+
+
+def test_a_partial_that_is_a_directory_is_removed_not_a_crash(store: Store) -> None:
+    """A directory (or a tree) under a partial's name is removed as a leftover, not IsADirectory."""
+    partial = store.directory / f"{PREFIX}_20260102_000000.tar.gz.partial"
+    (partial / "sealed").mkdir(parents=True)
+    (partial / "sealed" / "file").write_bytes(b"x")
+    (partial / "sealed").chmod(0o555)
+    link = store.directory / f"{PREFIX}_20260102_000000.manifest.json.partial"
+    link.symlink_to(store.directory / "kept")
+    (store.directory / "kept").write_bytes(b"kept")
+
+    removed = store.clean_leftovers()
+
+    assert {path.name for path in removed} == {partial.name, link.name}
+    assert names_in(store.directory) == {"kept"}
+
+
+def test_a_partial_that_cannot_be_removed_is_one_warning_not_a_crash(store: Store) -> None:
+    """An immutable partial file stays, logged as kept; the rest is cleaned all the same."""
+    chattr = shutil.which("chattr")
+    if chattr is None or os.geteuid() != 0:
+        pytest.skip("needs chattr and root")
+    stuck = store.directory / f"{PREFIX}_20260102_000000.tar.gz.partial"
+    stuck.write_bytes(b"x")
+    other = store.directory / f"{PREFIX}_20260103_000000.tar.gz.partial"
+    other.write_bytes(b"x")
+    if subprocess.run([chattr, "+i", str(stuck)], check=False).returncode != 0:
+        pytest.skip("the file system takes no immutable flag")
+    try:
+        with capture_logs() as events:
+            removed = store.clean_leftovers()
+    finally:
+        subprocess.run([chattr, "-i", str(stuck)], check=True)
+
+    assert [path.name for path in removed] == [other.name]
+    assert names_in(store.directory) == {stuck.name}
+    kept = [event for event in events if event["event"] == "store.leftover_kept"]
+    assert [event["path"] for event in kept] == [str(stuck)]
 
 
 def test_clean_leftovers_never_touches_foreign_files_or_backups(store: Store) -> None:

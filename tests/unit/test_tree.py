@@ -127,3 +127,29 @@ def _writable_afterwards(tmp_path: Path) -> Iterator[None]:
     yield
     for directory, _, _ in os.walk(tmp_path):
         Path(directory).chmod(0o755)
+
+
+def test_a_mount_point_inside_the_tree_is_never_entered(tmp_path: Path) -> None:
+    """A bind mount below the tree (a leftover scratch, a staging dir) keeps its files.
+
+    As ``rm --one-file-system`` would: the mount point is reported, what is mounted stays.
+    """
+    mount = require_tool("mount")
+    if os.geteuid() != 0:
+        pytest.skip("bind mounts need root")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("kept\n")
+    top = tmp_path / "scratch"
+    (top / "mnt").mkdir(parents=True)
+    (top / "ours.txt").write_text("x")
+    if subprocess.run([mount, "--bind", str(outside), str(top / "mnt")], check=False).returncode:
+        pytest.skip("no bind mounts here")
+    try:
+        problem = tree.remove(top)
+    finally:
+        subprocess.run([require_tool("umount"), str(top / "mnt")], check=True)
+
+    assert problem is not None
+    assert (outside / "precious.txt").read_text() == "kept\n"
+    assert sorted(path.name for path in top.iterdir()) == ["mnt"]
