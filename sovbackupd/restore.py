@@ -983,16 +983,7 @@ def _remove_stale_staging(directory: Path) -> None:
 
 
 def _removed(path: Path) -> bool:
-    """Remove the tree *path*; log one warning and return False when some of it stays."""
-    problem = tree.remove(path)
-    if problem is not None:
-        log.warning(
-            "restore.leftover_kept",
-            path=str(path),
-            entry=str(problem.filename),
-            error=problem.strerror,
-        )
-    return problem is None
+    return tree.remove_or_warn(path, "restore.leftover_kept")
 
 
 def cleanup(plan: Plan) -> None:

@@ -221,25 +221,12 @@ class Store:
             leftover = entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest
             # A directory or an immutable file under our name: removed as far as it can
             # be, else one warning; a symlink is removed, never followed.
-            if leftover and self._remove_leftover(entry):
+            if leftover and tree.remove_or_warn(entry, "store.leftover_kept"):
                 removed.append(entry)
         staging = self.directory / STAGING_NAME
-        if os.path.lexists(staging) and self._remove_leftover(staging):
+        if os.path.lexists(staging) and tree.remove_or_warn(staging, "store.leftover_kept"):
             removed.append(staging)
         return removed
-
-    @staticmethod
-    def _remove_leftover(path: Path) -> bool:
-        """Remove *path* (any tree, following nothing); log a warning when some of it stays."""
-        problem = tree.remove(path)
-        if problem is not None:
-            log.warning(
-                "store.leftover_kept",
-                path=str(path),
-                entry=str(problem.filename),
-                error=problem.strerror,
-            )
-        return problem is None
 
     def backups(self) -> list[StoredBackup]:
         """Return the archives in the directory, oldest first."""

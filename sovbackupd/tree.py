@@ -17,6 +17,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger("sovbackupd.tree")
+
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OWNER_ALL = stat.S_IRWXU
 
@@ -149,3 +153,11 @@ def remove(path: Path) -> OSError | None:
             os.close(frame.descriptor)
         os.close(top)
     return first
+
+
+def remove_or_warn(path: Path, kept_event: str) -> bool:
+    """Remove the tree *path*; log *kept_event* as a warning and return False if some stays."""
+    problem = remove(path)
+    if problem is not None:
+        log.warning(kept_event, path=str(path), entry=str(problem.filename), error=problem.strerror)
+    return problem is None

@@ -324,33 +324,33 @@ def test_drill_loads_the_archived_aof_and_passes(
     assert_cleaned_up(policy, tmp_path, servers_before)
 
 
-def test_drill_fails_the_archive_check_on_a_member_not_in_the_manifest(
-    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
-) -> None:
-    """An archive with a stowaway member fails the drill's archive check and cleans up."""
-    config_path, policy = write_config(tmp_path, sandbox, redis_server)
-    editor = backup_now(config_path, sandbox)
+def add_stowaway(editor: ArchiveEditor) -> None:
     editor.add("data/stowaway.txt", "file", b"not listed\n", listed=False)
-    editor.save()
-    servers_before = redis_servers_under(tmp_path)
-    metrics = new_metrics()
-
-    report = restore.drill(policy, editor.top, metrics=metrics)
-
-    assert not report.ok
-    assert [check.what for check in report.checks] == ["archive"]
-    assert "data/stowaway.txt is not in the manifest" in report.checks[0].detail
-    assert sample(metrics, RESULT) == 0
-    assert_cleaned_up(policy, tmp_path, servers_before)
 
 
-def test_drill_of_a_manifest_out_of_bounds_is_a_recorded_failure(
-    tmp_path: Path, sandbox: Sandbox, redis_server: RedisServer
+def uid_out_of_bounds(editor: ArchiveEditor) -> None:
+    editor.entry("data/notes.txt")["uid"] = 2**40
+
+
+@pytest.mark.parametrize(
+    ("forge", "detail"),
+    [
+        (add_stowaway, "data/stowaway.txt is not in the manifest"),
+        (uid_out_of_bounds, ".uid: 1099511627776"),
+    ],
+    ids=["member-not-in-the-manifest", "uid-out-of-bounds"],
+)
+def test_drill_of_a_forged_archive_fails_its_archive_check_recorded_and_cleaned_up(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    redis_server: RedisServer,
+    forge: Callable[[ArchiveEditor], None],
+    detail: str,
 ) -> None:
-    """A uid of 2**40 in the manifest fails the drill's archive check: recorded, never raised."""
+    """A stowaway member or a uid of 2**40 fails the archive check: recorded, never raised."""
     config_path, policy = write_config(tmp_path, sandbox, redis_server)
     editor = backup_now(config_path, sandbox)
-    editor.entry("data/notes.txt")["uid"] = 2**40
+    forge(editor)
     editor.save()
     servers_before = redis_servers_under(tmp_path)
     metrics = new_metrics()
@@ -359,7 +359,7 @@ def test_drill_of_a_manifest_out_of_bounds_is_a_recorded_failure(
 
     assert not report.ok
     assert [check.what for check in report.checks] == ["archive"]
-    assert ".uid: 1099511627776" in report.checks[0].detail
+    assert detail in report.checks[0].detail
     assert sample(metrics, RESULT) == 0
     assert recorded_drill(policy)["ok"] is False
     assert_cleaned_up(policy, tmp_path, servers_before)
