@@ -35,11 +35,14 @@ START = datetime(2023, 11, 20, 2, 0, tzinfo=UTC)
 def write_backup(backup_dir: Path, moment: datetime, payload: bytes) -> str:
     """Write one archive as sovbackupd would have at *moment* (the real writer)."""
     name = backup_name(PREFIX, moment)
-    source = backup_dir / "payload.bin"
+    data = backup_dir.parent / "retention-data"  # a data dir, its directory entry first
+    data.mkdir(exist_ok=True)
+    source = data / "payload.bin"
     source.write_bytes(payload)
     path = backup_dir / f"{name}.tar.gz"
     report = SourceReport("data", "dirs")
     with archive.Writer(path, "gzip", name) as writer:
+        writer.add(Member.from_stat("data", data, data.stat()), report)
         member = Member.from_stat(
             "data/payload.bin", source, source.stat(), lambda: source.open("rb")
         )
