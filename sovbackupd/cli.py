@@ -29,6 +29,7 @@ from sovbackupd.store import Store, StoredBackup, human_size
 from sovbackupd.wording import plural
 
 Command = Callable[[argparse.Namespace, Policy], int]
+LATEST_HELP = "the newest backup that is not a pre-restore safety backup"
 
 
 def _warn(lines: Sequence[str]) -> None:
@@ -156,6 +157,7 @@ def _summary(stored: StoredBackup, decision: gfs.Decision, held: str | None) -> 
         "compression": manifest.compression if manifest else None,
         "files": manifest.file_count if manifest else None,
         "warnings": sum(len(source.warnings) for source in manifest.sources) if manifest else None,
+        "safety": manifest.safety if manifest else False,
         "kept_by": list(decision.reasons),
         "to_be_pruned": not decision.keep and held is None,
     }
@@ -209,14 +211,17 @@ def _list(arguments: argparse.Namespace, policy: Policy) -> int:
     if not rows:
         print(f"no backups in {policy.backup_dir}", file=sys.stderr)
         return ExitCode.OK
-    print(f"{'NAME':<40} {'CREATED':<25} {'TIERS':<14} {'SIZE':>10} {'FILES':>7}  KEPT BY")
+    print(
+        f"{'NAME':<40} {'CREATED':<25} {'TIERS':<14} {'KIND':<6} {'SIZE':>10} {'FILES':>7}  KEPT BY"
+    )
     for item, row in zip(reversed(stored), rows, strict=True):
         created = item.created.astimezone(policy.zone).isoformat()
         tiers = ",".join(row["tiers"]) or "?"  # type: ignore[arg-type]  # a list[str] built above
+        kind = "safety" if row["safety"] else "backup"
         files = "?" if row["files"] is None else row["files"]
         kept_by = _kept_by(decisions[item.name], decided.held)
         print(
-            f"{item.name:<40} {created:<25} {tiers:<14} {human_size(item.size):>10} "
+            f"{item.name:<40} {created:<25} {tiers:<14} {kind:<6} {human_size(item.size):>10} "
             f"{files:>7}  {kept_by}"
         )
     return ExitCode.OK
@@ -563,7 +568,7 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
     )
     chosen = restore_parser.add_mutually_exclusive_group(required=True)
     chosen.add_argument("name", nargs="?", help="the backup to restore")
-    chosen.add_argument("--latest", action="store_true", help="the newest backup")
+    chosen.add_argument("--latest", action="store_true", help=LATEST_HELP)
     restore_parser.add_argument(
         "--only",
         type=_components,
@@ -605,7 +610,7 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
     )
     drilled = drill_parser.add_mutually_exclusive_group()
     drilled.add_argument("name", nargs="?", help="the backup to test")
-    drilled.add_argument("--latest", action="store_true", help="the newest backup (default)")
+    drilled.add_argument("--latest", action="store_true", help=f"{LATEST_HELP} (default)")
     drill_parser.add_argument("--json", action="store_true", help="print JSON")
     drill_parser.set_defaults(handler=_test_restore)
 
@@ -671,7 +676,7 @@ def _parser() -> argparse.ArgumentParser:
     verify_parser = commands.add_parser("verify", help="check backups against their checksums")
     which = verify_parser.add_mutually_exclusive_group()
     which.add_argument("name", nargs="?", help="the backup to verify")
-    which.add_argument("--latest", action="store_true", help="the newest backup (default)")
+    which.add_argument("--latest", action="store_true", help=f"{LATEST_HELP} (default)")
     which.add_argument("--all", action="store_true", help="every backup")
     verify_parser.add_argument(
         "--deep", action="store_true", help="also check every member against the manifest"

@@ -191,6 +191,15 @@ class Manifest(_Frozen):
         description="Every member but manifest.json itself.",
     )
 
+    @property
+    def safety(self) -> bool:
+        """Tell whether this is a restore's pre-restore safety backup (no tier's backup).
+
+        It holds only what that restore replaced: ``--latest`` never means it, retention
+        keeps it outside the tiers, and it stays on this server.
+        """
+        return self.tiers == [SAFETY_TIER]
+
 
 class ManifestError(ValueError):
     """A manifest that is not JSON or has a field out of its bounds; the message names it."""

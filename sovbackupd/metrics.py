@@ -16,7 +16,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sovbackupd import __version__
-from sovbackupd.manifest import SAFETY_TIER, Manifest
+from sovbackupd.manifest import Manifest
 from sovbackupd.store import StoredBackup
 from sovbackupd.tierstate import TierRecord
 
@@ -183,7 +183,7 @@ class Metrics:
         for backup in reversed(backups):
             head = backup.head()
             # A restore's safety backup holds only what it replaced: not a tier's backup.
-            if head is not None and head.tiers != [SAFETY_TIER]:
+            if head is not None and not head.safety:
                 self._sized(head, backup.size)
                 break
         self.set_local(backups)

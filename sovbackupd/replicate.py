@@ -28,10 +28,11 @@ from sovbackupd.errors import (
     SovbackupdError,
     TransientTargetError,
 )
-from sovbackupd.manifest import MANUAL_TIER, SAFETY_TIER, read_head
+from sovbackupd.manifest import MANUAL_TIER, Manifest, read_head
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
 from sovbackupd.verify import check
+from sovbackupd.wording import plural
 
 log = structlog.get_logger("sovbackupd.replicate")
 
@@ -65,7 +66,7 @@ def remote_config(policy: Policy, name: str) -> Remote:
 def _replicated(backup: StoredBackup) -> bool:
     """Tell whether *backup* goes off-site: every backup but a restore's safety backup."""
     head = backup.head()
-    return head is not None and head.tiers != [SAFETY_TIER]
+    return head is not None and not head.safety
 
 
 def prune(
@@ -235,36 +236,62 @@ def _manual_copies(
         return set()
     manual = set()
     with tempfile.TemporaryDirectory(prefix="sovbackupd-manifests-") as scratch:
-        path = Path(scratch) / "manifest.json"
         for backup in held:
             young = now < window.after(backup.created, policy.zone)
             if backup.manifest is None or backup.name in here or not young:
                 continue
-            target.download(backup.manifest.name, path)
-            try:
-                labelled = MANUAL_TIER in read_head(path).tiers
-            except (OSError, ValueError):
-                log.info("remote.manifest_unreadable", remote=target.name, backup=backup.name)
-                continue
-            if labelled:
+            head = _remote_head(target, backup, Path(scratch))
+            if head is not None and MANUAL_TIER in head.tiers:
                 manual.add(backup.name)
     return manual
 
 
-def _pick(held: list[targets.RemoteBackup], name: str | None, remote: str) -> targets.RemoteBackup:
+def _remote_head(
+    target: targets.Target, backup: targets.RemoteBackup, scratch: Path
+) -> Manifest | None:
+    """Download the manifest of *backup* into *scratch*; return its head, None if unreadable."""
+    if backup.manifest is None:
+        return None
+    path = scratch / "manifest.json"
+    target.download(backup.manifest.name, path)
+    try:
+        return read_head(path)
+    except (OSError, ValueError):
+        log.info("remote.manifest_unreadable", remote=target.name, backup=backup.name)
+        return None
+
+
+def _pick(
+    target: targets.Target, held: list[targets.RemoteBackup], name: str | None
+) -> targets.RemoteBackup:
+    """Return the complete backup called *name* on *target*; without a name, ``--latest``'s.
+
+    That is the newest one that is not a pre-restore safety backup, as for a local
+    ``--latest``: its manifest says so, read newest first until one is not. One whose
+    manifest does not parse is chosen, and fails with its own error.
+    """
     complete = [backup for backup in held if backup.complete]
-    if name is None:
-        if not complete:
-            raise NotFoundError(f"remote {remote} holds no complete backup")
-        return complete[-1]
-    for backup in complete:
-        if name in (backup.name, backup.archive.name):
-            return backup
-    raise NotFoundError(f"remote {remote} holds no complete backup named {name!r}")
+    if name is not None:
+        for backup in complete:
+            if name in (backup.name, backup.archive.name):
+                return backup
+        raise NotFoundError(f"remote {target.name} holds no complete backup named {name!r}")
+    if not complete:
+        raise NotFoundError(f"remote {target.name} holds no complete backup")
+    with tempfile.TemporaryDirectory(prefix="sovbackupd-manifests-") as scratch:
+        for backup in reversed(complete):
+            head = _remote_head(target, backup, Path(scratch))
+            if head is None or not head.safety:
+                return backup
+    raise NotFoundError(
+        f"remote {target.name} holds only "
+        f"{plural(len(complete), 'pre-restore safety backup')}, which --latest never "
+        f"chooses: name one (the newest is {complete[-1].name})"
+    )
 
 
 def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
-    """Download backup *name* (the newest by default) from *remote* into the backup dir.
+    """Download backup *name* (by default ``--latest``'s) from *remote* into the backup dir.
 
     The three files land in staging first and are checked against the sidecar; the
     archive takes its final name last, as a backup made here would. A backup already
@@ -272,7 +299,7 @@ def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
     """
     config = remote_config(policy, remote)
     target = targets.build_target(config)
-    chosen = _pick(targets.list_backups(target.list(), policy.name_prefix), name, remote)
+    chosen = _pick(target, targets.list_backups(target.list(), policy.name_prefix), name)
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         present = next((item for item in store.backups() if item.name == chosen.name), None)
@@ -320,7 +347,7 @@ def verify(
     config = remote_config(policy, remote)
     target = targets.build_target(config)
     held = targets.list_backups(target.list(), policy.name_prefix)
-    chosen = held[::-1] if every else [_pick(held, name, remote)]
+    chosen = held[::-1] if every else [_pick(target, held, name)]
     return [_verify_one(policy, target, backup, deep) for backup in chosen]
 
 

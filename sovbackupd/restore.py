@@ -1406,7 +1406,10 @@ def drill(
     metrics: Metrics | None = None,
     cancel: threading.Event | None = None,
 ) -> DrillReport:
-    """Restore backup *name* (the newest by default) into scratch space and check it all.
+    """Restore backup *name* into scratch space and check it all.
+
+    Without *name*, the backup ``--latest`` means: the newest that is not a pre-restore
+    safety backup (:meth:`Store.latest`), which is what the daemon's schedule drills.
 
     Every file is checked against the manifest while it is extracted; each SQLite copy
     passes ``integrity_check`` with the manifest's row counts; the RDB (and AOF) load into

@@ -20,7 +20,7 @@ import structlog
 from sovbackupd import policy as gfs
 from sovbackupd.archive import fsync_dir, manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
-from sovbackupd.manifest import MANUAL_TIER, SAFETY_TIER
+from sovbackupd.manifest import MANUAL_TIER
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
 
@@ -98,7 +98,7 @@ def candidates(
                 name=backup.name,
                 time=backup.created,
                 ok=sidecar_path(backup.path).is_file() and head is not None,
-                safety=head is not None and head.tiers == [SAFETY_TIER],
+                safety=head is not None and head.safety,
                 manual=head is not None and MANUAL_TIER in head.tiers,
                 pin=pinned.get(backup.name),
             )

@@ -38,6 +38,7 @@ from sovbackupd.errors import (
     SovbackupdError,
 )
 from sovbackupd.manifest import Manifest, read_full, read_head
+from sovbackupd.wording import plural
 
 log = structlog.get_logger("sovbackupd.store")
 
@@ -266,11 +267,23 @@ class Store:
         raise NotFoundError(f"no backup named {name!r} in {self.directory}")
 
     def latest(self) -> StoredBackup:
-        """Return the newest backup."""
+        """Return the newest backup that is not a restore's safety backup: ``--latest``.
+
+        A safety backup holds only what one restore replaced, so it is reached by name
+        only. A backup whose manifest cannot be read is not passed over: choosing it fails
+        with its own error, where passing it over would quietly choose older data.
+        """
         backups = self.backups()
         if not backups:
             raise NotFoundError(f"no backups in {self.directory}")
-        return backups[-1]
+        for backup in reversed(backups):
+            head = backup.head()
+            if head is None or not head.safety:
+                return backup
+        raise NotFoundError(
+            f"{self.directory} holds only {plural(len(backups), 'pre-restore safety backup')}, "
+            f"which --latest never chooses: name one (the newest is {backups[-1].name})"
+        )
 
     def pin_path(self, name: str) -> Path:
         """Return where the pin of backup *name* lives."""

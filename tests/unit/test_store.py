@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from structlog.testing import capture_logs
 
 from sovbackupd import archive
 from sovbackupd.errors import ArchiveError, LockedError, NotFoundError
+from sovbackupd.manifest import SAFETY_TIER, Manifest, write_manifest
 from sovbackupd.policy import Pin
 from sovbackupd.store import PIN_LIMIT_BYTES, PIN_SUFFIX, PinFile, Store, backup_name, read_pin
 from tests.integration.test_retention import write_backup
@@ -135,6 +137,55 @@ def test_latest_of_an_empty_directory_is_not_found(store: Store) -> None:
     """latest() with no backups is a NotFoundError, not an IndexError."""
     with pytest.raises(NotFoundError, match="no backups"):
         store.latest()
+
+
+BackupKind = Literal["backup", "safety", "unreadable"]
+
+
+def write_head(directory: Path, name: str, kind: BackupKind) -> None:
+    """Write an archive *name* and the manifest beside it: a tier's, a safety one, or junk."""
+    (directory / f"{name}.tar.gz").write_bytes(b"x" * 10)
+    path = archive.manifest_path(directory / f"{name}.tar.gz")
+    if kind == "unreadable":
+        path.write_bytes(b"not json")
+        return
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    head = Manifest(
+        id=name,
+        created=moment,
+        finished=moment,
+        tiers=[SAFETY_TIER] if kind == "safety" else ["daily"],
+        host="host",
+        tool_version="0",
+        compression="gzip",
+        sources=[],
+        file_count=0,
+        file_bytes=0,
+    )
+    with path.open("wb") as out:
+        write_manifest(head, [], out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["backup", "safety", "unreadable"]), min_size=1, max_size=8))
+def test_latest_is_the_newest_backup_that_is_not_a_safety_backup(kinds: list[BackupKind]) -> None:
+    """latest() is the newest backup whose manifest does not say pre-restore, else NotFound.
+
+    Invariant: a safety backup is never --latest's choice, and no backup newer than the
+    choice is anything but a safety backup; a manifest that cannot be read is chosen, not
+    passed over (its own error then says why), so older data is never chosen quietly.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        store = Store(Path(directory), PREFIX)
+        names = [f"{PREFIX}_2026010{day}_000000" for day in range(1, len(kinds) + 1)]
+        for name, kind in zip(names, kinds, strict=True):
+            write_head(Path(directory), name, kind)
+        chosen = [name for name, kind in zip(names, kinds, strict=True) if kind != "safety"]
+        if chosen:
+            assert store.latest().name == chosen[-1]
+        else:
+            with pytest.raises(NotFoundError, match="which --latest never chooses"):
+                store.latest()
 
 
 def test_clean_leftovers_removes_partials_staging_and_orphans(store: Store) -> None:
