@@ -25,7 +25,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,16 @@ from pydantic import Field
 
 from sovbackupd import archive, backup, hooks, redis_server, statefile, tree
 from sovbackupd.config.layout import quoted
-from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
+from sovbackupd.config.models import (
+    STOP_ORDER,
+    ComponentCommands,
+    Gpg,
+    Hooks,
+    Policy,
+    RedisSource,
+    SourcePath,
+    Sources,
+)
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import (
     INFO_NAME,
@@ -519,6 +528,28 @@ def _safety_sources(policy: Policy, units: list[Unit], redis_running: bool) -> S
     )
 
 
+def service_commands(
+    configured: list[list[str]] | ComponentCommands,
+    components: Collection[Component],
+    stage: Literal["stop", "start"],
+) -> list[list[str]]:
+    """Return the restore.stop or restore.start commands of a live restore of *components*.
+
+    A list of commands runs whole, in its order, whatever is restored. A mapping by
+    component gives the commands of the restored components only, each distinct argv
+    once (where it first comes): for stop in :data:`STOP_ORDER`, data's first and Redis's
+    last, so that the application stops before the Redis it uses; for start the reverse.
+    """
+    if isinstance(configured, list):
+        return [list(argv) for argv in configured]
+    order = STOP_ORDER if stage == "stop" else STOP_ORDER[::-1]
+    chosen: list[list[str]] = []
+    for component in order:
+        if component in components:
+            chosen.extend(list(argv) for argv in configured.of(component) if argv not in chosen)
+    return chosen
+
+
 def plan(
     policy: Policy,
     stored: StoredBackup,
@@ -557,12 +588,18 @@ def plan(
             if unit.component == "redis":
                 unit.owner = _redis_files_owner(unit)
         redis_running = _redis_answers(redis_config)
-        if redis_running and not policy.restore.stop:
+        if redis_running and not service_commands(policy.restore.stop, {"redis"}, "stop"):
+            keys = (
+                ("restore.stop", "restore.start")
+                if isinstance(policy.restore.stop, list)
+                else ("restore.stop.redis", "restore.start.redis")
+            )
             refusal = (
                 f"redis at {RedisReader(redis_config).where} is running: stop it first, or "
-                "set restore.stop and restore.start in the policy (e.g. [systemctl, stop, "
+                f"set {keys[0]} and {keys[1]} in the policy (e.g. [systemctl, stop, "
                 "redis-server]) so that restore stops and starts it"
             )
+    restored = {unit.component for unit in units}
     safety_sources = None
     if not live:
         note = f"everything lands under {to}"
@@ -582,8 +619,8 @@ def plan(
         live=live,
         safety_sources=safety_sources,
         safety_note=note,
-        stop=[list(argv) for argv in policy.restore.stop] if live else [],
-        start=[list(argv) for argv in policy.restore.start] if live else [],
+        stop=service_commands(policy.restore.stop, restored, "stop") if live else [],
+        start=service_commands(policy.restore.start, restored, "start") if live else [],
         redis_running=redis_running,
         redis_where=RedisReader(redis_config).where
         if live and restoring_redis and redis_config is not None

@@ -13,7 +13,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -433,18 +435,54 @@ class Daemon(_Model):
     )
 
 
+RestoreComponent = Literal["redis", "sqlite", "config", "data"]
+STOP_ORDER: tuple[RestoreComponent, ...] = ("data", "config", "sqlite", "redis")
+"""The order the stop commands of the restored components run in; start runs the reverse."""
+
+
+class ComponentCommands(_Model):
+    """Stop or start commands by component: a restore runs those of what it restores."""
+
+    redis: list[Argv] = Field(
+        default_factory=list, description="For a restore of Redis (its RDB and AOF)."
+    )
+    sqlite: list[Argv] = Field(default_factory=list, description="For a restore of a database.")
+    config: list[Argv] = Field(default_factory=list, description="For a restore of config files.")
+    data: list[Argv] = Field(default_factory=list, description="For a restore of data dirs.")
+
+    def of(self, component: RestoreComponent) -> list[list[str]]:
+        """Return the commands given for *component*."""
+        commands: list[list[str]] = getattr(self, component)
+        return commands
+
+
+def _commands_form(value: object) -> str:
+    return "components" if isinstance(value, dict | ComponentCommands) else "list"
+
+
+ServiceCommands = Annotated[
+    Annotated[list[Argv], Tag("list")] | Annotated[ComponentCommands, Tag("components")],
+    Discriminator(_commands_form),
+]
+
+
 class Restore(_Model):
     """How ``sovbackupd restore`` swaps live data: the services stopped around it."""
 
-    stop: list[Argv] = Field(
+    stop: ServiceCommands = Field(
         default_factory=list,
-        description="Commands run in order before live files are replaced (any live "
-        "restore), e.g. [systemctl, stop, sovereigncore] then [systemctl, stop, redis-server]. "
-        "Without them, restoring Redis is refused while it runs.",
+        description="Commands run before live files are replaced: a list, run in order for "
+        "every live restore (e.g. [systemctl, stop, sovereigncore] then [systemctl, stop, "
+        "redis-server]), or a mapping by component (redis, sqlite, config, data), of which "
+        "a restore runs those of the components it restores, each distinct command once, "
+        "data's first, then config's, sqlite's and redis's last. Without a command for "
+        "Redis, restoring Redis is refused while it runs.",
     )
-    start: list[Argv] = Field(
+    start: ServiceCommands = Field(
         default_factory=list,
-        description="Commands run in order after the swap, also when the swap failed.",
+        description="Commands run after the swap, also when the swap failed: a list, in "
+        "order, or a mapping by component, run as for stop but in the reverse order "
+        "(redis's first).",
     )
     timeout_seconds: float = Field(
         default=300.0,

@@ -19,6 +19,8 @@ from sovbackupd.config import loader
 from sovbackupd.config.models import MAX_KEEP, Policy, SourcePath
 
 APP = "/opt/sovereigncore"
+APP_COMPONENTS = ("sqlite", "config", "data")
+"""What the SovereignCore application holds open: it is stopped while they are replaced."""
 
 EXAMPLE = Policy.model_validate(
     {
@@ -53,14 +55,15 @@ EXAMPLE = Policy.model_validate(
         },
         "test_restore": {"schedule": "0 5 1 * *"},
         "restore": {
-            "stop": [
-                ["systemctl", "stop", "sovereigncore"],
-                ["systemctl", "stop", "redis-server"],
-            ],
-            "start": [
-                ["systemctl", "start", "redis-server"],
-                ["systemctl", "start", "sovereigncore"],
-            ],
+            # By component: `--only sqlite` stops the application and leaves Redis running.
+            "stop": {
+                "redis": [["systemctl", "stop", "redis-server"]],
+                **{name: [["systemctl", "stop", "sovereigncore"]] for name in APP_COMPONENTS},
+            },
+            "start": {
+                "redis": [["systemctl", "start", "redis-server"]],
+                **{name: [["systemctl", "start", "sovereigncore"]] for name in APP_COMPONENTS},
+            },
         },
         "remotes": [
             {
@@ -137,14 +140,16 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
-        nested = [
-            candidate
-            for candidate in getattr(annotation, "__args__", (annotation,))
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel)
-        ] or _variants(annotation)
+        members = list(getattr(annotation, "__args__", (annotation,)))
+        if get_origin(annotation) in (Union, UnionType):  # restore.stop's tagged branches
+            members = [_unannotated(member) for member in members]
+        models = [member for member in members if _is_model(member)]
+        nested = models or _variants(annotation)
+        # A list or a mapping (restore.stop): the list's default, the mapping's keys below.
+        either = bool(models) and any(not _is_model(m) and m is not type(None) for m in members)
         if field.is_required():
             default = "required"
-        elif nested:
+        elif nested and not either:
             default = "see below"
         else:
             value = field.get_default(call_default_factory=True, validated_data={})
@@ -159,6 +164,14 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             else:
                 rows.extend(_rows(submodel, f"{key}."))
     return rows
+
+
+def _unannotated(annotation: Any) -> Any:  # noqa: ANN401 (any typing annotation)
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def _is_model(annotation: Any) -> bool:  # noqa: ANN401 (any typing annotation)
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _bounds(field: FieldInfo) -> str:
