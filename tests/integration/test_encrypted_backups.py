@@ -205,13 +205,14 @@ def test_wrong_passphrase_fails_restore_and_deep_verify_but_not_the_checksum(
 
     result = run_cli("restore", name, "--yes", config=config)
 
-    assert_one_error(result, "wrong passphrase", f"{name}.tar.gz.gpg")
+    # The encrypted manifest is the first thing decrypted: the error names it.
+    assert_one_error(result, "wrong passphrase", f"{name}.manifest.json.gpg")
     assert component_states(sandbox, redis_server) == damaged
     assert sorted(path.name for path in sandbox.backup_dir.iterdir()) == stored
     assert list(sandbox.root.rglob(".sovbackupd-restore-*")) == []
     assert redis_server.client().ping()
     deep = run_cli("verify", "--deep", name, config=config)
-    assert_one_error(deep, "wrong passphrase", f"{name}.tar.gz.gpg")
+    assert_one_error(deep, "wrong passphrase", f"{name}.manifest.json.gpg")
     shallow = run_cli("verify", name, config=config)
     assert (shallow.returncode, shallow.stdout.strip()) == (0, f"{name}: ok"), shallow.stderr
 
@@ -289,7 +290,7 @@ def test_public_key_backup_needs_the_secret_key_only_on_the_recovery_machine(
     stored = sandbox.backup_dir / f"{name}.tar.gz.gpg"
     assert stored.is_file()
     deep = run_cli("verify", "--deep", name, config=config)
-    assert_one_error(deep, f"{name}.tar.gz.gpg", "secret_keys_file")
+    assert_one_error(deep, f"{name}.manifest.json.gpg", "secret_keys_file")
     shallow = run_cli("verify", name, config=config)
     assert shallow.returncode == 0, shallow.stderr
     subprocess.run(
