@@ -280,7 +280,7 @@ def _pick(held: list[targets.RemoteBackup], name: str | None, remote: str) -> ta
 def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
     """Download backup *name* (the newest by default) from *remote* into the backup dir.
 
-    The three files land in staging first and are checked against the sidecar; the
+    Its files land in staging first and are checked against the sidecar; the
     archive takes its final name last, as a backup made here would. A backup already
     here whose checksum holds is not downloaded again.
     """
