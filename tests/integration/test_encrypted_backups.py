@@ -8,15 +8,18 @@ carry ``encryption: {gpg: ...}``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pytest
 
+from sovbackupd import archive, backup, config
+from sovbackupd.errors import ArchiveError
 from tests.conftest import (
     CliResult,
     RedisServer,
@@ -704,3 +707,31 @@ def test_retention_deletes_the_encrypted_manifest_with_its_backup(
         f"{new}.manifest.json",
         f"{new}.manifest.json.gpg",
     }
+
+
+def test_a_backup_whose_encrypted_manifest_does_not_decrypt_back_is_discarded(
+    tmp_path: Path, sandbox: Sandbox, passphrase_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back before commit decrypts the .manifest.json.gpg: a torn one fails the run."""
+    fill = archive.fill_atomically
+
+    def tearing(path: Path, write: Callable[[BinaryIO], None], owner: Any = None) -> None:
+        def torn(handle: BinaryIO) -> None:
+            whole = io.BytesIO()
+            write(cast(BinaryIO, whole))
+            handle.write(whole.getvalue()[:-40])  # what a torn write leaves
+
+        fill(path, torn if path.name.endswith(".manifest.json.gpg") else write, owner)
+
+    monkeypatch.setattr(archive, "fill_atomically", tearing)
+    policy = config.load(
+        write_policy(
+            tmp_path / "policy.yaml",
+            policy_data(sandbox, None, encryption=passphrase_encryption(passphrase_file)),
+        )
+    )
+
+    with pytest.raises(ArchiveError, match=r"was discarded: .*manifest\.json\.gpg"):
+        backup.run(policy, ["daily"])
+
+    assert not [name for name in backup_files(sandbox.backup_dir) if "backup_" in name]
