@@ -36,6 +36,7 @@ from sovbackupd.config.layout import shown
 from sovbackupd.config.models import Gpg
 from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
 from sovbackupd.manifest import (
+    FULL_LIMIT_BYTES,
     INFO_NAME,
     MANIFEST_NAME,
     FileEntry,
@@ -86,6 +87,16 @@ def copy_atomically(source: IO[bytes], path: Path, *, owner: tuple[int, int] | N
     CLI write through it to the link's target. *owner* (uid, gid) is given to the file
     before it takes its name.
     """
+    fill_atomically(path, lambda handle: shutil.copyfileobj(source, handle, CHUNK_BYTES), owner)
+
+
+def fill_atomically(
+    path: Path, fill: Callable[[BinaryIO], None], owner: tuple[int, int] | None = None
+) -> None:
+    """Create *path* (mode 0600, *owner*'s) with what *fill* writes, through a temp name.
+
+    See :func:`copy_atomically`; the file is fsynced before the rename.
+    """
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
     temporary.unlink(missing_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -94,7 +105,7 @@ def copy_atomically(source: IO[bytes], path: Path, *, owner: tuple[int, int] | N
         if owner is not None:
             os.fchown(descriptor, *owner)
         with os.fdopen(descriptor, "wb") as handle:
-            shutil.copyfileobj(source, handle, CHUNK_BYTES)
+            fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(path)
@@ -621,14 +632,38 @@ class Writer:
             self._write(chunk)
         self._pad(size)
 
-    def commit(self, head: Manifest, read_back: Callable[[], None] | None = None) -> str:
+    def _write_manifests(self, head: Manifest, manifest: IO[bytes]) -> None:
+        """Put the manifest beside the archive: in plaintext, or encrypted and a head.
+
+        An encrypted backup keeps no plaintext file list: its full manifest, byte for byte
+        the member inside, is encrypted as the archive is into ``.manifest.json.gpg``;
+        beside it lies only the head that listing and retention read.
+        """
+        manifest.seek(0)
+        if self._encryption is None:
+            copy_atomically(manifest, manifest_path(self.path))
+            return
+        settings = self._encryption
+        target = encrypted_manifest_path(self.path)
+
+        def encrypt(handle: BinaryIO) -> None:
+            with crypto.encrypting(handle, settings, name=target.name) as sink:
+                shutil.copyfileobj(manifest, sink, CHUNK_BYTES)
+
+        fill_atomically(target, encrypt)
+        written = io.BytesIO()
+        write_manifest(head.head(), (), written)
+        write_atomically(manifest_path(self.path), written.getvalue())
+
+    def commit(self, head: Manifest, read_back: Callable[[IO[bytes]], None] | None = None) -> str:
         """Archive the manifest, finish the stream, then put the archive in place.
 
         The manifest is *head* plus every recorded entry. The sidecars are written before
         the rename, so an archive under its final name always has them. *read_back* runs
-        once they are on disk, before the rename: whatever it raises discards the archive
-        and its sidecars, so that no archive takes its name unless its manifest reads
-        back. Return the archive's sha256.
+        once they are on disk, before the rename, given the plaintext manifest as it went
+        into the archive: whatever it raises discards the archive and its sidecars, so
+        that no archive takes its name unless its manifest reads back. Return the
+        archive's sha256.
         """
         try:
             manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in the finally below; its creation alone can hit ENOSPC)
@@ -642,15 +677,16 @@ class Writer:
             sha256 = self._finish()
             try:
                 write_atomically(sidecar_path(self.path), f"{sha256}  {self.path.name}\n".encode())
-                manifest.seek(0)
-                copy_atomically(manifest, manifest_path(self.path))
+                self._write_manifests(head, manifest)
                 if read_back is not None:
-                    read_back()
+                    manifest.seek(0)
+                    read_back(manifest)
                 self.partial.replace(self.path)
                 fsync_dir(self.path.parent)
             except BaseException as error:
                 sidecar_path(self.path).unlink(missing_ok=True)
                 manifest_path(self.path).unlink(missing_ok=True)
+                encrypted_manifest_path(self.path).unlink(missing_ok=True)
                 if isinstance(error, OSError):
                     raise _disk_error(error, self.partial) from error
                 raise
@@ -700,6 +736,52 @@ def manifest_path(archive: Path) -> Path:
     return archive.with_name(name + MANIFEST_SUFFIX)
 
 
+def encrypted_manifest_path(archive: Path) -> Path:
+    """Return where the encrypted full manifest of *archive* is kept (encrypted or not)."""
+    beside = manifest_path(archive)
+    return beside.with_name(beside.name + crypto.SUFFIX)
+
+
+def encryption_needed(archive: Path) -> ArchiveError:
+    """Return the error that says *archive* is encrypted and the policy has no settings."""
+    return ArchiveError(
+        f"{archive.name} is encrypted: the policy needs its encryption settings "
+        "(passphrase_file, or secret_keys_file on the recovery machine)"
+    )
+
+
+def read_encrypted_manifest(archive: Path, encryption: Gpg | None) -> bytes:
+    """Return the full manifest of the encrypted *archive*, decrypted into memory.
+
+    The plaintext never touches the disk, and reading stops (gpg stopped) past
+    FULL_LIMIT_BYTES, so a small file that decompresses to gigabytes cannot fill memory.
+    Raise ArchiveError when it is missing, unreadable or too large, CryptoError when gpg
+    cannot decrypt it or finds it damaged.
+    """
+    path = encrypted_manifest_path(archive)
+    if encryption is None:
+        raise encryption_needed(archive)
+    try:
+        with (
+            untrusted.open_regular(path) as handle,
+            crypto.decrypting(handle, encryption, name=path.name) as plain,
+        ):
+            data = plain.read(FULL_LIMIT_BYTES + 1)
+            if len(data) > FULL_LIMIT_BYTES:
+                raise ArchiveError(
+                    f"{path.name} decrypts to more than {FULL_LIMIT_BYTES >> 20} MiB"
+                )
+    except FileNotFoundError:
+        raise ArchiveError(
+            f"{path.name} is missing: the head beside {archive.name} says its manifest is "
+            "encrypted there"
+        ) from None
+    except (OSError, ValueError) as error:  # NotRegularError is a ValueError
+        reason = error.strerror if isinstance(error, OSError) else None
+        raise ArchiveError(f"{path.name} is unreadable: {reason or error}") from None
+    return data
+
+
 def encrypted(archive: Path) -> bool:
     """Tell from its file name whether *archive* is encrypted."""
     return archive.name.endswith(crypto.SUFFIX)
@@ -743,10 +825,7 @@ def readable(handle: BinaryIO, archive: Path, encryption: Gpg | None) -> Iterato
         stored: BinaryIO = handle
         if encrypted(archive):
             if encryption is None:
-                raise ArchiveError(
-                    f"{archive.name} is encrypted: the policy needs its encryption settings "
-                    "(passphrase_file, or secret_keys_file on the recovery machine)"
-                )
+                raise encryption_needed(archive)
             stored = cast(
                 BinaryIO,
                 layers.enter_context(crypto.decrypting(handle, encryption, name=archive.name)),

@@ -16,11 +16,11 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import structlog
 
-from sovbackupd import __version__, archive, hooks, notify, retention, sources, tierstate
+from sovbackupd import __version__, archive, crypto, hooks, notify, retention, sources, tierstate
 from sovbackupd import policy as gfs
 from sovbackupd.config import files, layout
 from sovbackupd.config.models import Policy
@@ -386,7 +386,7 @@ def _run(
                 # its bytes rather than failing the backup.
                 writer.add_bytes(INFO_NAME, info.encode("utf-8", "surrogateescape"), time.time())
                 stored = StoredBackup(name, path, created, 0)
-                sha256 = writer.commit(head, lambda: _read_back(policy, stored))
+                sha256 = writer.commit(head, lambda written: _read_back(policy, stored, written))
             tierstate.record_success(policy.backup_dir, tiers, head.finished)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -406,19 +406,27 @@ def _run(
     )
 
 
-def _read_back(policy: Policy, stored: StoredBackup) -> None:
+def _read_back(policy: Policy, stored: StoredBackup, written: IO[bytes]) -> None:
     """Read the manifest of *stored* back from disk as restore does; raise if restore refuses.
 
-    Restore's own reader parses the manifest beside the archive and restore's own rules
-    check every entry (a safe name, under its component, put back where the policy backs
-    up), so that a backup which restore would refuse fails here, before the archive takes
-    its name and before retention counts it. Raise ArchiveError naming the backup.
+    Restore's own reader parses the manifest beside the archive (decrypting the full one
+    of an encrypted backup) and restore's own rules check every entry (a safe name, under
+    its component, put back where the policy backs up), so that a backup which restore
+    would refuse fails here, before the archive takes its name and before retention
+    counts it. A server that holds only public keys cannot decrypt its own backups: it
+    checks the head on disk and the plaintext *written* into gpg. Raise ArchiveError
+    naming the backup.
     """
     # restore imports this module (its safety backup is a backup).
     from sovbackupd import restore  # noqa: PLC0415
 
     try:
-        restore.check_restorable(restore.load_manifest(stored), policy)
+        if policy.gpg is not None and not crypto.can_decrypt(policy.gpg):
+            restore.load_head(stored)
+            manifest = restore.validated(written.read(), stored.name)
+        else:
+            manifest = restore.load_manifest(stored, policy.gpg)
+        restore.check_restorable(manifest, policy)
     except SovbackupdError as error:
         # Restore's messages start with the backup's name, which this one leads with.
         reason = str(error).removeprefix(f"backup {stored.name}: ").removeprefix(f"{stored.name}: ")

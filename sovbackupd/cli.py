@@ -156,7 +156,10 @@ def _summary(stored: StoredBackup, decision: gfs.Decision, held: str | None) -> 
         "tiers": manifest.tiers if manifest else [],
         "compression": manifest.compression if manifest else None,
         "files": manifest.file_count if manifest else None,
-        "warnings": sum(len(source.warnings) for source in manifest.sources) if manifest else None,
+        # An encrypted backup's head keeps its warnings (they name files) encrypted.
+        "warnings": sum(len(source.warnings) for source in manifest.sources)
+        if manifest and not manifest.is_head
+        else None,
         "safety": manifest.safety if manifest else False,
         "kept_by": list(decision.reasons),
         "to_be_pruned": not decision.keep and held is None,

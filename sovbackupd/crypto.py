@@ -133,6 +133,14 @@ def _passphrase(settings: Gpg) -> _Passphrase | None:
     return None
 
 
+def can_decrypt(settings: Gpg) -> bool:
+    """Tell whether *settings* can decrypt what they encrypt: a passphrase, or a secret key.
+
+    A server with public keys only cannot, by design: the recovery machine holds the key.
+    """
+    return not settings.recipients or settings.secret_keys_file is not None
+
+
 def _label(stream: object) -> str:
     name = getattr(stream, "name", None)
     return name if isinstance(name, str) else "the archive stream"

@@ -27,6 +27,8 @@ MANUAL_TIER = "manual"
 """The label of a backup taken by hand (``sovbackupd backup`` without ``--tier``)."""
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "backup_info.txt"
+ENCRYPTED = "encrypted"
+"""The ``manifest`` field of a head: the full manifest is in the encrypted copy beside it."""
 
 
 UID_MAX = 2**32 - 2
@@ -190,6 +192,44 @@ class Manifest(_Frozen):
         max_length=10 * LIST_MAX,
         description="Every member but manifest.json itself.",
     )
+    manifest: Literal["encrypted"] | None = Field(
+        default=None,
+        description="Only in the head beside an encrypted archive: the full manifest is in "
+        "<name>.manifest.json.gpg, and this one holds no file list, details or warnings.",
+    )
+
+    @model_validator(mode="after")
+    def _head_holds_nothing_secret(self) -> Manifest:
+        if self.manifest == ENCRYPTED:
+            if self.files:
+                raise ValueError("a head (manifest: encrypted) lists no files")
+            if any(source.details or source.warnings for source in self.sources):
+                raise ValueError("a head (manifest: encrypted) holds no details or warnings")
+        return self
+
+    @property
+    def is_head(self) -> bool:
+        """Tell whether this is the head of an encrypted backup, its full manifest elsewhere."""
+        return self.manifest == ENCRYPTED
+
+    def head(self) -> Manifest:
+        """Return what may lie in plaintext beside an encrypted archive: no file list.
+
+        Sources keep their component and name only: details (row counts, key counts) and
+        warnings (which name files) stay in the encrypted full manifest.
+        """
+        return self.model_copy(
+            update={
+                "sources": [
+                    SourceResult(
+                        component=source.component, name=source.name, details={}, warnings=[]
+                    )
+                    for source in self.sources
+                ],
+                "files": [],
+                "manifest": ENCRYPTED,
+            }
+        )
 
     @property
     def safety(self) -> bool:
@@ -313,7 +353,9 @@ def write_manifest(head: Manifest, entry_lines: Iterable[bytes], out: IO[bytes])
 
     Each line is one FileEntry as compact JSON; they are streamed, never held together.
     """
-    fields = json.dumps(head.model_dump(mode="json", exclude={"files"}), indent=1)
+    # A full manifest holds no ``manifest`` key: its bytes are what they were before heads.
+    unset = {"files"} if head.is_head else {"files", "manifest"}
+    fields = json.dumps(head.model_dump(mode="json", exclude=unset), indent=1)
     out.write(fields.removesuffix("\n}").encode() + FILES_MARKER)
     separator = b"\n  "
     for line in entry_lines:

@@ -9,6 +9,7 @@ local backup, which is already committed when a pass starts.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -123,6 +124,19 @@ def _upload_missing(
             metrics.remote_uploaded(target.name, ok=True)
 
 
+def _whole(copy: targets.RemoteBackup, backup_dir: Path) -> bool:
+    """Tell whether a remote *copy* is complete and holds every file its local backup has.
+
+    A copy that lacks the encrypted manifest its local backup in *backup_dir* has (lost
+    or deleted there) could not be restored: it is uploaded again.
+    """
+    if not copy.complete:
+        return False
+    return copy.encrypted_manifest is not None or not os.path.lexists(
+        archive.encrypted_manifest_path(backup_dir / copy.archive.name)
+    )
+
+
 def _describe(remote: str, error: Exception) -> str:
     """Return *error* as one line that names *remote* once."""
     text = str(error)
@@ -164,7 +178,7 @@ def sync(
     try:
         listed = targets.list_backups(target.list(), policy.name_prefix)
         local = store.backups()
-        complete = {backup.name for backup in listed if backup.complete}
+        complete = {backup.name for backup in listed if _whole(backup, policy.backup_dir)}
         _upload_missing(target, local, complete, report, metrics=metrics, cancel=cancel)
         listed = targets.list_backups(target.list(), policy.name_prefix)
         decided = _plan(policy, target, listed, datetime.now(UTC))
@@ -293,7 +307,7 @@ def _pick(
 def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
     """Download backup *name* (by default ``--latest``'s) from *remote* into the backup dir.
 
-    The three files land in staging first and are checked against the sidecar; the
+    Its files land in staging first and are checked against the sidecar; the
     archive takes its final name last, as a backup made here would. A backup already
     here whose checksum holds is not downloaded again.
     """
@@ -312,9 +326,7 @@ def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
                 return present
         staging = store.staging(f"fetch-{chosen.name}")
         try:
-            files = targets.backup_files(staging / chosen.archive.name)
-            for path in files:
-                target.download(path.name, path)
+            files = _download(target, chosen, staging)
             archive.verify_checksum(files[0])
             for path in (*files[1:], files[0]):
                 path.replace(policy.backup_dir / path.name)
@@ -323,6 +335,32 @@ def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
             shutil.rmtree(staging.parent, ignore_errors=True)
     log.info("remote.fetched", remote=remote, backup=chosen.name)
     return store.find(chosen.name)
+
+
+def _download(target: targets.Target, backup: targets.RemoteBackup, into: Path) -> list[Path]:
+    """Download the files *target* holds of *backup* into *into*; return them, archive first.
+
+    Raise ArchiveError when the head says the manifest is encrypted and the remote lacks
+    that file: the copy cannot be restored.
+    """
+    files = [
+        path for path in targets.backup_files(into / backup.archive.name) if backup.holds(path)
+    ]
+    for path in files:
+        target.download(path.name, path)
+    manifest = archive.manifest_path(files[0])
+    encrypted_copy = archive.encrypted_manifest_path(files[0])
+    if manifest in files and encrypted_copy not in files:
+        try:
+            is_head = read_head(manifest).is_head
+        except (OSError, ValueError):
+            is_head = False  # restore names what is wrong with it
+        if is_head:
+            raise ArchiveError(
+                f"remote {target.name}: {backup.name} is incomplete: {encrypted_copy.name} "
+                "is missing, and the head says its manifest is encrypted there"
+            )
+    return files
 
 
 @dataclass(frozen=True)
@@ -361,10 +399,12 @@ def _verify_one(
     store.ensure()
     scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=policy.backup_dir))
     try:
-        files = targets.backup_files(scratch / backup.archive.name)
-        wanted = files if deep else files[2:]
-        for path in wanted:
-            target.download(path.name, path)
+        files = list(targets.backup_files(scratch / backup.archive.name))
+        if deep:
+            files = _download(target, backup, scratch)
+        else:
+            for path in files[-2:]:  # the manifest beside the archive, and the sidecar
+                target.download(path.name, path)
         recorded = backup.archive.sha256
         if not deep and recorded is not None and recorded != archive.read_sidecar(files[0]):
             problem = f"{backup.archive.name}: the remote's sha256 differs from its sidecar"

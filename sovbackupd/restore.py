@@ -34,7 +34,7 @@ from typing import IO, BinaryIO, Literal
 import structlog
 from pydantic import Field
 
-from sovbackupd import archive, backup, hooks, redis_server, statefile, tree
+from sovbackupd import archive, backup, hooks, redis_server, statefile, tree, untrusted
 from sovbackupd.config.layout import quoted
 from sovbackupd.config.models import (
     STOP_ORDER,
@@ -48,6 +48,7 @@ from sovbackupd.config.models import (
 )
 from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
 from sovbackupd.manifest import (
+    FULL_LIMIT_BYTES,
     INFO_NAME,
     MANIFEST_NAME,
     SAFETY_TIER,
@@ -56,7 +57,7 @@ from sovbackupd.manifest import (
     Manifest,
     ManifestError,
     RedisDetails,
-    read_full,
+    parse_manifest,
 )
 from sovbackupd.metrics import Metrics
 from sovbackupd.sources import files, sqlite
@@ -120,6 +121,8 @@ class Plan:
 
     backup: StoredBackup
     manifest: Manifest
+    manifest_sha256: str
+    """Of the full manifest as read (beside, or decrypted): the one inside must match it."""
     units: list[Unit]
     live: bool
     """False with ``--to``: nothing outside that directory is touched."""
@@ -213,32 +216,80 @@ def _swap_steps(unit: Unit) -> list[str]:
     return steps
 
 
-def load_manifest(stored: StoredBackup) -> Manifest:
-    """Return the full manifest kept beside *stored*, validated as restore and drills need it.
+def load_manifest(stored: StoredBackup, encryption: Gpg | None = None) -> Manifest:
+    """Return the full manifest of *stored*, validated as restore and drills need it.
 
     See :func:`read_manifest`; raise ArchiveError when it is unusable.
     """
-    return read_manifest(archive.manifest_path(stored.path), stored.name)
+    return read_manifest(stored, encryption)[0]
 
 
-def read_manifest(path: Path, name: str) -> Manifest:
-    """Return the manifest at *path* of backup *name*, validated as restore reads it.
+def read_manifest(stored: StoredBackup, encryption: Gpg | None = None) -> tuple[Manifest, str]:
+    """Return the full manifest of backup *stored* and the sha256 of its bytes.
 
-    Every field is checked against its bounds, and every entry's path, origin and unit
-    as :func:`plan` checks them: a manifest that passes here restores without a crash.
-    Needs no policy, so a backup can read its own manifest back before committing it.
+    It is the copy beside the archive, or, when that is the head of an encrypted backup,
+    the encrypted copy decrypted (into memory) with *encryption*. Every field is checked
+    against its bounds, and every entry's path, origin and unit as :func:`plan` checks
+    them: a manifest that passes here restores without a crash. Needs no policy, so a
+    backup can read its own manifest back before committing it. Raise ArchiveError, one
+    line naming the backup and the field, when it is unusable (CryptoError when the
+    encrypted copy does not decrypt).
+    """
+    path = archive.manifest_path(stored.path)
+    beside, data = _beside(stored)
+    if not beside.is_head:
+        return beside, hashlib.sha256(data).hexdigest()
+    if not archive.encrypted(stored.path):
+        raise ArchiveError(
+            f"backup {stored.name}: {path.name} is the head of an encrypted backup, "
+            f"but {stored.path.name} is not encrypted"
+        )
+    data = archive.read_encrypted_manifest(stored.path, encryption)
+    full = validated(data, stored.name)
+    if full.is_head or full.head() != beside:
+        # The head must be this manifest's: an old head beside a newer archive would list
+        # and be pruned as another backup.
+        raise ArchiveError(
+            f"backup {stored.name}: {path.name} is not the head of the manifest in "
+            f"{archive.encrypted_manifest_path(stored.path).name}"
+        )
+    return full, hashlib.sha256(data).hexdigest()
+
+
+def _beside(stored: StoredBackup) -> tuple[Manifest, bytes]:
+    """Return the manifest beside *stored*, validated, and its bytes (FULL_LIMIT_BYTES at most).
+
+    Raise ArchiveError, one line naming the backup, when it is missing or unusable.
+    """
+    path = archive.manifest_path(stored.path)
+    try:
+        with untrusted.open_regular(path) as handle:
+            data = handle.read(FULL_LIMIT_BYTES + 1)
+    except FileNotFoundError:
+        raise ArchiveError(f"backup {stored.name}: {path.name} is missing") from None
+    except OSError as error:
+        raise ArchiveError(
+            f"backup {stored.name}: {path.name} is unreadable: {error.strerror}"
+        ) from None
+    except ValueError as error:  # a FIFO
+        raise ArchiveError(f"backup {stored.name}: {path.name} is unusable: {error}") from None
+    if len(data) > FULL_LIMIT_BYTES:
+        raise ArchiveError(
+            f"backup {stored.name}: {path.name} is unusable: larger than "
+            f"{FULL_LIMIT_BYTES >> 20} MiB"
+        )
+    return validated(data, stored.name), data
+
+
+def validated(data: bytes, name: str) -> Manifest:
+    """Return the manifest of backup *name* that *data* holds, checked as restore reads it.
+
     Raise ArchiveError, one line naming the backup and the field, when it is unusable.
     """
     try:
-        manifest = read_full(path)
-    except FileNotFoundError:
-        raise ArchiveError(f"backup {name}: {path.name} is missing") from None
-    except OSError as error:
-        raise ArchiveError(f"backup {name}: {path.name} is unreadable: {error.strerror}") from None
+        manifest = parse_manifest(data)
     except ManifestError as error:
         raise ArchiveError(f"backup {name}: {error}") from None
-    except ValueError as error:  # a FIFO, or a file past the size limit
-        raise ArchiveError(f"backup {name}: {path.name} is unusable: {error}") from None
     if manifest.id != name:
         # A copy renamed to look newer (or older): it would restore another backup's data
         # under this name, and retention would keep it for a date it does not hold.
@@ -247,6 +298,25 @@ def read_manifest(path: Path, name: str) -> Manifest:
         )
     _groups(manifest)
     return manifest
+
+
+def load_head(stored: StoredBackup) -> Manifest:
+    """Return the manifest beside *stored* as restore would read it, without decrypting.
+
+    For an encrypted backup's head, the encrypted full manifest must be there too (a
+    regular file); what it holds is checked only by what decrypts it. Raise ArchiveError.
+    """
+    beside, _ = _beside(stored)
+    if beside.is_head:
+        encrypted_copy = archive.encrypted_manifest_path(stored.path)
+        try:
+            untrusted.open_regular(encrypted_copy).close()
+        except (OSError, ValueError):
+            raise ArchiveError(
+                f"backup {stored.name}: {encrypted_copy.name} is missing or not a file: the "
+                f"head beside {stored.path.name} says its manifest is encrypted there"
+            ) from None
+    return beside
 
 
 def _safe_relative(path: str) -> bool:
@@ -565,12 +635,12 @@ def plan(
     one the policy does not back up, and ArchiveError when the manifest describes
     something unsafe.
     """
-    manifest = load_manifest(stored)
     if archive.encrypted(stored.path) and policy.gpg is None:
         raise RestoreError(
             f"{stored.path.name} is encrypted: set encryption.gpg in the policy "
             "(passphrase_file, or secret_keys_file on the recovery machine)"
         )
+    manifest, manifest_sha256 = read_manifest(stored, policy.gpg)
     selected = only or set(COMPONENTS)
     units = _units(manifest, selected, to, policy)
     if not units:
@@ -615,6 +685,7 @@ def plan(
     return Plan(
         backup=stored,
         manifest=manifest,
+        manifest_sha256=manifest_sha256,
         units=units,
         live=live,
         safety_sources=safety_sources,
@@ -938,16 +1009,18 @@ def _stream(plan: Plan, handle: BinaryIO, cancel: threading.Event | None) -> _Ex
 def verify_members(stored: StoredBackup, encryption: Gpg | None = None) -> Manifest:
     """Check every member of *stored* exactly as a restore of all of it would; write nothing.
 
-    The manifest beside the archive is read as restore reads it, each member checked
+    The full manifest is read as restore reads it (decrypted, for an encrypted backup
+    whose head lies beside it), each member checked
     against it (names, types, symlinks above it, duplicates, mtimes, sha256), and the
     manifest inside compared with it byte for byte: ``verify --deep`` passes no archive
     that restore or test-restore would refuse. Return the manifest; raise ArchiveError
     (CryptoError for an archive that does not decrypt) at the first problem.
     """
-    manifest = load_manifest(stored)
+    manifest, manifest_sha256 = read_manifest(stored, encryption)
     checking = Plan(
         backup=stored,
         manifest=manifest,
+        manifest_sha256=manifest_sha256,
         units=[],
         live=False,
         safety_sources=None,
@@ -1002,9 +1075,8 @@ def _remove_empty(created: list[Path]) -> None:
 
 
 def _check_inside_manifest(plan: Plan, inside: str | None) -> None:
-    """Compare the manifest inside with the one beside, which a backup writes byte for byte."""
-    beside = archive.file_sha256(archive.manifest_path(plan.backup.path))
-    if inside != beside:
+    """Compare the manifest inside with the one read, which a backup writes byte for byte."""
+    if inside != plan.manifest_sha256:
         raise ArchiveError(
             f"{plan.backup.path.name}: the manifest inside differs from the one beside it"
         )

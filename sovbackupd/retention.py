@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from sovbackupd import policy as gfs
-from sovbackupd.archive import fsync_dir, manifest_path, sidecar_path
+from sovbackupd import targets
+from sovbackupd.archive import encrypted_manifest_path, fsync_dir, sidecar_path
 from sovbackupd.config.models import Policy
 from sovbackupd.manifest import MANUAL_TIER
 from sovbackupd.metrics import Metrics
@@ -85,7 +86,8 @@ def candidates(
     """Describe *stored* backups for the decision, with their *pins*.
 
     A backup counts as successful and verified when its checksum sidecar and manifest
-    are there and readable: both are written before the archive takes its final name.
+    are there and readable (and, beside a head, the encrypted manifest): all are written
+    before the archive takes its final name.
     Re-hashing every archive on each prune would read the whole history; ``verify
     --all`` and the test restores do that on their own schedule.
     """
@@ -97,7 +99,9 @@ def candidates(
             gfs.Candidate(
                 name=backup.name,
                 time=backup.created,
-                ok=sidecar_path(backup.path).is_file() and head is not None,
+                ok=sidecar_path(backup.path).is_file()
+                and head is not None
+                and (not head.is_head or encrypted_manifest_path(backup.path).is_file()),
                 safety=head is not None and head.safety,
                 manual=head is not None and MANUAL_TIER in head.tiers,
                 pin=pinned.get(backup.name),
@@ -184,9 +188,8 @@ def remote_plan(
 
 
 def _delete(store: Store, backup: StoredBackup) -> None:
-    backup.path.unlink(missing_ok=True)
-    sidecar_path(backup.path).unlink(missing_ok=True)
-    manifest_path(backup.path).unlink(missing_ok=True)
+    for path in targets.backup_files(backup.path):
+        path.unlink(missing_ok=True)
     store.pin_path(backup.name).unlink(missing_ok=True)  # a pin that ran out
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
+from sovbackupd import crypto, tree
 from sovbackupd import policy as gfs
-from sovbackupd import tree
 from sovbackupd.archive import (
     MANIFEST_SUFFIX,
     PARTIAL_SUFFIX,
@@ -122,7 +122,8 @@ class Store:
         )
         self._owned = re.compile(
             rf"^{re.escape(prefix)}_{stamp}(?:{ARCHIVE_SUFFIX_PATTERN}(?:{re.escape(SIDECAR_SUFFIX)})?"
-            rf"|{re.escape(MANIFEST_SUFFIX)}|{re.escape(PIN_SUFFIX)})(?:{re.escape(PARTIAL_SUFFIX)})?$"
+            rf"|{re.escape(MANIFEST_SUFFIX)}(?:{re.escape(crypto.SUFFIX)})?|{re.escape(PIN_SUFFIX)})"
+            rf"(?:{re.escape(PARTIAL_SUFFIX)})?$"
         )
         self._pin = re.compile(rf"^(?P<name>{re.escape(prefix)}_{stamp}){re.escape(PIN_SUFFIX)}$")
 
@@ -212,13 +213,17 @@ class Store:
         removed: list[Path] = []
         finals = {backup.path.name for backup in self.backups()}
         bases = {manifest_path(self.directory / name).name for name in finals}
+        bases |= {f"{base}{crypto.SUFFIX}" for base in bases}
         for entry in self.directory.iterdir():
             if not self._owned.match(entry.name):
                 continue
             orphan_sidecar = entry.name.endswith(SIDECAR_SUFFIX) and (
                 entry.name.removesuffix(SIDECAR_SUFFIX) not in finals
             )
-            orphan_manifest = entry.name.endswith(MANIFEST_SUFFIX) and entry.name not in bases
+            orphan_manifest = (
+                entry.name.endswith((MANIFEST_SUFFIX, f"{MANIFEST_SUFFIX}{crypto.SUFFIX}"))
+                and entry.name not in bases
+            )
             leftover = entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest
             # A directory or an immutable file under our name: removed as far as it can
             # be, else one warning; a symlink is removed, never followed.

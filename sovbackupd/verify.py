@@ -27,8 +27,9 @@ def check(backup: StoredBackup, deep: bool, encryption: Gpg | None = None) -> Ve
 
     Deep verification decrypts (with *encryption*) and decompresses the whole archive,
     hashes every member and compares it with the manifest inside, and that manifest with
-    the copy kept beside the archive. That copy is validated as restore reads it: a
-    field out of its bounds fails verification, naming the field.
+    the copy kept beside the archive (decrypted, when the copy beside is an encrypted
+    backup's head). That copy is validated as restore reads it: a field out of its bounds
+    fails verification, naming the field.
     """
     try:
         archive.verify_checksum(backup.path)
@@ -49,8 +50,9 @@ def check(backup: StoredBackup, deep: bool, encryption: Gpg | None = None) -> Ve
 def _beside(backup: StoredBackup) -> Manifest | None:
     """Return the manifest kept beside *backup*, None when there is none.
 
-    Raise ArchiveError, naming the field, when it is there but restore would refuse it.
+    Raise ArchiveError, naming the field, when it is there but restore would refuse it,
+    or when it is an encrypted backup's head and the encrypted manifest is missing.
     """
     if not os.path.lexists(archive.manifest_path(backup.path)):
         return None
-    return restore.load_manifest(backup)
+    return restore.load_head(backup)

@@ -1,13 +1,15 @@
 """Targets: one module per kind of remote, behind the Protocol in base.py.
 
-A backup on a remote is the three files it has locally: the archive, its manifest and
-its ``.sha256`` sidecar. The sidecar goes up last and comes down first, so a remote
+A backup on a remote is the files it has locally (:func:`backup_files`): the archive,
+its manifest (for an encrypted backup, the encrypted full manifest and the plaintext
+head) and its ``.sha256`` sidecar. The sidecar goes up last and comes down first, so a remote
 backup whose sidecar is there was uploaded whole and verified: :func:`list_backups`
 calls only those complete.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +18,8 @@ from typing import assert_never
 
 from sovbackupd import archive
 from sovbackupd.config.models import GcsRemote, Remote, RsyncRemote, S3Remote
+from sovbackupd.errors import ArchiveError
+from sovbackupd.manifest import read_head
 from sovbackupd.store import ARCHIVE_SUFFIX_PATTERN, TIMESTAMP_FORMAT
 from sovbackupd.targets.base import Listing, RemoteObject, Target
 from sovbackupd.targets.retry import Backoff, RetryingTarget
@@ -46,33 +50,67 @@ def build_target(config: Remote, *, backoff: Backoff | None = DEFAULT_BACKOFF) -
     return target if backoff is None else RetryingTarget(target, backoff)
 
 
-def backup_files(archive_path: Path) -> tuple[Path, Path, Path]:
-    """Return the archive's files in upload order: archive, manifest, sidecar."""
-    return archive_path, archive.manifest_path(archive_path), archive.sidecar_path(archive_path)
+def backup_files(archive_path: Path) -> tuple[Path, ...]:
+    """Return the backup's files in upload order: archive, manifest(s), sidecar last.
+
+    An encrypted archive's full manifest, ``<name>.manifest.json.gpg``, comes before the
+    head beside it; backups made before heads existed lack it (their manifest is whole).
+    """
+    extra = (
+        (archive.encrypted_manifest_path(archive_path),) if archive.encrypted(archive_path) else ()
+    )
+    return (
+        archive_path,
+        *extra,
+        archive.manifest_path(archive_path),
+        archive.sidecar_path(archive_path),
+    )
+
+
+def _present(archive_path: Path) -> list[Path]:
+    """Return the local files of the backup of *archive_path*, in upload order.
+
+    Raise ArchiveError when its head says the manifest is encrypted and that file is
+    missing: such a backup cannot be restored, here or from a copy.
+    """
+    files = list(backup_files(archive_path))
+    encrypted_copy = archive.encrypted_manifest_path(archive_path)
+    if encrypted_copy in files and not os.path.lexists(encrypted_copy):
+        try:
+            is_head = read_head(archive.manifest_path(archive_path)).is_head
+        except (OSError, ValueError):
+            is_head = False  # missing or unreadable: uploading the manifest itself says so
+        if is_head:
+            raise ArchiveError(
+                f"{archive_path.name}: {encrypted_copy.name} is missing: the head beside it "
+                "says its manifest is encrypted there"
+            )
+        files.remove(encrypted_copy)
+    return files
 
 
 def upload_backup(target: Target, archive_path: Path) -> list[RemoteObject]:
-    """Copy the backup of *archive_path* to *target*: archive, manifest, then sidecar.
+    """Copy the backup of *archive_path* to *target*: archive, manifests, then sidecar.
 
     The archive is verified against the digest its sidecar records. The remote sidecar
     is removed first, so that a backup being uploaded again is incomplete on the remote
     until every file is verified there once more.
     """
-    archive_file, manifest, sidecar = backup_files(archive_path)
+    archive_file, *manifests, sidecar = _present(archive_path)
     digest = archive.read_sidecar(archive_file)
     target.delete(sidecar.name)
     return [
         target.upload(archive_file, archive_file.name, sha256=digest),
-        target.upload(manifest, manifest.name),
+        *(target.upload(manifest, manifest.name) for manifest in manifests),
         target.upload(sidecar, sidecar.name),
     ]
 
 
 def delete_backup(target: Target, archive_name: str) -> None:
     """Delete the backup whose archive is *archive_name* from *target*: sidecar first."""
-    _, manifest, sidecar = backup_files(Path(archive_name))
-    for remote_name in (sidecar.name, archive_name, manifest.name):
-        target.delete(remote_name)
+    *others, sidecar = backup_files(Path(archive_name))
+    for path in (sidecar, *others):
+        target.delete(path.name)
 
 
 @dataclass(frozen=True)
@@ -84,11 +122,18 @@ class RemoteBackup:
     archive: RemoteObject
     manifest: RemoteObject | None
     sidecar: RemoteObject | None
+    encrypted_manifest: RemoteObject | None = None
+    """The full manifest of an encrypted backup; None for one made before heads existed."""
 
     @property
     def complete(self) -> bool:
         """Tell whether every file arrived and was verified (the sidecar came last)."""
         return self.sidecar is not None and self.manifest is not None
+
+    def holds(self, path: Path) -> bool:
+        """Tell whether the remote holds the file of this backup named as *path* is."""
+        held = (self.archive, self.encrypted_manifest, self.manifest, self.sidecar)
+        return any(item is not None and item.name == path.name for item in held)
 
 
 def list_backups(listing: Listing, prefix: str) -> list[RemoteBackup]:
@@ -102,14 +147,17 @@ def list_backups(listing: Listing, prefix: str) -> list[RemoteBackup]:
         match = pattern.match(stored.name)
         if match is None:
             continue
-        _, manifest, sidecar = backup_files(Path(stored.name))
+        path = Path(stored.name)
         found.append(
             RemoteBackup(
                 name=match["name"],
                 created=datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC),
                 archive=stored,
-                manifest=by_name.get(manifest.name),
-                sidecar=by_name.get(sidecar.name),
+                manifest=by_name.get(archive.manifest_path(path).name),
+                sidecar=by_name.get(archive.sidecar_path(path).name),
+                encrypted_manifest=by_name.get(archive.encrypted_manifest_path(path).name)
+                if archive.encrypted(path)
+                else None,
             )
         )
     return sorted(found, key=lambda backup: (backup.created, backup.name))

@@ -57,9 +57,10 @@ class Target(Protocol):
       does not match *sha256*). :meth:`download` of a missing name raises
       :class:`~sovbackupd.errors.NotFoundError`. Messages name the remote.
     - **Flat.** Names match :data:`NAME_PATTERN`; the target maps them onto its
-      directory or key prefix. A backup is three objects, uploaded archive, manifest,
-      then sidecar last (the sidecar marks the backup complete) and deleted sidecar
-      first: see :func:`sovbackupd.targets.upload_backup`.
+      directory or key prefix. A backup is the objects of
+      :func:`sovbackupd.targets.backup_files`, uploaded archive, manifests, then sidecar
+      last (the sidecar marks the backup complete) and deleted sidecar first: see
+      :func:`sovbackupd.targets.upload_backup`.
     - Implementations do not retry; :class:`~sovbackupd.targets.retry.RetryingTarget`
       does, around any of them.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sovbackupd import targets
-from sovbackupd.errors import NotFoundError, TargetError, TransientTargetError
+from sovbackupd.errors import ArchiveError, NotFoundError, TargetError, TransientTargetError
 from sovbackupd.redis_server import free_port
 from sovbackupd.targets import RemoteObject, Target
 from sovbackupd.targets.local import LocalTarget
@@ -315,3 +316,77 @@ def test_an_archive_whose_sidecar_disagrees_is_not_uploaded(target: Target, tmp_
     with pytest.raises(TargetError, match="does not match its recorded sha256"):
         targets.upload_backup(target, archive)
     assert target.list() == []
+
+
+HEAD_FIELDS = {
+    "format_version": 1,
+    "created": "2026-01-02T14:00:00Z",
+    "finished": "2026-01-02T14:00:05Z",
+    "tiers": ["daily"],
+    "host": "server-1",
+    "tool_version": "0.1.0",
+    "compression": "gzip",
+    "sources": [],
+    "file_count": 0,
+    "file_bytes": 0,
+    "files": [],
+}
+
+
+def make_encrypted_backup(directory: Path, stamp: str, *, head: bool) -> Path:
+    """Write an encrypted backup's files: with *head*, a head and the encrypted manifest.
+
+    Without, the shape of backups made before heads: one whole manifest beside the archive.
+    """
+    directory.mkdir(exist_ok=True)
+    name = f"{PREFIX}_{stamp}"
+    stored = random_file(directory / f"{name}.tar.gz.gpg", 300_000)
+    (directory / f"{name}.tar.gz.gpg.sha256").write_text(f"{sha256_of(stored)}  {stored.name}\n")
+    full = HEAD_FIELDS | {"id": name}
+    if head:
+        random_file(directory / f"{name}.manifest.json.gpg", 2_000)
+        full = full | {"manifest": "encrypted"}
+    (directory / f"{name}.manifest.json").write_text(json.dumps(full))
+    return stored
+
+
+def test_an_encrypted_backup_goes_up_with_its_encrypted_manifest_before_the_head(
+    target: Target, tmp_path: Path
+) -> None:
+    """Archive, encrypted manifest, head, sidecar last; the listing sees it; delete takes all."""
+    stored = make_encrypted_backup(tmp_path / "local", "20260102_140000", head=True)
+    name = stored.name.removesuffix(".tar.gz.gpg")
+    recording = Recording(target)
+    targets.upload_backup(recording, stored)
+    assert recording.calls == [
+        ("delete", f"{name}.tar.gz.gpg.sha256"),
+        ("upload", f"{name}.tar.gz.gpg"),
+        ("upload", f"{name}.manifest.json.gpg"),
+        ("upload", f"{name}.manifest.json"),
+        ("upload", f"{name}.tar.gz.gpg.sha256"),
+    ]
+    [backup] = targets.list_backups(target.list(), PREFIX)
+    assert backup.complete
+    assert backup.encrypted_manifest is not None
+    assert backup.encrypted_manifest.name == f"{name}.manifest.json.gpg"
+    recording.calls.clear()
+    targets.delete_backup(recording, stored.name)
+    assert recording.calls[0] == ("delete", f"{name}.tar.gz.gpg.sha256")
+    assert target.list() == []
+
+
+def test_an_encrypted_backup_whose_encrypted_manifest_is_lost_is_not_uploaded(
+    target: Target, tmp_path: Path
+) -> None:
+    """A head without its encrypted manifest is refused; a backup made before heads goes up."""
+    lost = make_encrypted_backup(tmp_path / "local", "20260102_140000", head=True)
+    (tmp_path / "local" / lost.name.replace(".tar.gz.gpg", ".manifest.json.gpg")).unlink()
+    old = make_encrypted_backup(tmp_path / "local", "20260103_140000", head=False)
+
+    with pytest.raises(ArchiveError, match=r"manifest\.json\.gpg is missing: the head beside"):
+        targets.upload_backup(target, lost)
+    targets.upload_backup(target, old)
+
+    assert [
+        (backup.name, backup.complete) for backup in targets.list_backups(target.list(), PREFIX)
+    ] == [(old.name.removesuffix(".tar.gz.gpg"), True)]

@@ -8,14 +8,18 @@ carry ``encryption: {gpg: ...}``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pytest
 
+from sovbackupd import archive, backup, config
+from sovbackupd.errors import ArchiveError
 from tests.conftest import (
     CliResult,
     RedisServer,
@@ -205,13 +209,14 @@ def test_wrong_passphrase_fails_restore_and_deep_verify_but_not_the_checksum(
 
     result = run_cli("restore", name, "--yes", config=config)
 
-    assert_one_error(result, "wrong passphrase", f"{name}.tar.gz.gpg")
+    # The encrypted manifest is the first thing decrypted: the error names it.
+    assert_one_error(result, "wrong passphrase", f"{name}.manifest.json.gpg")
     assert component_states(sandbox, redis_server) == damaged
     assert sorted(path.name for path in sandbox.backup_dir.iterdir()) == stored
     assert list(sandbox.root.rglob(".sovbackupd-restore-*")) == []
     assert redis_server.client().ping()
     deep = run_cli("verify", "--deep", name, config=config)
-    assert_one_error(deep, "wrong passphrase", f"{name}.tar.gz.gpg")
+    assert_one_error(deep, "wrong passphrase", f"{name}.manifest.json.gpg")
     shallow = run_cli("verify", name, config=config)
     assert (shallow.returncode, shallow.stdout.strip()) == (0, f"{name}: ok"), shallow.stderr
 
@@ -289,7 +294,7 @@ def test_public_key_backup_needs_the_secret_key_only_on_the_recovery_machine(
     stored = sandbox.backup_dir / f"{name}.tar.gz.gpg"
     assert stored.is_file()
     deep = run_cli("verify", "--deep", name, config=config)
-    assert_one_error(deep, f"{name}.tar.gz.gpg", "secret_keys_file")
+    assert_one_error(deep, f"{name}.manifest.json.gpg", "secret_keys_file")
     shallow = run_cli("verify", name, config=config)
     assert shallow.returncode == 0, shallow.stderr
     subprocess.run(
@@ -449,3 +454,284 @@ def test_backup_that_gpg_cannot_start_fails_clearly_and_leaves_no_file(
 
     assert_one_error(result, expected)
     assert backup_files(sandbox.backup_dir) == set()
+
+
+CANARY = "canary-5c2e9a1f-file-list.txt"
+
+
+def plaintext_secrets(sandbox: Sandbox) -> list[bytes]:
+    """What a file list gives away: a member's name, a table's name, the .env's sha256."""
+    env_digest = hashlib.sha256((sandbox.app / ".env").read_bytes()).hexdigest()
+    return [
+        CANARY.encode(),
+        b"odd name",
+        b"sovereign_rekor.db",
+        b"config/.env",
+        env_digest.encode(),
+    ]
+
+
+def leaks(files: list[Path], secrets: list[bytes]) -> list[str]:
+    """Return which of *files* hold which of *secrets* in plaintext."""
+    return [
+        f"{path.name} holds {secret!r}"
+        for path in files
+        for secret in secrets
+        if secret in path.read_bytes()
+    ]
+
+
+def files_under(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.rglob("*") if path.is_file())
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The server's gpg settings, the recovery machine's, and how plain gpg opens a file."""
+
+    server: dict[str, Any]
+    recovery: dict[str, Any]
+    unlock: list[str]
+
+
+@pytest.fixture
+def encryption_mode(
+    request: pytest.FixtureRequest,
+    passphrase_file: Path,
+    recipient_key: GpgKey,
+    operator_home: Path,
+) -> Mode:
+    """The mode in the param; in public-key mode the operator's gpg holds the secret key."""
+    if request.param == "passphrase":
+        settings = passphrase_encryption(passphrase_file)
+        return Mode(settings, settings, ["--passphrase-file", str(passphrase_file)])
+    subprocess.run(
+        plain_gpg(operator_home, "--import", str(recipient_key.secret_file)),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    server = {
+        "recipients": [recipient_key.fingerprint],
+        "public_keys_file": str(recipient_key.public_file),
+    }
+    recovery = {**server, "secret_keys_file": str(recipient_key.secret_file)}
+    return Mode({"gpg": server}, {"gpg": recovery}, [])
+
+
+@pytest.mark.parametrize("encryption_mode", ["passphrase", "public-key"], indirect=True)
+def test_no_file_of_an_encrypted_backup_holds_its_file_list_in_plaintext(
+    tmp_path: Path, sandbox: Sandbox, encryption_mode: Mode, operator_home: Path
+) -> None:
+    """Beside the archive lie a head and the encrypted manifest; plain gpg opens the latter."""
+    (sandbox.app / "data" / CANARY).write_text("a name that only the file list holds\n")
+    config = write_policy(
+        tmp_path / "policy.yaml", policy_data(sandbox, None, encryption=encryption_mode.server)
+    )
+    recovered = write_policy(
+        tmp_path / "recovery.yaml",
+        policy_data(sandbox, None, encryption=encryption_mode.recovery),
+    )
+
+    name = backup_now(config)
+
+    stored = files_under(sandbox.backup_dir)
+    assert {path.name for path in stored} >= {
+        f"{name}.tar.gz.gpg",
+        f"{name}.tar.gz.gpg.sha256",
+        f"{name}.manifest.json",
+        f"{name}.manifest.json.gpg",
+    }
+    assert leaks(stored, plaintext_secrets(sandbox)) == []
+    head = json.loads((sandbox.backup_dir / f"{name}.manifest.json").read_bytes())
+    assert (head["manifest"], head["files"], head["id"]) == ("encrypted", [], name)
+    opened = [
+        subprocess.run(
+            plain_gpg(
+                operator_home,
+                *encryption_mode.unlock,
+                "--decrypt",
+                str(sandbox.backup_dir / file),
+            ),
+            capture_output=True,
+            check=True,
+            timeout=120,
+        ).stdout
+        for file in (f"{name}.manifest.json.gpg", f"{name}.tar.gz.gpg")
+    ]
+    member = subprocess.run(
+        [require_tool("tar"), "-xzOf", "-", f"{name}/manifest.json"],
+        input=opened[1],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert opened[0] == member  # byte for byte the manifest inside
+    assert CANARY.encode() in member
+    listed = run_cli("list", "--json", config=config)
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert (row["name"], row["files"], row["warnings"]) == (name, head["file_count"], None)
+    assert run_cli("verify", name, config=config).stdout.strip() == f"{name}: ok"
+    deep = run_cli("verify", "--deep", name, config=recovered)
+    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep)"), deep.stderr
+    drill = run_cli("test-restore", name, config=recovered)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert leaks(files_under(sandbox.backup_dir), plaintext_secrets(sandbox)) == []
+
+
+def edit_head(path: Path) -> None:
+    """Change the tiers in the head: a head that is not its manifest's."""
+    head = json.loads(path.read_bytes())
+    head["tiers"] = ["monthly"]
+    path.write_text(json.dumps(head, indent=1))
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [
+        ("missing", "manifest.json.gpg is missing"),
+        ("damaged", "manifest.json.gpg is damaged or was tampered with"),
+        ("not its head", "manifest.json is not the head of the manifest in"),
+    ],
+)
+def test_a_head_whose_encrypted_manifest_is_missing_damaged_or_not_its_own_is_refused(
+    tmp_path: Path, sandbox: Sandbox, passphrase_file: Path, problem: str, expected: str
+) -> None:
+    """restore, verify --deep and test-restore refuse it in one line; nothing live changes."""
+    config = write_policy(
+        tmp_path / "policy.yaml",
+        policy_data(sandbox, None, encryption=passphrase_encryption(passphrase_file)),
+    )
+    name = backup_now(config)
+    encrypted_copy = sandbox.backup_dir / f"{name}.manifest.json.gpg"
+    if problem == "missing":
+        encrypted_copy.unlink()
+    elif problem == "damaged":
+        flip_last_byte(encrypted_copy)
+    else:
+        edit_head(sandbox.backup_dir / f"{name}.manifest.json")
+    damage(sandbox, None)
+    damaged = component_states(sandbox, None)
+
+    for argv in (["--yes"], ["--to", str(tmp_path / "elsewhere")], ["--dry-run"]):
+        assert_one_error(run_cli("restore", name, *argv, config=config), expected)
+    assert_one_error(run_cli("verify", "--deep", name, config=config), expected)
+    drill = run_cli("test-restore", name, config=config)
+
+    assert drill.returncode == 1
+    assert expected in drill.stdout
+    assert component_states(sandbox, None) == damaged
+    assert not (tmp_path / "elsewhere").exists()
+    assert list(sandbox.root.rglob(".sovbackupd-restore-*")) == []
+    shallow = run_cli("verify", name, config=config)
+    if problem == "missing":  # the shallow check sees only that the file is gone
+        assert_one_error(shallow, expected)
+
+
+def test_an_encrypted_backup_made_before_heads_still_lists_verifies_and_restores(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    passphrase_file: Path,
+    operator_home: Path,
+) -> None:
+    """Its whole manifest in plaintext beside the archive, no .manifest.json.gpg: as before."""
+    config = write_policy(
+        tmp_path / "policy.yaml",
+        policy_data(sandbox, None, encryption=passphrase_encryption(passphrase_file)),
+    )
+    before = tree_state(sandbox.root, live_paths(sandbox))
+    name = backup_now(config)
+    # Today's code made exactly this: the manifest inside, in plaintext beside the archive.
+    encrypted_copy = sandbox.backup_dir / f"{name}.manifest.json.gpg"
+    whole = subprocess.run(
+        plain_gpg(
+            operator_home,
+            "--passphrase-file",
+            str(passphrase_file),
+            "--decrypt",
+            str(encrypted_copy),
+        ),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    (sandbox.backup_dir / f"{name}.manifest.json").write_bytes(whole)
+    encrypted_copy.unlink()
+
+    listed = run_cli("list", "--json", config=config)
+    assert [row["name"] for row in json.loads(listed.stdout)] == [name]
+    deep = run_cli("verify", "--deep", name, config=config)
+    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep)"), deep.stderr
+    damage(sandbox, None)
+    restored = run_cli("restore", name, "--yes", config=config)
+
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(tree_state(sandbox.root, live_paths(sandbox)), before)
+    assert rows(sandbox.database) == {"entries": 500, "odd name": 1}
+    drill = run_cli("test-restore", name, config=config)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+
+
+def test_retention_deletes_the_encrypted_manifest_with_its_backup(
+    tmp_path: Path, sandbox: Sandbox, passphrase_file: Path
+) -> None:
+    """A pruned encrypted backup leaves none of its files behind, the .manifest.json.gpg too."""
+    config = write_policy(
+        tmp_path / "policy.yaml",
+        policy_data(
+            sandbox,
+            None,
+            encryption=passphrase_encryption(passphrase_file),
+            tiers={"daily": {"schedule": "0 2 * * *", "keep": 1}},
+        ),
+    )
+    first = run_cli("backup", "--tier", "daily", config=config)
+    assert first.returncode == 0, first.stderr
+    old = first.stdout.strip()
+    assert (sandbox.backup_dir / f"{old}.manifest.json.gpg").is_file()
+
+    second = run_cli("backup", "--tier", "daily", config=config)
+
+    assert second.returncode == 0, second.stderr
+    new = second.stdout.strip()
+    assert [name for name in backup_files(sandbox.backup_dir) if name.startswith(old)] == []
+    assert {name for name in backup_files(sandbox.backup_dir) if name.startswith(new)} == {
+        f"{new}.tar.gz.gpg",
+        f"{new}.tar.gz.gpg.sha256",
+        f"{new}.manifest.json",
+        f"{new}.manifest.json.gpg",
+    }
+
+
+def test_a_backup_whose_encrypted_manifest_does_not_decrypt_back_is_discarded(
+    tmp_path: Path, sandbox: Sandbox, passphrase_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-back before commit decrypts the .manifest.json.gpg: a torn one fails the run."""
+    fill = archive.fill_atomically
+
+    def tearing(path: Path, write: Callable[[BinaryIO], None], owner: Any = None) -> None:
+        def torn(handle: BinaryIO) -> None:
+            whole = io.BytesIO()
+            write(cast(BinaryIO, whole))
+            handle.write(whole.getvalue()[:-40])  # what a torn write leaves
+
+        fill(path, torn if path.name.endswith(".manifest.json.gpg") else write, owner)
+
+    monkeypatch.setattr(archive, "fill_atomically", tearing)
+    policy = config.load(
+        write_policy(
+            tmp_path / "policy.yaml",
+            policy_data(sandbox, None, encryption=passphrase_encryption(passphrase_file)),
+        )
+    )
+
+    with pytest.raises(ArchiveError, match=r"was discarded: .*manifest\.json\.gpg"):
+        backup.run(policy, ["daily"])
+
+    assert not [name for name in backup_files(sandbox.backup_dir) if "backup_" in name]

@@ -50,7 +50,14 @@ from tests.integration.test_daemon import (
     scrape_when_up,
     start_daemon,
 )
-from tests.integration.test_encrypted_backups import passphrase_encryption, passphrase_file
+from tests.integration.test_encrypted_backups import (
+    CANARY,
+    files_under,
+    leaks,
+    passphrase_encryption,
+    passphrase_file,
+    plaintext_secrets,
+)
 from tests.integration.test_restore import (
     assert_same_tree,
     backup_now,
@@ -648,3 +655,74 @@ def test_a_manual_backup_deleted_locally_by_hand_stays_manual_on_the_remote(
     listed = json.loads(cli_ok("list", "--remote", "s3", "--json", config=config).stdout)
     assert [row["name"] for row in listed] == [second, first]
     assert listed[1]["kept_by"][0].startswith("manual (until ")
+
+
+def s3_contents(endpoint_url: str, bucket: str) -> dict[str, bytes]:
+    """Return every object in *bucket* with its bytes, as a bucket holder reads them."""
+    client = boto3.session.Session(region_name="us-east-1").client("s3", endpoint_url=endpoint_url)
+    keys = [entry["Key"] for entry in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
+@pytest.mark.usefixtures("aws_environment")
+def test_remotes_of_an_encrypted_backup_hold_no_plaintext_file_list_and_restore_from_it(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    sshd: SshServer,
+    moto_server: MotoServer,
+    passphrase_file: Path,
+) -> None:
+    """The rsync and S3 copies hold a head and the encrypted manifest, and restore from them."""
+    (sandbox.app / "data" / CANARY).write_text("a name that only the file list holds\n")
+    secrets = plaintext_secrets(sandbox)
+    bucket = s3_bucket(moto_server.endpoint_url)
+    far_dir = tmp_path / "far-side"
+    s3_entry, s3 = s3_remote(moto_server.endpoint_url, bucket)
+    config = write_policy(
+        tmp_path / "policy.yaml",
+        policy_data(
+            sandbox,
+            None,
+            encryption=passphrase_encryption(passphrase_file),
+            remotes=[rsync_remote(sshd, far_dir)[0], s3_entry],
+        ),
+    )
+    name = backup_now(config)
+    expected = {
+        f"{name}.tar.gz.gpg",
+        f"{name}.tar.gz.gpg.sha256",
+        f"{name}.manifest.json",
+        f"{name}.manifest.json.gpg",
+    }
+
+    assert backup_files(far_dir) == expected
+    assert leaks(files_under(far_dir), secrets) == []
+    objects = s3_contents(moto_server.endpoint_url, bucket)
+    assert set(objects) == {S3_PREFIX + file for file in expected}
+    assert [key for key, data in objects.items() for secret in secrets if secret in data] == []
+    for remote in ("rsync", "s3"):
+        deep = cli_ok("verify", "--remote", remote, name, "--deep", config=config)
+        assert deep.stdout.strip() == f"{name}: ok on {remote} (deep)"
+
+    shutil.rmtree(sandbox.backup_dir)
+    s3.delete(f"{name}.manifest.json.gpg")  # the head stays: this copy cannot be restored
+    refused = run_cli(
+        "restore", "--latest", "--from", "s3", "--to", str(tmp_path / "to"), config=config
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert len(refused.stderr_lines) == 1, refused.stderr
+    assert f"{name} is incomplete: {name}.manifest.json.gpg is missing" in refused.stderr
+    assert not (tmp_path / "to").exists()
+    restored = run_cli(
+        "restore", "--latest", "--from", "rsync", "--to", str(tmp_path / "to"), config=config
+    )
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    rerooted = tmp_path / "to" / str(sandbox.app).lstrip("/")
+    assert (rerooted / "data" / CANARY).is_file()
+
+    second = backup_now(config)  # the next pass sends the first backup to s3 again, whole
+
+    assert set(s3_contents(moto_server.endpoint_url, bucket)) >= {
+        f"{S3_PREFIX}{name}.manifest.json.gpg",
+        f"{S3_PREFIX}{second}.manifest.json.gpg",
+    }

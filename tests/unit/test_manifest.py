@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 from typing import Any
@@ -180,3 +181,85 @@ def test_a_name_that_is_not_utf8_is_within_bounds(name: bytes) -> None:
     parsed = manifest.validate(data)
 
     assert parsed.files[1].path.encode("utf-8", "surrogateescape") == b"data/" + name
+
+
+SECRET_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters='"\\'),
+    min_size=12,
+    max_size=40,
+)
+
+
+@given(
+    path=SECRET_TEXT, table=SECRET_TEXT, warning=SECRET_TEXT, digest=st.sampled_from("0123abcdef")
+)
+def test_a_head_holds_no_path_row_count_warning_or_sha256_of_the_manifest(
+    path: str, table: str, warning: str, digest: str
+) -> None:
+    """Invariant: a head holds nothing of its manifest's files, yet all that listing needs.
+
+    No file path, origin, table name, row count, warning or member sha256 is in the bytes
+    written beside an encrypted archive, and they read back as a head with every field
+    that listing and retention use.
+    """
+    data = copy.deepcopy(GOOD)
+    data["files"][1].update(path=f"data/{path}", origin=f"/opt/{path}", sha256=digest * 64)
+    data["sources"][0]["details"]["databases"]["/opt/sovereigncore/sovereign_rekor.db"]["rows"] = {
+        table: 987_654_321
+    }
+    data["sources"][1]["warnings"] = [warning]
+    full = manifest.validate(data)
+    written = io.BytesIO()
+    manifest.write_manifest(full.head(), (), written)
+    text = written.getvalue()
+
+    for secret in (path, table, warning, digest * 64, "987654321", "sovereign_rekor.db"):
+        assert secret.encode() not in text
+    head = manifest.validate(json.loads(text))
+    assert head.is_head and not full.is_head
+    assert head.files == []
+    kept = ("id", "created", "finished", "tiers", "host", "tool_version", "compression")
+    assert [getattr(head, name) for name in kept] == [getattr(full, name) for name in kept]
+    assert (head.file_count, head.file_bytes) == (full.file_count, full.file_bytes)
+    assert [(source.component, source.name) for source in head.sources] == [
+        (source.component, source.name) for source in full.sources
+    ]
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("files",), GOOD["files"]),
+        (("sources", 1, "warnings"), ["data/notes.txt: changed while read"]),
+        (("sources", 1, "details"), {"keys_in_rdb": 103}),
+        (("manifest",), "plaintext"),
+    ],
+)
+def test_a_head_that_holds_a_file_list_details_or_warnings_is_refused(
+    where: tuple[str | int, ...], value: object
+) -> None:
+    """A head claiming its manifest is encrypted may carry nothing that names a file."""
+    head = json.loads(_head_bytes())
+    holder: Any = head
+    for key in where[:-1]:
+        holder = holder[key]
+    holder[where[-1]] = value
+
+    with pytest.raises(ManifestError, match=r"^manifest field "):
+        manifest.validate(head)
+
+
+def _head_bytes() -> bytes:
+    written = io.BytesIO()
+    manifest.write_manifest(manifest.validate(copy.deepcopy(GOOD)).head(), (), written)
+    return written.getvalue()
+
+
+def test_a_full_manifest_is_written_without_the_head_marker() -> None:
+    """Backups that are not encrypted keep the manifest bytes they had before heads."""
+    full = manifest.validate(copy.deepcopy(GOOD))
+    written = io.BytesIO()
+    manifest.write_manifest(full, (), written)
+
+    assert b'"manifest"' not in written.getvalue()
+    assert b'"manifest": "encrypted"' in _head_bytes()

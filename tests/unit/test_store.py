@@ -202,6 +202,8 @@ def test_clean_leftovers_removes_partials_staging_and_orphans(store: Store) -> N
         f"{killed}.tar.gz.sha256.partial",
         f"{killed}.manifest.json",
         f"{killed}.manifest.json.partial",
+        f"{killed}.manifest.json.gpg",
+        f"{killed}.manifest.json.gpg.partial",
         f"{PREFIX}_20260103_000000.tar.zst.gpg.sha256",
     )
     (store.directory / ".staging" / killed / "aof").mkdir(parents=True)
@@ -218,6 +220,8 @@ def test_clean_leftovers_removes_partials_staging_and_orphans(store: Store) -> N
         f"{killed}.tar.gz.sha256.partial",
         f"{killed}.manifest.json",
         f"{killed}.manifest.json.partial",
+        f"{killed}.manifest.json.gpg",
+        f"{killed}.manifest.json.gpg.partial",
         f"{PREFIX}_20260103_000000.tar.zst.gpg.sha256",
         ".staging",
     }
@@ -269,6 +273,7 @@ def test_clean_leftovers_never_touches_foreign_files_or_backups(store: Store) ->
         f"{PREFIX}_20260102_000000.tar.zst.gpg",
         f"{PREFIX}_20260102_000000.tar.zst.gpg.sha256",
         f"{PREFIX}_20260102_000000.manifest.json",
+        f"{PREFIX}_20260102_000000.manifest.json.gpg",
         f"{PREFIX}_notes.txt",
         f"{PREFIX}_notes.partial",
         f"{PREFIX}_20260103_000000.txt.partial",
