@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from sovbackupd import policy as gfs
-from sovbackupd.archive import fsync_dir, manifest_path, sidecar_path
+from sovbackupd.archive import manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
+from sovbackupd.fsat import fsync_dir
 from sovbackupd.manifest import MANUAL_TIER, SAFETY_TIER
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
