@@ -925,7 +925,7 @@ def test_symlinked_sources_get_a_safety_backup_of_what_they_lead_to(
     assert (sandbox.app / ".env").is_symlink()
     assert not (sandbox.app / "vol" / "data" / "since-backup.txt").exists()
     safety = next(line for line in result.stdout.splitlines() if line.startswith("safety"))
-    safety_name = safety.split()[5]
+    safety_name = safety.split()[6]
     restored = tmp_path / "safety"
     again = run_cli("restore", safety_name, "--to", str(restored), config=config)
     assert again.returncode == 0, again.stderr
