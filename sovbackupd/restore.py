@@ -1255,7 +1255,8 @@ def _check_unchanged(unit: Unit) -> None:
     found = fsat.lstat_at(unit.anchor.parent.descriptor, unit.destination.name)
     now = fsat.kind(found)
     was, identity = unit.seen
-    if now != was or (now == "a directory" and fsat.identity(found) != identity):  # type: ignore[arg-type]  # found is set when now is a directory
+    now_identity = fsat.identity(found) if found is not None else None
+    if now != was or (now == "a directory" and now_identity != identity):
         raise UnsafePathError(
             f"{unit.destination} changed since the restore opened it (was {was}, now {now}"
             f"{', another one' if now == was else ''}): nothing of it was replaced"

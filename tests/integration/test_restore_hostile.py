@@ -8,6 +8,7 @@ has to refuse it for the hostile member itself, not for a stale checksum.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -24,7 +25,10 @@ from typing import Any, Literal
 
 import pytest
 
+from sovbackupd import config as policy_config
+from sovbackupd import restore
 from sovbackupd.manifest import MANIFEST_NAME
+from sovbackupd.store import Store
 from tests.conftest import (
     RedisServer,
     Sandbox,
@@ -1002,3 +1006,28 @@ def test_block_device_member_is_refused(tmp_path: Path, sandbox: Sandbox) -> Non
 
     assert result.returncode == 1, result.stdout
     assert "data/disk is a block device: refused" in result.stderr_lines[0]
+
+
+@pytest.mark.parametrize("authenticated", [True, False], ids=["authenticated", "unauthenticated"])
+def test_owners_come_from_the_archive_only_when_it_is_authenticated(
+    tmp_path: Path, sandbox: Sandbox, authenticated: bool
+) -> None:
+    """As root, a file the archive gives to uid 4242 is 4242's only from an authenticated backup."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    editor.add("data/given-away", "file", b"whose?\n")
+    editor.entry("data/given-away")["uid"] = editor.entry("data/given-away")["gid"] = 4242
+    editor.save()
+    policy = policy_config.load(config, {})
+    stored = Store(policy.backup_dir, policy.name_prefix).find(editor.top)
+    destination = tmp_path / "restored"
+    planned = restore.plan(policy, stored, to=destination)
+
+    restore.run(policy, dataclasses.replace(planned, authenticated=authenticated))
+
+    restored = destination / str(sandbox.app).lstrip("/") / "data" / "given-away"
+    expected = 4242 if authenticated and os.geteuid() == 0 else os.geteuid()
+    assert (restored.stat().st_uid, restored.stat().st_gid) == (expected, expected)
+    assert ("not authenticated" in " ".join(planned.steps())) is False
+    steps = dataclasses.replace(planned, authenticated=authenticated).steps()
+    assert any("not authenticated" in step for step in steps) == (not authenticated)
