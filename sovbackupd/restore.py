@@ -514,8 +514,8 @@ def _with_aof_from_rdb(units: list[Unit], policy: Policy, manifest: Manifest) ->
     if live is None:
         return units
     directory, base = live
-    rdb_unit = next(unit for unit in units if unit.arcname == RDB_NAME)
-    staged = rdb_unit.staged.parent / f"{len(units)}"
+    # Staged beside its own destination: every swap is a rename within one opened directory.
+    staged = directory.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
     aof_unit = Unit("redis", AOF_DIR_NAME, "dir", directory, staged, aof_base=base)
     return [*units, aof_unit]
 
