@@ -94,14 +94,12 @@ class Opened:
         self.created = []
 
     def remove_created(self) -> None:
-        """Remove the directories the walk created, innermost first, where still empty."""
+        """Remove the directories the walk created, innermost first, those still empty."""
         for parent, name in reversed(self.created):
             try:
                 os.rmdir(name, dir_fd=parent)
-            except FileNotFoundError:
-                continue
             except OSError:
-                return  # not empty: something else was put there meanwhile
+                continue  # not empty (rmdir removes no content), or gone already
 
 
 def _walk(start: int, parts: list[str], shown: str, *, create: bool) -> Opened:

@@ -1205,7 +1205,8 @@ def _close_anchors(anchors: list[_Anchor], *, removed: bool) -> None:
     The staging directory's name is removed only while it still holds the directory
     opened; with *removed*, so are the directories the restore created on the way.
     """
-    for anchor in anchors:
+    # The last one opened first: the first one made the directories the others share.
+    for anchor in sorted(anchors, key=lambda anchor: anchor.shown, reverse=True):
         try:
             for staged in fsat.anchored(anchor.staging).iterdir():
                 _removed(staged)

@@ -1031,3 +1031,19 @@ def test_owners_come_from_the_archive_only_when_it_is_authenticated(
     assert ("not authenticated" in " ".join(planned.steps())) is False
     steps = dataclasses.replace(planned, authenticated=authenticated).steps()
     assert any("not authenticated" in step for step in steps) == (not authenticated)
+
+
+def test_refused_restore_to_a_new_dir_removes_every_dir_it_made(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """DIR did not exist: a refused restore --to DIR leaves no DIR, however many units it opened."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    checksum_mismatch(editor)
+    destination = tmp_path / "new" / "restored"
+
+    result = run_cli("restore", editor.top, "--to", str(destination), config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert "checksum mismatch" in result.stderr
+    assert not (tmp_path / "new").exists()
