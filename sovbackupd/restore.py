@@ -9,6 +9,9 @@ archived, whatever they point to, as tar restores them.
 Only when the whole archive has passed does anything live change: a pre-restore safety
 backup, the policy's stop commands, one atomic rename (an exchange, for directories) per
 component, then the start commands. A swap that fails puts back what was already swapped.
+Each destination's directory is opened once (:mod:`sovbackupd.fsat`), following no link,
+and staging, swap and cleanup all go through that descriptor and the staging one: a
+name swapped for a symlink meanwhile is refused, never followed.
 """
 
 from __future__ import annotations
