@@ -35,6 +35,7 @@ from sovbackupd import crypto, untrusted
 from sovbackupd.config.layout import shown
 from sovbackupd.config.models import Gpg
 from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
+from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.manifest import (
     FULL_LIMIT_BYTES,
     INFO_NAME,
@@ -56,7 +57,6 @@ ZSTD_LEVEL = 3  # zstd's own default, as `tar --zstd` uses
 # Worker threads keep the compressor off the reading thread; the default job (4 windows,
 # 8 MiB) costs ~85 MiB of buffers with 2 threads, 2 MiB jobs ~20 MiB (measured in bench/).
 ZSTD_JOB_BYTES = 2 << 20
-PARTIAL_SUFFIX = ".partial"
 SIDECAR_SUFFIX = ".sha256"
 SIDECAR_LIMIT_BYTES = 4096  # "<64 hex digits>  <name>\n"; more is not one of ours
 MANIFEST_SUFFIX = ".manifest.json"
@@ -68,15 +68,6 @@ malformed headers (a GNU sparse map that is not numbers)."""
 
 def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make renames inside *directory* durable."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def copy_atomically(source: IO[bytes], path: Path, *, owner: tuple[int, int] | None = None) -> None:

@@ -448,6 +448,7 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
         only=arguments.only,
         to=arguments.to.absolute() if arguments.to else None,
         safety_backup=not arguments.no_safety_backup,
+        keep_setuid=arguments.keep_setuid,
     )
     if arguments.dry_run:
         print(f"sovbackupd restore {plan.manifest.id} would, changing nothing now:")
@@ -600,6 +601,11 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
         "--no-safety-backup",
         action="store_true",
         help="skip the pre-restore backup of the live data being replaced",
+    )
+    restore_parser.add_argument(
+        "--keep-setuid",
+        action="store_true",
+        help="give files the setuid/setgid bits the archive names (dropped by default)",
     )
     restore_parser.add_argument(
         "--allow-outside-symlinks",

@@ -77,6 +77,10 @@ class RestoreError(SovbackupdError):
     """A restore was refused or could not finish; what it swapped was put back."""
 
 
+class UnsafePathError(RestoreError):
+    """A path restore would write through is a symlink, moved, or open to every user."""
+
+
 class NotFoundError(SovbackupdError):
     """A named backup does not exist."""
 

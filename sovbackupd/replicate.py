@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from sovbackupd import archive, retention, targets
+from sovbackupd import archive, fsat, retention, targets
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy, Remote
 from sovbackupd.errors import (
@@ -330,7 +330,7 @@ def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
             archive.verify_checksum(files[0])
             for path in (*files[1:], files[0]):
                 path.replace(policy.backup_dir / path.name)
-            archive.fsync_dir(policy.backup_dir)
+            fsat.fsync_dir(policy.backup_dir)
         finally:
             shutil.rmtree(staging.parent, ignore_errors=True)
     log.info("remote.fetched", remote=remote, backup=chosen.name)

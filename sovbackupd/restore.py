@@ -9,10 +9,14 @@ archived, whatever they point to, as tar restores them.
 Only when the whole archive has passed does anything live change: a pre-restore safety
 backup, the policy's stop commands, one atomic rename (an exchange, for directories) per
 component, then the start commands. A swap that fails puts back what was already swapped.
+Each destination's directory is opened once (:mod:`sovbackupd.fsat`), following no link,
+and staging, swap and cleanup all go through that descriptor and the staging one: a
+name swapped for a symlink meanwhile is refused, never followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import decimal
 import errno
@@ -34,7 +38,7 @@ from typing import IO, BinaryIO, Literal
 import structlog
 from pydantic import Field
 
-from sovbackupd import archive, backup, hooks, redis_server, statefile, tree, untrusted
+from sovbackupd import archive, backup, fsat, hooks, redis_server, statefile, tree, untrusted
 from sovbackupd.config.layout import quoted
 from sovbackupd.config.models import (
     STOP_ORDER,
@@ -46,7 +50,14 @@ from sovbackupd.config.models import (
     SourcePath,
     Sources,
 )
-from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
+from sovbackupd.errors import (
+    AbortedError,
+    ArchiveError,
+    RestoreError,
+    SovbackupdError,
+    UnsafePathError,
+    UsageError,
+)
 from sovbackupd.manifest import (
     FULL_LIMIT_BYTES,
     INFO_NAME,
@@ -75,7 +86,8 @@ AOF_DIR_NAME = "appendonlydir"
 LEGACY_AOF_NAME = "appendonly.aof"
 RDB_NAME = "redis_dump.rdb"
 CONFIG_DIR = "config"
-MAX_LINK_HOPS = 40  # as the kernel's limit on symlinks followed in one lookup
+MAX_LINK_HOPS = fsat.MAX_LINK_HOPS
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 _KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
 _TYPE_NAMES = {
     tarfile.LNKTYPE: "hard link",
@@ -102,12 +114,27 @@ class Unit:
     """Owner forced on the whole unit (the live Redis files' owner), else the manifest's."""
     aof_base: str | None = None
     """Set on an AOF directory made from the restored RDB: its files' base name."""
+    links: list[fsat.Link] = field(default_factory=list)
+    """The symlinks met on the way from the policy's path to *destination*."""
+    anchor: _Anchor | None = field(default=None, repr=False, compare=False)
+    """The open parent and staging directories, from extraction to cleanup."""
+    seen: tuple[str, tuple[int, int] | None] = ("absent", None)
+    """What *destination* was when its parent was opened: its kind and its identity."""
+    tree: tuple[int, int] | None = None
+    """The identity of the staged directory, once swapped into place."""
+
+    @property
+    def work(self) -> Path:
+        """Return the staged path through the open staging directory, once it is open."""
+        if self.anchor is None:
+            return self.staged
+        return fsat.anchored(self.anchor.staging, self.staged.name)
 
     def member_path(self, arcname: str) -> Path:
         """Return where the member *arcname* of this unit is staged."""
         if arcname == self.arcname:
-            return self.staged
-        return self.staged / arcname[len(self.arcname) + 1 :]
+            return self.work
+        return self.work / arcname[len(self.arcname) + 1 :]
 
     @property
     def file_count(self) -> int:
@@ -141,6 +168,12 @@ class Plan:
     """How to decrypt the archive, when it is encrypted."""
     notes: tuple[str, ...] = ()
     """What the operator should know but need not act on (symlinks pointing outside)."""
+    to: Path | None = None
+    """The ``--to`` directory (or a drill's scratch), resolved; None for a live restore."""
+    authenticated: bool = True
+    """Whether the backup passed its authentication: owners are restored only then."""
+    keep_setuid: bool = False
+    """``--keep-setuid``: files keep the setuid/setgid bits the archive gives them."""
 
     @property
     def staging_dirs(self) -> list[Path]:
@@ -164,6 +197,11 @@ class Plan:
             + ", ".join(str(path) for path in self.staging_dirs)
             + ", checking every member against the manifest",
         ]
+        if not self.authenticated and os.geteuid() == 0:
+            steps.append(
+                "leave every file owned by root: the backup is not authenticated, so the "
+                "owners it names are not restored"
+            )
         if self.live:
             steps.append(
                 f"safety backup labelled {SAFETY_TIER}: {self.safety_note}"
@@ -491,19 +529,19 @@ def _units(manifest: Manifest, only: set[Component], to: Path | None, policy: Po
     units: list[Unit] = []
     for group in _groups(manifest):
         destination = _destination(group.origin, group.arcname, to)
+        links: list[fsat.Link] = []
         if to is None and group.component in only:
             if str(destination) not in _allowed_origins(policy, group.component):
                 raise RestoreError(
                     f"{manifest.id} puts {group.arcname} back to {destination}, which the "
                     "policy does not back up; restore it with --to DIR and move it by hand"
                 )
-            # A symlinked .env or data dir was backed up by content: the link stays,
-            # what it points to is restored.
-            if destination.is_symlink():
-                destination = destination.resolve()
+            # A symlinked .env or data dir (or one below a symlinked dir) was backed up by
+            # content: the links stay, what they lead to is restored.
+            destination, links = fsat.resolve(destination)
         kind: Literal["file", "dir"] = "dir" if group.entries[0].type == "dir" else "file"
         staged = destination.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
-        units.append(Unit(group.component, group.arcname, kind, destination, staged))
+        units.append(Unit(group.component, group.arcname, kind, destination, staged, links=links))
         units[-1].entries.extend(group.entries)
     return [unit for unit in units if unit.component in only]
 
@@ -558,8 +596,8 @@ def _with_aof_from_rdb(units: list[Unit], policy: Policy, manifest: Manifest) ->
     if live is None:
         return units
     directory, base = live
-    rdb_unit = next(unit for unit in units if unit.arcname == RDB_NAME)
-    staged = rdb_unit.staged.parent / f"{len(units)}"
+    # Staged beside its own destination: every swap is a rename within one opened directory.
+    staged = directory.parent / f"{STAGING_PREFIX}{manifest.id}" / f"{len(units)}"
     aof_unit = Unit("redis", AOF_DIR_NAME, "dir", directory, staged, aof_base=base)
     return [*units, aof_unit]
 
@@ -576,13 +614,15 @@ def _safety_sources(policy: Policy, units: list[Unit], redis_running: bool) -> S
     """
     configured = policy.sources
     components = {unit.component for unit in units}
-    destinations = {str(unit.destination) for unit in units}
+    # The policy's paths, as the manifest recorded them: a symlinked source's destination
+    # is where its link leads, and the safety backup captures it through the link.
+    origins = {unit.entries[0].origin for unit in units if unit.entries}
 
     def existing(entries: list[SourcePath]) -> list[SourcePath]:
         return [
             SourcePath(path=entry.path, optional=True)
             for entry in entries
-            if str(entry.path) in destinations and entry.path.exists()
+            if str(entry.path) in origins and entry.path.exists()
         ]
 
     redis_config = configured.redis if "redis" in components else None
@@ -620,6 +660,99 @@ def service_commands(
     return chosen
 
 
+def _live_paths(policy: Policy) -> list[Path]:
+    """Return every path a live restore or a backup writes: sources and backup_dir."""
+    configured = policy.sources
+    paths = [policy.backup_dir]
+    paths += [entry.path for entry in (*configured.sqlite, *configured.config, *configured.dirs)]
+    if configured.redis is not None:
+        paths.append(configured.redis.rdb_path)
+        if configured.redis.aof_dir is not None:
+            paths.append(configured.redis.aof_dir)
+    return paths
+
+
+def check_target_dir(policy: Policy, to: Path) -> Path:
+    """Return ``--to`` *to* resolved; refuse one that would make the restore a live one.
+
+    ``/`` (or what resolves to it) puts every file back where it came from, and a DIR
+    that contains, equals or lies inside a live path replaces or mixes with live data,
+    with no confirmation, no safety backup and no ``restore.stop``. Raise UsageError.
+    """
+    resolved = Path(os.path.realpath(to))
+    if resolved == Path("/"):
+        raise UsageError(
+            f"--to {to} is the root directory: that is a live restore; run restore "
+            "without --to (it asks, stops the services and takes a safety backup)"
+        )
+    for live in _live_paths(policy):
+        for candidate in dict.fromkeys((live, Path(os.path.realpath(live)))):
+            if candidate == resolved or resolved in candidate.parents:
+                how = "is" if candidate == resolved else "contains"
+            elif candidate in resolved.parents:
+                how = "lies inside"
+            else:
+                continue
+            raise UsageError(
+                f"--to {to} {how} the live path {live}: choose a directory apart from "
+                "the policy's sources and backup_dir"
+            )
+    return resolved
+
+
+def _owner_of(path: Path) -> int:
+    """Return the owner of *path*, or of its nearest existing directory when it is missing."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate.lstat().st_uid
+        except FileNotFoundError:
+            continue
+    return 0
+
+
+def _check_links(units: list[Unit]) -> list[str]:
+    """Refuse a symlink on a destination's way that leads into someone else's files.
+
+    Whoever owns the directory holding a link could have made it: root's restore follows
+    it only when that owner is root, or owns what the link leads to. Return one note per
+    link followed, saying which link leads where.
+    """
+    notes = []
+    for unit in units:
+        for link in unit.links:
+            holder = _owner_of(link.path.parent)
+            owner = _owner_of(link.target)
+            if holder not in (0, owner):
+                raise UnsafePathError(
+                    f"{link.path} -> {link.target}: the link's directory belongs to uid "
+                    f"{holder} and its target to uid {owner}; restore replaces nothing "
+                    "through a link into another user's files (make the link's directory "
+                    "root's, or chown the target to its owner)"
+                )
+            notes.append(
+                f"{unit.component} {link.path} -> {link.target}: the link stays, "
+                "what it leads to is replaced"
+            )
+    return notes
+
+
+def _setid_notes(units: list[Unit], keep_setuid: bool) -> list[str]:
+    """Say which files carry setuid/setgid bits in the archive, and what becomes of them."""
+    marked = [
+        entry.path
+        for unit in units
+        for entry in unit.entries
+        if entry.type == "file" and entry.mode & SETID_BITS
+    ]
+    if not marked:
+        return []
+    shown = ", ".join(quoted(path) for path in marked[:NOTES_SHOWN])
+    more = f" and {len(marked) - NOTES_SHOWN} more" if len(marked) > NOTES_SHOWN else ""
+    if keep_setuid:
+        return [f"setuid/setgid bits kept (--keep-setuid): {shown}{more}"]
+    return [f"setuid/setgid bits dropped (--keep-setuid keeps them): {shown}{more}"]
+
+
 def plan(
     policy: Policy,
     stored: StoredBackup,
@@ -627,14 +760,19 @@ def plan(
     only: set[Component] | None = None,
     to: Path | None = None,
     safety_backup: bool = True,
+    keep_setuid: bool = False,
+    scratch: bool = False,
 ) -> Plan:
     """Decide every step of restoring *stored*; touch nothing.
 
     A restore that must not happen (Redis answers and the policy has no stop commands)
     gets a ``refusal``, which :func:`run` raises. Raise RestoreError when a destination is
-    one the policy does not back up, and ArchiveError when the manifest describes
-    something unsafe.
+    one the policy does not back up or lies through another user's symlink, UsageError
+    for a *to* that overlaps live paths (not checked for a drill's own *scratch*), and
+    ArchiveError when the manifest describes something unsafe.
     """
+    if to is not None:
+        to = Path(os.path.realpath(to)) if scratch else check_target_dir(policy, to)
     if archive.encrypted(stored.path) and policy.gpg is None:
         raise RestoreError(
             f"{stored.path.name} is encrypted: set encryption.gpg in the policy "
@@ -647,6 +785,7 @@ def plan(
         wanted = ", ".join(sorted(selected))
         raise RestoreError(f"{manifest.id} holds nothing of {wanted}")
     live = to is None
+    link_notes = _check_links(units)
     redis_config = policy.sources.redis
     restoring_redis = any(unit.component == "redis" for unit in units)
     redis_running = False
@@ -699,7 +838,9 @@ def plan(
         exclude=tuple(policy.sources.exclude),
         refusal=refusal,
         encryption=policy.gpg,
-        notes=tuple(_link_notes(units)),
+        notes=(*link_notes, *_link_notes(units), *_setid_notes(units, keep_setuid)),
+        to=to,
+        keep_setuid=keep_setuid,
     )
 
 
@@ -827,7 +968,7 @@ class _Extraction:
             digest = archive.stream_sha256(extracted)
         else:
             digest = _write_file(extracted, target, entry, sparse=info.sparse is not None)
-            _set_metadata(target, entry, unit, _mtime_ns(info))
+            _set_metadata(target, entry, unit, _mtime_ns(info), self._plan)
             self.files += 1
             self.bytes += entry.size
         if digest != entry.sha256:
@@ -839,11 +980,11 @@ class _Extraction:
         """Create the symlinks, then give directories their modes and times, deepest first."""
         for target, entry, unit, mtime_ns in self._links:
             target.symlink_to(entry.link or "")
-            _set_metadata(target, entry, unit, mtime_ns)
+            _set_metadata(target, entry, unit, mtime_ns, self._plan)
         for target, entry, unit, mtime_ns in sorted(
             self._directories, key=lambda item: len(item[0].parts), reverse=True
         ):
-            _set_metadata(target, entry, unit, mtime_ns)
+            _set_metadata(target, entry, unit, mtime_ns, self._plan)
 
 
 def _mkdir(path: Path, relative: str) -> None:
@@ -905,13 +1046,36 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     return min(max(exact, -(2**63)), 2**63 - 1)  # a hostile header's: what utime takes
 
 
-def _set_metadata(path: Path, entry: FileEntry, unit: Unit, mtime_ns: int) -> None:
-    """Give *path* the entry's owner (as root), mode and *mtime_ns*, never following a link."""
-    if os.geteuid() == 0:
-        uid, gid = unit.owner or (entry.uid, entry.gid)
-        os.lchown(path, uid, gid)
+def _owner(entry: FileEntry, unit: Unit, plan: Plan) -> tuple[int, int] | None:
+    """Return the owner *entry* gets; None leaves it the restoring user's.
+
+    Only root can give files away, and only an authenticated archive may say to whom;
+    the Redis files take their live owner, which comes from the server, not the archive.
+    """
+    if os.geteuid() != 0:
+        return None
+    if unit.owner is not None:
+        return unit.owner
+    return (entry.uid, entry.gid) if plan.authenticated else None
+
+
+def _mode(entry: FileEntry, plan: Plan) -> int:
+    """Return the mode *entry* gets: a file's setuid/setgid bits only with --keep-setuid.
+
+    A directory keeps its setgid bit: it makes new files inherit the group, no privilege.
+    """
+    if entry.type == "file" and not plan.keep_setuid:
+        return entry.mode & ~SETID_BITS
+    return entry.mode
+
+
+def _set_metadata(path: Path, entry: FileEntry, unit: Unit, mtime_ns: int, plan: Plan) -> None:
+    """Give *path* its owner (see :func:`_owner`), mode and *mtime_ns*, following no link."""
+    owner = _owner(entry, unit, plan)
+    if owner is not None:
+        os.lchown(path, *owner)
     if entry.type != "symlink":
-        os.chmod(path, entry.mode)  # noqa: PTH101 (Path.chmod follows no differently; kept beside lchown)
+        os.chmod(path, _mode(entry, plan))  # noqa: PTH101 (Path.chmod follows no differently; kept beside lchown)
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
@@ -941,12 +1105,12 @@ def _synthesize_aof(plan: Plan) -> None:
         if base is None:
             continue
         source = next(other for other in plan.units if other.arcname == RDB_NAME)
-        unit.staged.mkdir(mode=0o755)
-        shutil.copyfile(source.staged, unit.staged / f"{base}.1.base.rdb")
+        unit.work.mkdir(mode=0o755)
+        shutil.copyfile(source.work, unit.work / f"{base}.1.base.rdb")
         archive.write_atomically(
-            unit.staged / f"{base}.manifest", f"file {base}.1.base.rdb seq 1 type b\n".encode()
+            unit.work / f"{base}.manifest", f"file {base}.1.base.rdb seq 1 type b\n".encode()
         )
-        for path in (unit.staged, *unit.staged.iterdir()):
+        for path in (unit.work, *unit.work.iterdir()):
             if os.geteuid() == 0 and unit.owner is not None:
                 os.lchown(path, *unit.owner)
 
@@ -957,14 +1121,7 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
     On any failure the staging directories are removed and ArchiveError is raised
     (AbortedError once *cancel* is set); nothing outside them was written.
     """
-    created: list[Path] = []
-    try:
-        for directory in plan.staging_dirs:
-            _remove_stale_staging(directory)
-            created += _make_parents(directory)
-    except OSError as error:
-        _remove_empty(created)
-        raise RestoreError(f"cannot create {error.filename}: {error.strerror}") from error
+    _open_anchors(plan)
     try:
         with _opened(plan.backup) as handle:
             _check_sidecar(handle, plan.backup)
@@ -974,9 +1131,92 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
         _sync_staging(plan)
     except BaseException:
         cleanup(plan)
-        _remove_empty(created)
         raise
     return extraction.files, extraction.bytes
+
+
+@dataclass
+class _Anchor:
+    """One destination directory opened for a restore, and the staging directory in it.
+
+    Everything the restore does there, from staging to the swap and the cleanup, goes
+    through these descriptors: a name swapped for a symlink meanwhile leads nowhere.
+    """
+
+    parent: fsat.Opened
+    staging: int
+    name: str
+    identity: tuple[int, int]
+    shown: Path
+
+    def check(self) -> None:
+        """Refuse when the staging directory's name no longer holds the one opened."""
+        found = fsat.lstat_at(self.parent.descriptor, self.name)
+        if found is None or fsat.identity(found) != self.identity:
+            raise UnsafePathError(
+                f"{self.shown} changed since the restore opened it (now "
+                f"{fsat.kind(found)}): nothing was replaced"
+            )
+
+
+def _open_parent(plan: Plan, directory: Path) -> fsat.Opened:
+    """Open *directory* (the staging directories' parent), creating what is missing.
+
+    A live destination was resolved by the plan and is opened from ``/`` following no
+    link; below ``--to DIR`` nothing is followed either (openat2 RESOLVE_IN_ROOT).
+    """
+    if plan.to is None:
+        return fsat.open_dir(directory, create=True)
+    root = fsat.open_dir(plan.to, create=True)
+    try:
+        below = fsat.open_below(
+            root.descriptor, str(directory.relative_to(plan.to)), str(plan.to), create=True
+        )
+    except BaseException:
+        root.remove_created()
+        root.close()
+        raise
+    below.created[:0] = root.created  # removed innermost first: DIR's own parents last
+    root.created = []
+    root.close()
+    return below
+
+
+def _anchor(plan: Plan, directory: Path) -> _Anchor:
+    """Open the parent of the staging *directory*, clear stale staging there, make it anew."""
+    parent = _open_parent(plan, directory.parent)
+    try:
+        for stale in fsat.anchored(parent.descriptor).iterdir():
+            if stale.name.startswith(STAGING_PREFIX) and _removed(stale):
+                log.info("restore.leftover_removed", path=str(directory.parent / stale.name))
+        staging = fsat.make_dir(parent.descriptor, directory.name)
+    except BaseException:
+        parent.remove_created()
+        parent.close()
+        raise
+    return _Anchor(parent, staging, directory.name, fsat.identity(os.fstat(staging)), directory)
+
+
+def _open_anchors(plan: Plan) -> None:
+    """Open every staging directory's parent and make the staging directory in it.
+
+    Record what each destination is at this moment: the swap refuses anything else.
+    Raise UnsafePathError for a link on the way, RestoreError for what cannot be made.
+    """
+    anchors: dict[Path, _Anchor] = {}
+    try:
+        for directory in plan.staging_dirs:
+            anchors[directory] = _anchor(plan, directory)
+    except OSError as error:
+        _close_anchors(list(anchors.values()), removed=True)
+        raise RestoreError(f"cannot create {error.filename}: {error.strerror}") from error
+    except BaseException:
+        _close_anchors(list(anchors.values()), removed=True)
+        raise
+    for unit in plan.units:
+        unit.anchor = anchors[unit.staged.parent]
+        found = fsat.lstat_at(unit.anchor.parent.descriptor, unit.destination.name)
+        unit.seen = (fsat.kind(found), fsat.identity(found) if found is not None else None)
 
 
 def _stream(plan: Plan, handle: BinaryIO, cancel: threading.Event | None) -> _Extraction:
@@ -1043,35 +1283,20 @@ def _sync_staging(plan: Plan) -> None:
     Raise RestoreError when the filesystem reports a write error.
     """
     libc = ctypes.CDLL(None, use_errno=True)
-    for directory in plan.staging_dirs:
-        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    for anchor in _anchors(plan):
+        descriptor = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=anchor.staging)
         try:
             if libc.syncfs(descriptor) != 0:
                 code = ctypes.get_errno()
-                raise RestoreError(f"cannot flush {directory} to disk: {os.strerror(code)}")
+                raise RestoreError(f"cannot flush {anchor.shown} to disk: {os.strerror(code)}")
         finally:
             os.close(descriptor)
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """Create *directory* (0700) and its missing parents; return what was created."""
-    missing = [directory]
-    while not missing[-1].parent.exists():
-        missing.append(missing[-1].parent)
-    for path in reversed(missing):
-        path.mkdir(mode=0o700 if path == directory else 0o755)
-    return list(reversed(missing))
-
-
-def _remove_empty(created: list[Path]) -> None:
-    """Remove the directories a refused restore created, deepest first, if empty."""
-    for path in reversed(created):
-        try:
-            path.rmdir()
-        except FileNotFoundError:
-            continue  # the staging directory itself, removed with its contents
-        except OSError:
-            return  # not empty: something else was put there meanwhile
+def _anchors(plan: Plan) -> list[_Anchor]:
+    """Return the plan's open staging directories, each once."""
+    found = {id(unit.anchor): unit.anchor for unit in plan.units if unit.anchor is not None}
+    return list(found.values())
 
 
 def _check_inside_manifest(plan: Plan, inside: str | None) -> None:
@@ -1082,46 +1307,46 @@ def _check_inside_manifest(plan: Plan, inside: str | None) -> None:
         )
 
 
-def _remove_stale_staging(directory: Path) -> None:
-    """Remove the staging directories a killed restore left beside *directory*."""
-    if not directory.parent.is_dir():
-        return
-    for stale in directory.parent.glob(f"{STAGING_PREFIX}*"):
-        if stale.is_dir() and not stale.is_symlink() and _removed(stale):
-            log.info("restore.leftover_removed", path=str(stale))
-
-
 def _removed(path: Path) -> bool:
     return tree.remove_or_warn(path, "restore.leftover_kept")
 
 
+def _close_anchors(anchors: list[_Anchor], *, removed: bool) -> None:
+    """Empty and remove each staging directory through its descriptor; close it all.
+
+    The staging directory's name is removed only while it still holds the directory
+    opened; with *removed*, so are the directories the restore created on the way.
+    """
+    # The last one opened first: the first one made the directories the others share.
+    for anchor in sorted(anchors, key=lambda anchor: anchor.shown, reverse=True):
+        try:
+            for staged in fsat.anchored(anchor.staging).iterdir():
+                _removed(staged)
+            found = fsat.lstat_at(anchor.parent.descriptor, anchor.name)
+            if found is not None and fsat.identity(found) == anchor.identity:
+                os.rmdir(anchor.name, dir_fd=anchor.parent.descriptor)
+            else:
+                log.info("restore.staging_moved", path=str(anchor.shown))
+        except OSError as error:
+            log.warning("restore.leftover_kept", path=str(anchor.shown), error=error.strerror)
+        os.close(anchor.staging)
+        if removed:
+            anchor.parent.remove_created()
+        anchor.parent.close()
+
+
 def cleanup(plan: Plan) -> None:
-    """Remove the plan's staging directories (and the replaced data moved into them)."""
-    for directory in plan.staging_dirs:
-        _removed(directory)
+    """Remove the plan's staging directories (and the replaced data moved into them).
+
+    Directories the restore created for a destination are removed too, where empty: a
+    refused restore leaves none behind.
+    """
+    _close_anchors(_anchors(plan), removed=True)
+    for unit in plan.units:
+        unit.anchor = None
 
 
 # --- the swap -----------------------------------------------------------------------------
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2); False when the system cannot."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    function = getattr(libc, "renameat2", None)
-    if function is None:
-        return False
-    result = function(
-        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
-    )
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
 
 
 @dataclass
@@ -1131,57 +1356,93 @@ class _Swapped:
     undo: Callable[[], None]
 
 
+def _check_unchanged(unit: Unit) -> None:
+    """Refuse when the destination or the staging directory is not what was opened.
+
+    Between the plan and the swap the stop commands ran, and whoever can write the
+    destination's directory had time too: a directory swapped for a symlink (or another
+    directory) would move the restored tree, or whatever the link leads to, elsewhere.
+    """
+    assert unit.anchor is not None  # noqa: S101 (extract anchors every unit before the swap)
+    unit.anchor.check()
+    found = fsat.lstat_at(unit.anchor.parent.descriptor, unit.destination.name)
+    now = fsat.kind(found)
+    was, identity = unit.seen
+    now_identity = fsat.identity(found) if found is not None else None
+    if now != was or (now == "a directory" and now_identity != identity):
+        raise UnsafePathError(
+            f"{unit.destination} changed since the restore opened it (was {was}, now {now}"
+            f"{', another one' if now == was else ''}): nothing of it was replaced"
+        )
+
+
 def _swap(unit: Unit) -> _Swapped:
-    """Put *unit* in place; return how to undo it. The replaced data ends up staged."""
-    destination = unit.destination
-    old = _replaced(unit)
-    moved: list[tuple[Path, Path]] = []
+    """Put *unit* in place; return how to undo it. The replaced data ends up staged.
+
+    Every step is relative to the open destination and staging directories.
+    """
+    _check_unchanged(unit)
+    assert unit.anchor is not None  # noqa: S101 (checked by _check_unchanged)
+    parent, staging = unit.anchor.parent.descriptor, unit.anchor.staging
+    name, staged = unit.destination.name, unit.staged.name
+    old = _replaced(unit).name
+    moved: list[tuple[str, str]] = []
     if unit.component == "sqlite":
         for end in WAL_FILES:
-            stale = destination.with_name(destination.name + end)
-            if stale.exists():
-                aside = old.with_name(old.name + end)
-                stale.rename(aside)
-                moved.append((aside, stale))
-    existed = os.path.lexists(destination)
+            if fsat.lstat_at(parent, name + end) is not None:
+                os.rename(name + end, old + end, src_dir_fd=parent, dst_dir_fd=staging)
+                moved.append((old + end, name + end))
+    existed = unit.seen[0] != "absent"
+
+    def put_back_moved() -> None:
+        for aside, original in moved:
+            os.rename(aside, original, src_dir_fd=staging, dst_dir_fd=parent)
+
     if unit.kind == "dir":
-        if existed and not destination.is_dir():
-            raise RestoreError(f"{destination} exists and is not a directory")
-        if existed and _exchange(unit.staged, destination):
-            unit.staged.rename(old)  # the old tree, out of the way of a second exchange
+        if existed and unit.seen[0] != "a directory":
+            raise RestoreError(f"{unit.destination} exists and is not a directory")
+        unit.tree = fsat.identity(os.stat(staged, dir_fd=staging, follow_symlinks=False))
+        if existed and fsat.exchange(staging, staged, parent, name):
 
             def undo_exchange() -> None:
-                old.rename(unit.staged)
-                _exchange(unit.staged, destination)
-                _restore_moved(moved)
+                os.rename(old, staged, src_dir_fd=staging, dst_dir_fd=staging)
+                fsat.exchange(staging, staged, parent, name)
+                put_back_moved()
 
+            replaced = fsat.lstat_at(staging, staged)
+            if replaced is None or fsat.identity(replaced) != unit.seen[1]:
+                # Swapped between the check and the exchange: put it back untouched.
+                fsat.exchange(staging, staged, parent, name)
+                put_back_moved()
+                raise UnsafePathError(
+                    f"{unit.destination} changed since the restore opened it (while it was "
+                    "swapped): nothing of it was replaced"
+                )
+            # The old tree, out of the way of a second exchange.
+            os.rename(staged, old, src_dir_fd=staging, dst_dir_fd=staging)
             return _Swapped(undo_exchange)
         if existed:
-            destination.rename(old)
-        unit.staged.rename(destination)
+            os.rename(name, old, src_dir_fd=parent, dst_dir_fd=staging)
+        os.rename(staged, name, src_dir_fd=staging, dst_dir_fd=parent)
     else:
         if existed:
             try:
-                os.link(destination, old, follow_symlinks=False)
+                os.link(name, old, src_dir_fd=parent, dst_dir_fd=staging, follow_symlinks=False)
             except OSError:
-                destination.rename(old)
-        unit.staged.replace(destination)
+                os.rename(name, old, src_dir_fd=parent, dst_dir_fd=staging)
+        os.replace(staged, name, src_dir_fd=staging, dst_dir_fd=parent)
 
     def undo() -> None:
         if unit.kind == "dir":
-            destination.rename(unit.staged)
+            os.rename(name, staged, src_dir_fd=parent, dst_dir_fd=staging)
         if existed:
-            old.replace(destination)
+            os.replace(old, name, src_dir_fd=staging, dst_dir_fd=parent)
         elif unit.kind == "file":
-            destination.unlink(missing_ok=True)
-        _restore_moved(moved)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent)
+        put_back_moved()
 
     return _Swapped(undo)
-
-
-def _restore_moved(moved: list[tuple[Path, Path]]) -> None:
-    for aside, original in moved:
-        aside.rename(original)
 
 
 def _run_commands(stage: str, commands: list[list[str]], timeout: float) -> None:
@@ -1197,6 +1458,12 @@ def swap(plan: Plan) -> None:
         for unit in plan.units:
             done.append(_swap(unit))
             log.info("restore.swapped", component=unit.component, destination=str(unit.destination))
+    except UnsafePathError as error:
+        for swapped in reversed(done):
+            swapped.undo()
+        if not done:
+            raise
+        raise UnsafePathError(f"{error}; what was already swapped has been put back") from error
     except OSError as error:
         for swapped in reversed(done):
             swapped.undo()
@@ -1204,11 +1471,11 @@ def swap(plan: Plan) -> None:
             f"cannot put {error.filename or 'a component'} in place: {error.strerror}; "
             "what was already swapped has been put back"
         ) from error
-    for directory in {unit.destination.parent for unit in plan.units}:
-        archive.fsync_dir(directory)
+    for anchor in _anchors(plan):
+        fsat.fsync_at(anchor.parent.descriptor)
     for unit in plan.units:
         if unit.component == "data":
-            _carry_excluded(_replaced(unit), unit.destination, plan.exclude)
+            _carry_excluded(unit, plan.exclude)
 
 
 def _replaced(unit: Unit) -> Path:
@@ -1216,14 +1483,40 @@ def _replaced(unit: Unit) -> Path:
     return unit.staged.with_name(unit.staged.name + ".old")
 
 
-def _carry_excluded(old: Path, new: Path, exclude: tuple[str, ...]) -> None:
+def _carry_excluded(unit: Unit, exclude: tuple[str, ...]) -> None:
     """Move what the excludes left out of backups from the replaced tree into the new one.
 
     No backup holds those files (caches, temp files), so the safety backup does not
-    either: dropping them with the replaced tree would lose them for good.
+    either: dropping them with the replaced tree would lose them for good. Both trees
+    are reached through descriptors: the replaced one only when it is the directory the
+    swap moved (never a link), the new one only while it is the tree just swapped in.
     """
-    if not exclude or not old.is_dir():
+    anchor = unit.anchor
+    if not exclude or anchor is None or unit.tree is None:
         return
+    replaced = fsat.lstat_at(anchor.staging, _replaced(unit).name)
+    if replaced is None or fsat.identity(replaced) != unit.seen[1]:
+        return
+    try:
+        new_tree = os.open(unit.destination.name, fsat.OPEN_PATH, dir_fd=anchor.parent.descriptor)
+    except OSError:
+        log.warning("restore.excluded_dropped", path=str(unit.destination))
+        return
+    try:
+        if fsat.identity(os.fstat(new_tree)) == unit.tree:
+            _carry_into(
+                fsat.anchored(anchor.staging, _replaced(unit).name),
+                fsat.anchored(new_tree),
+                exclude,
+            )
+        else:
+            log.warning("restore.excluded_dropped", path=str(unit.destination))
+    finally:
+        os.close(new_tree)
+
+
+def _carry_into(old: Path, new: Path, exclude: tuple[str, ...]) -> None:
+    """Move the files *exclude* matches from the tree *old* into the tree *new*."""
     for relative in files.excluded_paths(old, exclude):
         target = new / relative
         if os.path.lexists(target):
@@ -1480,7 +1773,7 @@ def _drill_checks(
     policy: Policy, stored: StoredBackup, scratch: Path, cancel: threading.Event | None
 ) -> list[Check]:
     try:
-        drill_plan = plan(policy, stored, to=scratch, safety_backup=False)
+        drill_plan = plan(policy, stored, to=scratch, safety_backup=False, scratch=True)
         result = run(policy, drill_plan, cancel)
     except AbortedError:
         raise

@@ -19,8 +19,9 @@ import structlog
 
 from sovbackupd import policy as gfs
 from sovbackupd import targets
-from sovbackupd.archive import encrypted_manifest_path, fsync_dir, sidecar_path
+from sovbackupd.archive import encrypted_manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
+from sovbackupd.fsat import fsync_dir
 from sovbackupd.manifest import MANUAL_TIER
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup

@@ -23,9 +23,7 @@ from sovbackupd import crypto, tree
 from sovbackupd import policy as gfs
 from sovbackupd.archive import (
     MANIFEST_SUFFIX,
-    PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
-    fsync_dir,
     manifest_path,
     write_atomically,
 )
@@ -37,6 +35,7 @@ from sovbackupd.errors import (
     NotFoundError,
     SovbackupdError,
 )
+from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.manifest import Manifest, read_full, read_head
 from sovbackupd.wording import plural
 

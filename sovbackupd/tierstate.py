@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 import structlog
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from sovbackupd import archive, statefile
+from sovbackupd import archive, fsat, statefile
 from sovbackupd.manifest import SAFETY_TIER, Manifest
 
 log = structlog.get_logger("sovbackupd.tierstate")
@@ -182,7 +182,7 @@ def write(directory: Path, records: Records) -> None:
     if os.geteuid() == 0 and path.stat().st_uid != owner.st_uid:
         # Not following a link: one swapped in after the rename must not pass on its target.
         os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
-    archive.fsync_dir(directory)
+    fsat.fsync_dir(directory)
 
 
 def _update(directory: Path, tiers: Iterable[str], moment: datetime, success: bool) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sovbackupd import archive, tierstate
+from sovbackupd import fsat, tierstate
 from sovbackupd import redis_server as redis_process
 from sovbackupd.errors import SovbackupdError
 
@@ -205,7 +205,7 @@ def backup_files(backup_dir: Path) -> set[str]:
     if not backup_dir.exists():
         return set()
     state = tierstate.STATE_NAME
-    bookkeeping = {".sovbackupd.lock", state, f"{state}{archive.PARTIAL_SUFFIX}"}
+    bookkeeping = {".sovbackupd.lock", state, f"{state}{fsat.PARTIAL_SUFFIX}"}
     return {entry.name for entry in backup_dir.iterdir() if entry.name not in bookkeeping}
 
 

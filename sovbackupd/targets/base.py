@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sovbackupd.archive import CHUNK_BYTES, PARTIAL_SUFFIX
+from sovbackupd.archive import CHUNK_BYTES
 from sovbackupd.errors import TargetError, TransientTargetError
+from sovbackupd.fsat import PARTIAL_SUFFIX
 
 # Remote names are single path components of the backup directory's own names, so no
 # target needs to quote or escape them (and none can be a temp file or a dotfile).

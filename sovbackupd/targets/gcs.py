@@ -33,9 +33,10 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.oauth2 import service_account
 
-from sovbackupd.archive import CHUNK_BYTES, PARTIAL_SUFFIX, fsync_dir
+from sovbackupd.archive import CHUNK_BYTES
 from sovbackupd.config.models import GcsRemote
 from sovbackupd.errors import NotFoundError, TargetError, TransientTargetError
+from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.targets.base import (
     NAME_PATTERN,
     Listing,

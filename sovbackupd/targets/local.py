@@ -9,8 +9,9 @@ from pathlib import Path
 
 import structlog
 
-from sovbackupd.archive import CHUNK_BYTES, PARTIAL_SUFFIX, fsync_dir
+from sovbackupd.archive import CHUNK_BYTES
 from sovbackupd.errors import NotFoundError, TargetError, TransientTargetError
+from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.targets.base import (
     NAME_PATTERN,
     Listing,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from sovbackupd.archive import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.config.models import RsyncRemote
 from sovbackupd.errors import NotFoundError, TargetError, TransientTargetError
+from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.targets.base import (
     NAME_PATTERN,
     Listing,

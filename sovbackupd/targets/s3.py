@@ -32,9 +32,10 @@ import structlog
 from botocore.config import Config
 
 from sovbackupd import untrusted
-from sovbackupd.archive import CHUNK_BYTES, PARTIAL_SUFFIX, fsync_dir
+from sovbackupd.archive import CHUNK_BYTES
 from sovbackupd.config.models import S3Remote
 from sovbackupd.errors import NotFoundError, TargetError, TransientTargetError
+from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.targets.base import (
     NAME_PATTERN,
     Listing,

@@ -26,7 +26,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from sovbackupd import archive, backup, config
+from sovbackupd import archive, backup, config, fsat
 from sovbackupd.config.models import SourcePath
 from sovbackupd.errors import ArchiveError, DiskSpaceError, ExitCode
 from sovbackupd.manifest import Manifest
@@ -69,7 +69,7 @@ def leftovers(backup_dir: Path) -> list[str]:
     return sorted(
         name
         for name in backup_files(backup_dir)
-        if name.endswith(archive.PARTIAL_SUFFIX) or name == STAGING_NAME
+        if name.endswith(fsat.PARTIAL_SUFFIX) or name == STAGING_NAME
     )
 
 
@@ -138,7 +138,7 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = WAIT_SEC
 def wait_for_partial(backup_dir: Path, what: str) -> None:
     """Wait until a run's archive is open: its ``.partial``, not the ``.staging`` made first."""
     wait_for(
-        lambda: any(name.endswith(archive.PARTIAL_SUFFIX) for name in leftovers(backup_dir)), what
+        lambda: any(name.endswith(fsat.PARTIAL_SUFFIX) for name in leftovers(backup_dir)), what
     )
 
 
@@ -473,7 +473,7 @@ def test_backup_cleans_up_when_the_disk_fills_during_the_write(
         CliResult(process.returncode, stdout, stderr),
         ExitCode.CANT_CREATE,
         f"no space left on {sandbox.backup_dir} while writing",
-        archive.PARTIAL_SUFFIX,
+        fsat.PARTIAL_SUFFIX,
     )
     good_backup.assert_untouched()
 
@@ -490,7 +490,7 @@ def test_archive_writer_raises_disk_space_error_and_removes_its_partial(
     big.write_bytes(os.urandom(32 * MiB))
     member = Member.from_stat("data/big.bin", big, big.stat(), partial(open_nofollow, str(big)))
     path = disk / "top.tar"
-    expected = re.escape(f"no space left on {disk} while writing top.tar{archive.PARTIAL_SUFFIX}")
+    expected = re.escape(f"no space left on {disk} while writing top.tar{fsat.PARTIAL_SUFFIX}")
     with (
         pytest.raises(DiskSpaceError, match=expected),
         archive.Writer(path, compression, "top") as writer,

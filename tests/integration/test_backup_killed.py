@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sovbackupd import archive
+from sovbackupd import fsat
 from sovbackupd.errors import ExitCode
 from sovbackupd.store import STAGING_NAME
 from tests.conftest import (
@@ -36,7 +36,7 @@ PARTIAL_NAME = re.compile(r"^sovereigncore_backup_\d{8}_\d{6}\.tar\.gz\.partial$
 def partial_size(backup_dir: Path) -> int:
     """Return the size of the ``*.partial`` archive in *backup_dir*, 0 while there is none."""
     for name in backup_files(backup_dir):
-        if name.endswith(archive.PARTIAL_SUFFIX):
+        if name.endswith(fsat.PARTIAL_SUFFIX):
             try:
                 return (backup_dir / name).stat().st_size
             except FileNotFoundError:
@@ -78,7 +78,7 @@ def test_backup_killed_mid_archive_leaves_temp_files_that_the_next_backup_remove
     assert process.returncode == -signal.SIGKILL
 
     left = backup_files(sandbox.backup_dir)
-    (partial,) = [name for name in left if name.endswith(archive.PARTIAL_SUFFIX)]
+    (partial,) = [name for name in left if name.endswith(fsat.PARTIAL_SUFFIX)]
     assert PARTIAL_NAME.match(partial), partial
     assert left == {partial, STAGING_NAME}, "a file appeared under a final name"
     listed = run_cli("list", "--json", config=policy)

@@ -8,6 +8,7 @@ has to refuse it for the hostile member itself, not for a stale checksum.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -24,7 +25,10 @@ from typing import Any, Literal
 
 import pytest
 
+from sovbackupd import config as policy_config
+from sovbackupd import restore
 from sovbackupd.manifest import MANIFEST_NAME
+from sovbackupd.store import Store
 from tests.conftest import (
     RedisServer,
     Sandbox,
@@ -735,3 +739,311 @@ def test_an_archive_renamed_as_another_backup_is_refused_naming_the_id(
         assert f"backup {renamed}: manifest field id: '{editor.top}'" in result.stderr_lines[0]
     assert "manifest field id" in drill.stdout
     assert not destination.exists()
+
+
+# --- restore writes nothing through a link, and nothing outside its plan ---------------
+
+ROOT_KEY_TEXT = "-----BEGIN OPENSSH PRIVATE KEY-----\nroot's\n"
+
+
+def make_victim(tmp_path: Path) -> Path:
+    """Return a root-only directory that no restore may touch, holding an ``id_rsa.tmp``.
+
+    The name matches the sandbox's ``*.tmp`` exclude, so that carrying excluded files over
+    from a replaced directory would pick it up; numbered subdirectories stand where a
+    staging directory keeps its units.
+    """
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "id_rsa.tmp").write_text(ROOT_KEY_TEXT)
+    for index in range(12):
+        (victim / str(index)).mkdir()
+        (victim / str(index) / "id_rsa.tmp").write_text(ROOT_KEY_TEXT)
+    return victim
+
+
+def stop_swapping(tmp_path: Path, app: Path, target: str) -> list[list[str]]:
+    """Return restore.stop: move *target* (a glob in *app*) aside, a victim link in its place.
+
+    Run between plan and swap, it is the race an attacker would win.
+    """
+    script = tmp_path / "swap.sh"
+    script.write_text(
+        'set -e\ncd "$1"\nfor found in $2; do mv "$found" "$found.moved"; '
+        'ln -s "$3" "$found"; done\n'
+    )
+    return [["sh", str(script), str(app), target, str(tmp_path / "victim")]]
+
+
+@pytest.mark.parametrize("target", ["data", ".sovbackupd-restore-*"], ids=["data", "staging"])
+def test_swapped_for_a_symlink_between_plan_and_swap_is_refused(
+    tmp_path: Path, sandbox: Sandbox, target: str
+) -> None:
+    """A destination or staging dir swapped for a symlink before the swap: refused, nothing moved.
+
+    Invariant: the swap acts only on what the restore opened; the victim's files stay
+    where they are, and the live tree keeps what the stop command left.
+    """
+    victim = make_victim(tmp_path)
+    stop = stop_swapping(tmp_path, sandbox.app, target)
+    data = policy_data(sandbox, None, restore={"stop": stop, "start": [["true"]]})
+    config = write_policy(tmp_path / "policy.yaml", data)
+    editor = backup_sandbox(config, sandbox)
+    victim_before = tree_state(victim)
+
+    result = run_cli(
+        "restore", editor.top, "--only", "data", "--yes", "--no-safety-backup", config=config
+    )
+    live_after_stop = tree_state(sandbox.app)
+
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert "changed since the restore opened it" in result.stderr_lines[0]
+    assert tree_state(victim) == victim_before
+    assert tree_state(sandbox.app) == live_after_stop
+    assert (sandbox.app / "data").is_symlink() == (target == "data")
+
+
+TO_ROOTS = {"root": "/", "root-through-dotdot": "/tmp/.."}
+
+
+@pytest.mark.parametrize("to", TO_ROOTS.values(), ids=TO_ROOTS.keys())
+def test_restore_to_the_root_is_refused(tmp_path: Path, sandbox: Sandbox, to: str) -> None:
+    """--to / (or a DIR that resolves to /) is no live restore in disguise: refused, exit 2."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    (sandbox.app / "data" / "since-backup.txt").write_text("new\n")
+    live_before = tree_state(sandbox.app)
+
+    result = run_cli("restore", editor.top, "--to", to, config=config)
+
+    assert result.returncode == 2, result.stdout
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert "--to" in result.stderr_lines[0]
+    assert tree_state(sandbox.app) == live_before
+
+
+def _live_relation(sandbox: Sandbox, tmp_path: Path) -> dict[str, Path]:
+    return {
+        "contains-live": sandbox.root / "opt",
+        "equals-live": sandbox.app / "data",
+        "inside-live": sandbox.app / "memory" / "inspect",
+        "inside-backup-dir": sandbox.backup_dir / "inspect",
+        "symlink-to-live": tmp_path / "innocent",
+    }
+
+
+@pytest.mark.parametrize(
+    "relation",
+    ["contains-live", "equals-live", "inside-live", "inside-backup-dir", "symlink-to-live"],
+)
+def test_restore_to_a_dir_overlapping_a_live_path_is_refused(
+    tmp_path: Path, sandbox: Sandbox, relation: str
+) -> None:
+    """--to DIR that contains, equals or lies inside a live path (backup_dir too): exit 2."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    to = _live_relation(sandbox, tmp_path)[relation]
+    if relation == "symlink-to-live":
+        to.symlink_to(sandbox.app)
+    live_before = tree_state(sandbox.app)
+
+    result = run_cli("restore", editor.top, "--to", str(to), config=config)
+
+    assert result.returncode == 2, result.stdout
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert "live path" in result.stderr_lines[0]
+    assert tree_state(sandbox.app) == live_before
+
+
+def test_restore_to_dir_follows_no_symlink_inside_it(tmp_path: Path, sandbox: Sandbox) -> None:
+    """DIR/tmp -> /tmp must not make a restore --to DIR replace the live tree."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    (sandbox.app / "data" / "since-backup.txt").write_text("new\n")
+    live_before = tree_state(sandbox.app)
+    destination = tmp_path / "restored"
+    destination.mkdir()
+    top = Path(str(sandbox.app).lstrip("/")).parts[0]
+    (destination / top).symlink_to(f"/{top}")
+
+    result = run_cli("restore", editor.top, "--to", str(destination), config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert f"{destination / top} is a symlink" in result.stderr_lines[0]
+    assert tree_state(sandbox.app) == live_before
+    assert staging_leftovers(tmp_path) == []
+
+
+def test_forged_origin_cannot_lead_restore_to_dir_outside_it(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A forged origin through a symlink inside DIR writes nothing outside DIR."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    editor.entry("memory")["origin"] = "/escape/memory"
+    editor.save()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    destination = tmp_path / "restored"
+    destination.mkdir()
+    (destination / "escape").symlink_to(outside)
+
+    result = run_cli("restore", editor.top, "--to", str(destination), config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert "is a symlink" in result.stderr_lines[0]
+    assert list(outside.iterdir()) == []
+
+
+def symlink_sources(sandbox: Sandbox) -> None:
+    """Make the sandbox's ``data`` and ``.env`` symlinks into ``vol/``, as a volume mount."""
+    volume = sandbox.app / "vol"
+    volume.mkdir()
+    (sandbox.app / "data").rename(volume / "data")
+    (sandbox.app / "data").symlink_to("vol/data")
+    (sandbox.app / ".env").rename(volume / "env")
+    (sandbox.app / ".env").symlink_to("vol/env")
+
+
+def test_symlinked_sources_get_a_safety_backup_of_what_they_lead_to(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """With data -> vol/data and .env -> vol/env, the safety backup holds the changes since."""
+    symlink_sources(sandbox)
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    (sandbox.app / "vol" / "data" / "since-backup.txt").write_text("written after\n")
+    (sandbox.app / "vol" / "env").write_text("SECRET_KEY=rotated\n")
+
+    dry_run = run_cli("restore", editor.top, "--dry-run", config=config)
+    result = run_cli("restore", editor.top, "--only", "config,data", "--yes", config=config)
+
+    assert result.returncode == 0, result.stderr
+    assert "nothing live exists yet" not in dry_run.stdout
+    assert f"{sandbox.app / 'data'} -> {sandbox.app / 'vol' / 'data'}" in dry_run.stdout
+    assert (sandbox.app / "data").is_symlink()
+    assert (sandbox.app / ".env").is_symlink()
+    assert not (sandbox.app / "vol" / "data" / "since-backup.txt").exists()
+    safety = next(line for line in result.stdout.splitlines() if line.startswith("safety"))
+    safety_name = safety.split()[6]
+    restored = tmp_path / "safety"
+    again = run_cli("restore", safety_name, "--to", str(restored), config=config)
+    assert again.returncode == 0, again.stderr
+    inner = restored / str(sandbox.app).lstrip("/")
+    assert (inner / "data" / "since-backup.txt").read_text() == "written after\n"
+    assert (inner / ".env").read_text() == "SECRET_KEY=rotated\n"
+
+
+def test_symlinked_source_leading_to_a_dir_its_owner_does_not_own_is_refused(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The app dir's owner points data at a root-owned dir: root's restore does not replace it."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    foreign = tmp_path / "etc-like"
+    foreign.mkdir()
+    (foreign / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    owner = 4242
+    os.chown(sandbox.app, owner, owner)
+    data = sandbox.app / "data"
+    data.rename(sandbox.app / "data.old")
+    data.symlink_to(foreign)
+    os.lchown(data, owner, owner)
+    foreign_before = tree_state(foreign)
+
+    result = run_cli(
+        "restore", editor.top, "--only", "data", "--yes", "--no-safety-backup", config=config
+    )
+
+    assert result.returncode == 1, result.stdout
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert f"{data} -> {foreign}" in result.stderr_lines[0]
+    assert tree_state(foreign) == foreign_before
+
+
+def add_setuid_shell(editor: ArchiveEditor) -> None:
+    editor.add("data/suidsh", "file", b"#!/bin/sh\nexec sh\n")
+    entry = editor.entry("data/suidsh")
+    entry["mode"], entry["uid"], entry["gid"] = 0o6755, 0, 0
+    editor._member("data/suidsh").info.mode = 0o6755
+    editor.save()
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["dropped", "kept-with-flag"])
+def test_setuid_bits_are_restored_only_with_keep_setuid(
+    tmp_path: Path, sandbox: Sandbox, keep: bool
+) -> None:
+    """A setuid/setgid file comes back without those bits, and the plan says so."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    add_setuid_shell(editor)
+    destination = tmp_path / "restored"
+    flags = ("--keep-setuid",) if keep else ()
+
+    dry_run = run_cli("restore", editor.top, "--dry-run", *flags, config=config)
+    result = run_cli("restore", editor.top, "--to", str(destination), *flags, config=config)
+
+    assert result.returncode == 0, result.stderr
+    restored = destination / str(sandbox.app).lstrip("/") / "data" / "suidsh"
+    mode = stat.S_IMODE(restored.stat().st_mode)
+    assert mode == (0o6755 if keep else 0o755)
+    assert ("setuid/setgid bits dropped" in dry_run.stdout) == (not keep), dry_run.stdout
+
+
+def test_block_device_member_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
+    """A block device member is refused as the character devices and FIFOs are."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    editor.add("data/disk", "file")
+    editor._member("data/disk").info.type = tarfile.BLKTYPE
+    editor.save()
+
+    result = run_cli("restore", editor.top, "--to", str(tmp_path / "restored"), config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert "data/disk is a block device: refused" in result.stderr_lines[0]
+
+
+@pytest.mark.parametrize("authenticated", [True, False], ids=["authenticated", "unauthenticated"])
+def test_owners_come_from_the_archive_only_when_it_is_authenticated(
+    tmp_path: Path, sandbox: Sandbox, authenticated: bool
+) -> None:
+    """As root, a file the archive gives to uid 4242 is 4242's only from an authenticated backup."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    editor.add("data/given-away", "file", b"whose?\n")
+    editor.entry("data/given-away")["uid"] = editor.entry("data/given-away")["gid"] = 4242
+    editor.save()
+    policy = policy_config.load(config, {})
+    stored = Store(policy.backup_dir, policy.name_prefix).find(editor.top)
+    destination = tmp_path / "restored"
+    planned = restore.plan(policy, stored, to=destination)
+
+    restore.run(policy, dataclasses.replace(planned, authenticated=authenticated))
+
+    restored = destination / str(sandbox.app).lstrip("/") / "data" / "given-away"
+    expected = 4242 if authenticated and os.geteuid() == 0 else os.geteuid()
+    assert (restored.stat().st_uid, restored.stat().st_gid) == (expected, expected)
+    assert ("not authenticated" in " ".join(planned.steps())) is False
+    steps = dataclasses.replace(planned, authenticated=authenticated).steps()
+    assert any("not authenticated" in step for step in steps) == (not authenticated)
+
+
+def test_refused_restore_to_a_new_dir_removes_every_dir_it_made(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """DIR did not exist: a refused restore --to DIR leaves no DIR, however many units it opened."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    checksum_mismatch(editor)
+    destination = tmp_path / "new" / "restored"
+
+    result = run_cli("restore", editor.top, "--to", str(destination), config=config)
+
+    assert result.returncode == 1, result.stdout
+    assert "checksum mismatch" in result.stderr
+    assert not (tmp_path / "new").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import stat
@@ -262,6 +263,7 @@ def test_every_tree_restores_as_it_was_or_is_refused_with_one_line(tree: Tree) -
     Invariant: the backup either fails with one clear line, or restore --to gives back
     every name (as bytes), content, mode, owner, mtime (to the nanosecond) and link
     target below the data dir (FIFOs aside: they are skipped), and test-restore passes.
+    Modes keep their setuid/setgid bits with --keep-setuid; without it, only those go.
     """
     with tempfile.TemporaryDirectory(prefix="i13-roundtrip-") as scratch:
         workdir = Path(scratch)
@@ -284,9 +286,19 @@ def test_every_tree_restores_as_it_was_or_is_refused_with_one_line(tree: Tree) -
         COUNTER.tried += 1
         stored = Store(policy.backup_dir, policy.name_prefix).find(made.name)
         target = workdir / "out"
-        restore.run(policy, restore.plan(policy, stored, to=target))
+        restore.run(policy, restore.plan(policy, stored, to=target, keep_setuid=True))
         restored = snapshot(os.fsencode(target) + os.fsencode(data))
         assert _differences(original, restored) == [], tree.describe()
+        stripped = workdir / "stripped"
+        restore.run(policy, restore.plan(policy, stored, to=stripped))
+        without_setid = {
+            path: dataclasses.replace(node, mode=node.mode & ~0o6000)
+            if node.kind == "file"
+            else node
+            for path, node in original.items()
+        }
+        restored = snapshot(os.fsencode(stripped) + os.fsencode(data))
+        assert _differences(without_setid, restored) == [], tree.describe()
         drill = restore.drill(policy, made.name)
         assert drill.ok, [check for check in drill.checks if not check.ok]
 
