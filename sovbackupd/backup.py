@@ -20,7 +20,7 @@ from typing import Literal
 
 import structlog
 
-from sovbackupd import __version__, archive, hooks, notify, retention, sources, tierstate
+from sovbackupd import __version__, archive, auth, hooks, notify, retention, sources, tierstate
 from sovbackupd import policy as gfs
 from sovbackupd.config import files, layout
 from sovbackupd.config.models import Policy
@@ -318,6 +318,7 @@ def _run(
     with store.lock():
         tierstate.record_attempt(policy.backup_dir, tiers, datetime.now(UTC))
         _check_layout(policy)
+        key = auth.ensure_key(policy)
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
         built = sources.build_all(
@@ -386,7 +387,7 @@ def _run(
                 # its bytes rather than failing the backup.
                 writer.add_bytes(INFO_NAME, info.encode("utf-8", "surrogateescape"), time.time())
                 stored = StoredBackup(name, path, created, 0)
-                sha256 = writer.commit(head, lambda: _read_back(policy, stored))
+                sha256 = writer.commit(head, lambda: _read_back(policy, stored, key))
             tierstate.record_success(policy.backup_dir, tiers, head.finished)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -406,19 +407,21 @@ def _run(
     )
 
 
-def _read_back(policy: Policy, stored: StoredBackup) -> None:
-    """Read the manifest of *stored* back from disk as restore does; raise if restore refuses.
+def _read_back(policy: Policy, stored: StoredBackup, key: auth.Key) -> None:
+    """Read the manifest of *stored* back as restore does, then sign the backup with *key*.
 
     Restore's own reader parses the manifest beside the archive and restore's own rules
     check every entry (a safe name, under its component, put back where the policy backs
     up), so that a backup which restore would refuse fails here, before the archive takes
-    its name and before retention counts it. Raise ArchiveError naming the backup.
+    its name and before retention counts it. Raise ArchiveError naming the backup. Only
+    a manifest that reads back is signed, so the record vouches for what restore reads.
     """
     # restore imports this module (its safety backup is a backup).
     from sovbackupd import restore  # noqa: PLC0415
 
     try:
-        restore.check_restorable(restore.load_manifest(stored), policy)
+        manifest = restore.load_manifest(stored)
+        restore.check_restorable(manifest, policy)
     except SovbackupdError as error:
         # Restore's messages start with the backup's name, which this one leads with.
         reason = str(error).removeprefix(f"backup {stored.name}: ").removeprefix(f"{stored.name}: ")
@@ -426,6 +429,7 @@ def _read_back(policy: Policy, stored: StoredBackup) -> None:
             f"backup {stored.name} was discarded: its manifest does not read back as "
             f"restorable: {reason}"
         ) from error
+    auth.write(stored.path, stored.name, manifest.created, manifest.tiers, key)
 
 
 def _pin(store: Store, name: str, pin: gfs.Pin) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from sovbackupd import archive, retention, targets
+from sovbackupd import archive, auth, retention, targets
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy, Remote
 from sovbackupd.errors import (
@@ -285,7 +285,13 @@ def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
                 return present
         staging = store.staging(f"fetch-{chosen.name}")
         try:
-            files = targets.backup_files(staging / chosen.archive.name)
+            local = staging / chosen.archive.name
+            # A copy uploaded before authentication has no record: restore calls it unsigned.
+            files = [
+                path
+                for path in targets.backup_files(local)
+                if path != archive.auth_path(local) or chosen.auth is not None
+            ]
             for path in files:
                 target.download(path.name, path)
             archive.verify_checksum(files[0])
@@ -309,23 +315,34 @@ class RemoteVerdict:
 
 
 def verify(
-    policy: Policy, remote: str, name: str | None, *, every: bool, deep: bool
+    policy: Policy,
+    remote: str,
+    name: str | None,
+    *,
+    every: bool,
+    deep: bool,
+    trust_unsigned: bool = False,
 ) -> list[RemoteVerdict]:
     """Verify backups on *remote*: complete there, and their recorded sha256 the sidecar's.
 
     With *every*, all of them, newest first as ``list`` shows them. With *deep* each
-    archive is downloaded to scratch space and verified member by member (decrypted first
-    when encrypted), then removed.
+    backup is downloaded to scratch space, its record checked (an unsigned one passes
+    only with *trust_unsigned*) and verified member by member (decrypted first when
+    encrypted), then removed.
     """
     config = remote_config(policy, remote)
     target = targets.build_target(config)
     held = targets.list_backups(target.list(), policy.name_prefix)
     chosen = held[::-1] if every else [_pick(held, name, remote)]
-    return [_verify_one(policy, target, backup, deep) for backup in chosen]
+    return [_verify_one(policy, target, backup, deep, trust_unsigned) for backup in chosen]
 
 
 def _verify_one(
-    policy: Policy, target: targets.Target, backup: targets.RemoteBackup, deep: bool
+    policy: Policy,
+    target: targets.Target,
+    backup: targets.RemoteBackup,
+    deep: bool,
+    trust_unsigned: bool,
 ) -> RemoteVerdict:
     if not backup.complete:
         problem = f"{backup.archive.name}: incomplete on {target.name} (no sidecar or manifest)"
@@ -334,8 +351,10 @@ def _verify_one(
     store.ensure()
     scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=policy.backup_dir))
     try:
-        files = targets.backup_files(scratch / backup.archive.name)
-        wanted = files if deep else files[2:]
+        local = scratch / backup.archive.name
+        files = targets.backup_files(local)
+        present = [path for path in files if path != archive.auth_path(local) or backup.auth]
+        wanted = present if deep else files[-1:]
         for path in wanted:
             target.download(path.name, path)
         recorded = backup.archive.sha256
@@ -344,7 +363,13 @@ def _verify_one(
             return RemoteVerdict(backup.name, ok=False, deep=deep, problem=problem)
         if deep:
             stored = StoredBackup(backup.name, files[0], backup.created, backup.archive.size)
-            verdict = check(stored, deep=True, encryption=policy.gpg)
+            verdict = check(
+                stored,
+                deep=True,
+                encryption=policy.gpg,
+                key=auth.policy_key(policy),
+                trust_unsigned=trust_unsigned,
+            )
             return RemoteVerdict(backup.name, verdict.ok, deep, verdict.problem)
     except SovbackupdError as error:
         return RemoteVerdict(backup.name, ok=False, deep=deep, problem=str(error))

@@ -34,10 +34,16 @@ from typing import IO, BinaryIO, Literal
 import structlog
 from pydantic import Field
 
-from sovbackupd import archive, backup, hooks, redis_server, statefile, tree
+from sovbackupd import archive, auth, backup, hooks, redis_server, statefile, tree
 from sovbackupd.config.layout import quoted
 from sovbackupd.config.models import Gpg, Hooks, Policy, RedisSource, SourcePath, Sources
-from sovbackupd.errors import AbortedError, ArchiveError, RestoreError, SovbackupdError
+from sovbackupd.errors import (
+    AbortedError,
+    ArchiveError,
+    AuthError,
+    RestoreError,
+    SovbackupdError,
+)
 from sovbackupd.manifest import (
     INFO_NAME,
     MANIFEST_NAME,
@@ -129,6 +135,8 @@ class Plan:
     """How to decrypt the archive, when it is encrypted."""
     notes: tuple[str, ...] = ()
     """What the operator should know but need not act on (symlinks pointing outside)."""
+    authenticated: bool = True
+    """False for a backup trusted with --trust-unsigned: no owners, no setuid from it."""
 
     @property
     def staging_dirs(self) -> list[Path]:
@@ -235,6 +243,11 @@ def read_manifest(path: Path, name: str) -> Manifest:
         # under this name, and retention would keep it for a date it does not hold.
         raise ArchiveError(
             f"backup {name}: manifest field id: {manifest.id!r} is another backup's name"
+        )
+    if not auth.in_second(manifest.created, name):
+        raise ArchiveError(
+            f"backup {name}: manifest field created: {manifest.created.isoformat()} is not "
+            "the time its name holds (a copy of another backup)"
         )
     _groups(manifest)
     return manifest
@@ -526,14 +539,20 @@ def plan(
     only: set[Component] | None = None,
     to: Path | None = None,
     safety_backup: bool = True,
+    trust_unsigned: bool = False,
 ) -> Plan:
     """Decide every step of restoring *stored*; touch nothing.
 
     A restore that must not happen (Redis answers and the policy has no stop commands)
-    gets a ``refusal``, which :func:`run` raises. Raise RestoreError when a destination is
-    one the policy does not back up, and ArchiveError when the manifest describes
-    something unsafe.
+    gets a ``refusal``, which :func:`run` raises. Raise AuthError when *stored* is not
+    authenticated by the policy's key (unsigned or foreign-key backups pass with
+    *trust_unsigned*, as ``authenticated=False``; a failing record never does),
+    RestoreError when a destination is one the policy does not back up, and
+    ArchiveError when the manifest describes something unsafe.
     """
+    status = auth.check(stored.path, stored.name, auth.policy_key(policy))
+    if status is not auth.Status.AUTHENTICATED and not trust_unsigned:
+        raise AuthError(auth.refusal(stored.name, status))
     manifest = load_manifest(stored)
     if archive.encrypted(stored.path) and policy.gpg is None:
         raise RestoreError(
@@ -592,6 +611,7 @@ def plan(
         refusal=refusal,
         encryption=policy.gpg,
         notes=tuple(_link_notes(units)),
+        authenticated=status is auth.Status.AUTHENTICATED,
     )
 
 
@@ -1368,10 +1388,16 @@ def _check_aof(unit: Unit, scratch: Path, persistent: int | None) -> Check:
 
 
 def _drill_checks(
-    policy: Policy, stored: StoredBackup, scratch: Path, cancel: threading.Event | None
+    policy: Policy,
+    stored: StoredBackup,
+    scratch: Path,
+    cancel: threading.Event | None,
+    trust_unsigned: bool,
 ) -> list[Check]:
     try:
-        drill_plan = plan(policy, stored, to=scratch, safety_backup=False)
+        drill_plan = plan(
+            policy, stored, to=scratch, safety_backup=False, trust_unsigned=trust_unsigned
+        )
         result = run(policy, drill_plan, cancel)
     except AbortedError:
         raise
@@ -1405,8 +1431,12 @@ def drill(
     *,
     metrics: Metrics | None = None,
     cancel: threading.Event | None = None,
+    trust_unsigned: bool = False,
 ) -> DrillReport:
     """Restore backup *name* (the newest by default) into scratch space and check it all.
+
+    A backup that restore would refuse as unauthenticated fails the drill (unsigned and
+    foreign-key ones pass the check with *trust_unsigned*).
 
     Every file is checked against the manifest while it is extracted; each SQLite copy
     passes ``integrity_check`` with the manifest's row counts; the RDB (and AOF) load into
@@ -1418,12 +1448,16 @@ def drill(
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         stored = store.find(name) if name else store.latest()
-        checks = _drill_in_scratch(policy, store, stored, cancel)
+        checks = _drill_in_scratch(policy, store, stored, cancel, trust_unsigned)
     return _report(policy, stored.name, checks, started, metrics)
 
 
 def _drill_in_scratch(
-    policy: Policy, store: Store, stored: StoredBackup, cancel: threading.Event | None
+    policy: Policy,
+    store: Store,
+    stored: StoredBackup,
+    cancel: threading.Event | None,
+    trust_unsigned: bool,
 ) -> list[Check]:
     """Run the drill's checks in a fresh scratch directory, removed afterwards.
 
@@ -1438,7 +1472,7 @@ def _drill_in_scratch(
             Check("scratch", ok=False, detail=f"cannot create {error.filename}: {error.strerror}")
         ]
     try:
-        return _drill_checks(policy, stored, scratch, cancel)
+        return _drill_checks(policy, stored, scratch, cancel, trust_unsigned)
     except AbortedError:
         raise
     except Exception as error:  # recorded as the drill's failure, with its type

@@ -22,9 +22,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from sovbackupd import policy as gfs
 from sovbackupd import tree
 from sovbackupd.archive import (
+    AUTH_SUFFIX,
     MANIFEST_SUFFIX,
     PARTIAL_SUFFIX,
     SIDECAR_SUFFIX,
+    auth_path,
     fsync_dir,
     manifest_path,
     write_atomically,
@@ -121,7 +123,8 @@ class Store:
         )
         self._owned = re.compile(
             rf"^{re.escape(prefix)}_{stamp}(?:{ARCHIVE_SUFFIX_PATTERN}(?:{re.escape(SIDECAR_SUFFIX)})?"
-            rf"|{re.escape(MANIFEST_SUFFIX)}|{re.escape(PIN_SUFFIX)})(?:{re.escape(PARTIAL_SUFFIX)})?$"
+            rf"|{re.escape(MANIFEST_SUFFIX)}|{re.escape(AUTH_SUFFIX)}|{re.escape(PIN_SUFFIX)})"
+            rf"(?:{re.escape(PARTIAL_SUFFIX)})?$"
         )
         self._pin = re.compile(rf"^(?P<name>{re.escape(prefix)}_{stamp}){re.escape(PIN_SUFFIX)}$")
 
@@ -210,14 +213,20 @@ class Store:
         """
         removed: list[Path] = []
         finals = {backup.path.name for backup in self.backups()}
-        bases = {manifest_path(self.directory / name).name for name in finals}
+        bases = {
+            beside(self.directory / name).name
+            for name in finals
+            for beside in (manifest_path, auth_path)
+        }
         for entry in self.directory.iterdir():
             if not self._owned.match(entry.name):
                 continue
             orphan_sidecar = entry.name.endswith(SIDECAR_SUFFIX) and (
                 entry.name.removesuffix(SIDECAR_SUFFIX) not in finals
             )
-            orphan_manifest = entry.name.endswith(MANIFEST_SUFFIX) and entry.name not in bases
+            orphan_manifest = entry.name.endswith((MANIFEST_SUFFIX, AUTH_SUFFIX)) and (
+                entry.name not in bases
+            )
             leftover = entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest
             # A directory or an immutable file under our name: removed as far as it can
             # be, else one warning; a symlink is removed, never followed.

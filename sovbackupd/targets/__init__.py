@@ -1,9 +1,10 @@
 """Targets: one module per kind of remote, behind the Protocol in base.py.
 
-A backup on a remote is the three files it has locally: the archive, its manifest and
-its ``.sha256`` sidecar. The sidecar goes up last and comes down first, so a remote
-backup whose sidecar is there was uploaded whole and verified: :func:`list_backups`
-calls only those complete.
+A backup on a remote is the files it has locally (:func:`backup_files`): the archive,
+its manifest, its authentication record and its ``.sha256`` sidecar. The sidecar goes
+up last and comes down first, so a remote backup whose sidecar is there was uploaded
+whole and verified: :func:`list_backups` calls only those complete. A backup uploaded
+before authentication existed has no record: it is complete, but unsigned.
 """
 
 from __future__ import annotations
@@ -46,32 +47,44 @@ def build_target(config: Remote, *, backoff: Backoff | None = DEFAULT_BACKOFF) -
     return target if backoff is None else RetryingTarget(target, backoff)
 
 
-def backup_files(archive_path: Path) -> tuple[Path, Path, Path]:
-    """Return the archive's files in upload order: archive, manifest, sidecar."""
-    return archive_path, archive.manifest_path(archive_path), archive.sidecar_path(archive_path)
+def backup_files(archive_path: Path) -> tuple[Path, ...]:
+    """Return the backup's files in upload order: archive, manifest, auth record, sidecar.
+
+    The one list of what a backup consists of: upload, download, delete and retention
+    all read it. Only the sidecar is last; a backup from before authentication has no
+    record, and the files that may be missing are skipped by those that copy them.
+    """
+    return (
+        archive_path,
+        archive.manifest_path(archive_path),
+        archive.auth_path(archive_path),
+        archive.sidecar_path(archive_path),
+    )
 
 
 def upload_backup(target: Target, archive_path: Path) -> list[RemoteObject]:
-    """Copy the backup of *archive_path* to *target*: archive, manifest, then sidecar.
+    """Copy the backup of *archive_path* to *target*: every file, the sidecar last.
 
     The archive is verified against the digest its sidecar records. The remote sidecar
     is removed first, so that a backup being uploaded again is incomplete on the remote
-    until every file is verified there once more.
+    until every file is verified there once more. A file that a backup made before
+    authentication does not have (its record) is skipped.
     """
-    archive_file, manifest, sidecar = backup_files(archive_path)
+    archive_file, *between, sidecar = backup_files(archive_path)
     digest = archive.read_sidecar(archive_file)
     target.delete(sidecar.name)
-    return [
-        target.upload(archive_file, archive_file.name, sha256=digest),
-        target.upload(manifest, manifest.name),
-        target.upload(sidecar, sidecar.name),
-    ]
+    uploaded = [target.upload(archive_file, archive_file.name, sha256=digest)]
+    for path in between:
+        if path != archive.auth_path(archive_path) or path.exists():
+            uploaded.append(target.upload(path, path.name))
+    uploaded.append(target.upload(sidecar, sidecar.name))
+    return uploaded
 
 
 def delete_backup(target: Target, archive_name: str) -> None:
     """Delete the backup whose archive is *archive_name* from *target*: sidecar first."""
-    _, manifest, sidecar = backup_files(Path(archive_name))
-    for remote_name in (sidecar.name, archive_name, manifest.name):
+    archive_file, *between, sidecar = backup_files(Path(archive_name))
+    for remote_name in (sidecar.name, archive_file.name, *(path.name for path in between)):
         target.delete(remote_name)
 
 
@@ -84,6 +97,8 @@ class RemoteBackup:
     archive: RemoteObject
     manifest: RemoteObject | None
     sidecar: RemoteObject | None
+    auth: RemoteObject | None = None
+    """Its authentication record; None for a backup uploaded before authentication."""
 
     @property
     def complete(self) -> bool:
@@ -102,14 +117,15 @@ def list_backups(listing: Listing, prefix: str) -> list[RemoteBackup]:
         match = pattern.match(stored.name)
         if match is None:
             continue
-        _, manifest, sidecar = backup_files(Path(stored.name))
+        path = Path(stored.name)
         found.append(
             RemoteBackup(
                 name=match["name"],
                 created=datetime.strptime(match["stamp"], TIMESTAMP_FORMAT).replace(tzinfo=UTC),
                 archive=stored,
-                manifest=by_name.get(manifest.name),
-                sidecar=by_name.get(sidecar.name),
+                manifest=by_name.get(archive.manifest_path(path).name),
+                sidecar=by_name.get(archive.sidecar_path(path).name),
+                auth=by_name.get(archive.auth_path(path).name),
             )
         )
     return sorted(found, key=lambda backup: (backup.created, backup.name))

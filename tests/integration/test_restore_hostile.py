@@ -2,7 +2,10 @@
 
 Every archive here starts as a real backup of the sandbox, rewritten with one hostile
 member added or altered, then made consistent again (manifests, sidecar) so that restore
-has to refuse it for the hostile member itself, not for a stale checksum.
+has to refuse it for the hostile member itself, not for a stale checksum. Most are signed
+again with the test's key, as if its holder had gone rogue: the checks behind
+authentication must hold on their own. The forgers without the key come last, in every
+encryption mode, and the replays.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tests.conftest import (
     Sandbox,
     backup_files,
     policy_data,
+    resign,
     run_cli,
     write_policy,
 )
@@ -75,11 +79,13 @@ class ArchiveEditor:
 
     Change ``members`` and ``manifest`` (the one inside), then :meth:`save`: the archive is
     written again under the same name, the manifest inside and the one beside it both
-    from ``manifest`` (unless ``beside`` is set), and the sidecar recomputed.
+    from ``manifest`` (unless ``beside`` is set), and the sidecar recomputed. With
+    *signer* (the test's temp dir, which holds its key) the backup is signed again.
     """
 
-    def __init__(self, archive_path: Path) -> None:
+    def __init__(self, archive_path: Path, signer: Path | None = None) -> None:
         self.path = archive_path
+        self.signer = signer
         self.top = archive_path.name.removesuffix(".tar.gz")
         self.members: list[Member] = []
         with tarfile.open(archive_path, "r:gz") as tar:
@@ -181,8 +187,14 @@ class ArchiveEditor:
         self.path.write_bytes(buffer.getvalue())
         beside = self.manifest if self.beside is None else self.beside
         self.manifest_path.write_bytes(json.dumps(beside, indent=1).encode())
+        self.seal(sidecar=sidecar)
+
+    def seal(self, *, sidecar: bool = True) -> None:
+        """Write the sidecar (with *sidecar*) from the archive's bytes; sign again if set to."""
         if sidecar:
             write_sidecar(self.path)
+        if self.signer is not None:
+            resign(self.path, self.signer)
 
 
 # --- the hostile edits: each leaves the archive consistent but for the hostile part -----
@@ -246,7 +258,7 @@ def truncated_archive(editor: ArchiveEditor) -> None:
     editor.save()
     data = editor.path.read_bytes()
     editor.path.write_bytes(data[: len(data) // 2])
-    write_sidecar(editor.path)
+    editor.seal()
 
 
 def manifest_inside_differs(editor: ArchiveEditor) -> None:
@@ -259,7 +271,7 @@ def truncated_tar_in_sound_gzip(editor: ArchiveEditor) -> None:
     editor.save()
     tar_bytes = gzip.decompress(editor.path.read_bytes())
     editor.path.write_bytes(gzip.compress(tar_bytes[: len(tar_bytes) // 2]))
-    write_sidecar(editor.path)
+    editor.seal()
 
 
 def manifest_member_left_out(editor: ArchiveEditor) -> None:
@@ -419,7 +431,7 @@ def backup_sandbox(config: Path, sandbox: Sandbox) -> ArchiveEditor:
     result = run_cli("backup", config=config)
     assert result.returncode == 0, result.stderr
     name = result.stdout.strip()
-    return ArchiveEditor(sandbox.backup_dir / f"{name}.tar.gz")
+    return ArchiveEditor(sandbox.backup_dir / f"{name}.tar.gz", signer=sandbox.root)
 
 
 def staging_leftovers(tmp_path: Path) -> list[Path]:
