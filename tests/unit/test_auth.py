@@ -51,9 +51,7 @@ def test_key_is_created_0400_once_and_never_replaced(tmp_path: Path) -> None:
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o400
     assert path.read_bytes() == key.secret.hex().encode() + b"\n"
-    assert [event["key_id"] for event in events if event["event"] == "auth.key_created"] == [
-        key.id
-    ]
+    assert [event["key_id"] for event in events if event["event"] == "auth.key_created"] == [key.id]
     assert auth.load_key(path) == key
     with pytest.raises(ConfigError, match="exists: refusing to replace it"):
         auth.create_key(path)
@@ -202,8 +200,9 @@ def test_record_copied_under_another_name_is_a_replay(tmp_path: Path) -> None:
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 FIELDS = ["format", "backup", "created", "host", "tiers", "key_id", "files", "mac", "extra"]
