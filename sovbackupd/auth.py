@@ -166,7 +166,7 @@ def create_key(path: Path) -> Key:
             f"authentication key {path} cannot be written: {error.strerror or error}"
         ) from None
     key = Key(secret, path)
-    log.warning("auth.key_created", key_id=key.id, path=str(path), escrow=ESCROW)
+    log.info("auth.key_created", key_id=key.id, path=str(path), escrow=ESCROW)
     return key
 
 

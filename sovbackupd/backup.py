@@ -318,7 +318,7 @@ def _run(
     with store.lock():
         tierstate.record_attempt(policy.backup_dir, tiers, datetime.now(UTC))
         _check_layout(policy)
-        key = auth.ensure_key(policy)
+        key = auth.policy_key(policy)  # a key file that is refused fails before the work
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
         built = sources.build_all(
@@ -407,7 +407,7 @@ def _run(
     )
 
 
-def _read_back(policy: Policy, stored: StoredBackup, key: auth.Key) -> None:
+def _read_back(policy: Policy, stored: StoredBackup, key: auth.Key | None) -> None:
     """Read the manifest of *stored* back as restore does, then sign the backup with *key*.
 
     Restore's own reader parses the manifest beside the archive and restore's own rules
@@ -415,6 +415,7 @@ def _read_back(policy: Policy, stored: StoredBackup, key: auth.Key) -> None:
     up), so that a backup which restore would refuse fails here, before the archive takes
     its name and before retention counts it. Raise ArchiveError naming the backup. Only
     a manifest that reads back is signed, so the record vouches for what restore reads.
+    Without a *key* the policy's is created here: a backup that fails creates none.
     """
     # restore imports this module (its safety backup is a backup).
     from sovbackupd import restore  # noqa: PLC0415
@@ -429,7 +430,8 @@ def _read_back(policy: Policy, stored: StoredBackup, key: auth.Key) -> None:
             f"backup {stored.name} was discarded: its manifest does not read back as "
             f"restorable: {reason}"
         ) from error
-    auth.write(stored.path, stored.name, manifest.created, manifest.tiers, key)
+    signer = key or auth.ensure_key(policy)
+    auth.write(stored.path, stored.name, manifest.created, manifest.tiers, signer)
 
 
 def _pin(store: Store, name: str, pin: gfs.Pin) -> None:

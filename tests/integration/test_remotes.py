@@ -201,7 +201,7 @@ def assert_local_backup_intact(config: Path, sandbox: Sandbox, name: str) -> Non
     """The backup *name* is in backup_dir whole and passes `verify --deep`."""
     assert stored_files(name) <= backup_files(sandbox.backup_dir)
     verified = cli_ok("verify", name, "--deep", config=config)
-    assert verified.stdout.strip() == f"{name}: ok (deep)"
+    assert verified.stdout.strip() == f"{name}: ok (deep, authenticated)"
 
 
 def s3_behind_proxy(

@@ -984,9 +984,9 @@ def test_first_backup_creates_the_key_once_and_plan_reports_authentication(
     """The key appears 0400 at the first backup and stays; plan() says what the check found."""
     config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
     key_path = key_file(sandbox.root)
-    first = run_cli("backup", config=config)
+    first = run_cli("backup", "-v", config=config)
     key_bytes = key_path.read_bytes()
-    second = run_cli("backup", config=config)
+    second = run_cli("backup", "-v", config=config)
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert "auth.key_created" in first.stderr
