@@ -160,7 +160,9 @@ def test_passphrase_backup_opens_with_plain_gpg_and_round_trips_through_the_cli(
     assert (entry["name"], entry["path"]) == (name, str(stored))
     assert name in run_cli("list", config=config).stdout
     deep = run_cli("verify", "--deep", name, config=config)
-    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep, authenticated)"), deep.stderr
+    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep, authenticated)"), (
+        deep.stderr
+    )
 
     dry = run_cli("restore", name, "--dry-run", config=config)
     assert dry.returncode == 0, dry.stderr
@@ -214,7 +216,9 @@ def test_wrong_passphrase_fails_restore_and_deep_verify_but_not_the_checksum(
     deep = run_cli("verify", "--deep", name, config=config)
     assert_one_error(deep, "wrong passphrase", f"{name}.tar.gz.gpg")
     shallow = run_cli("verify", name, config=config)
-    assert (shallow.returncode, shallow.stdout.strip()) == (0, f"{name}: ok (authenticated)"), shallow.stderr
+    assert (shallow.returncode, shallow.stdout.strip()) == (0, f"{name}: ok (authenticated)"), (
+        shallow.stderr
+    )
 
 
 def test_passphrase_appears_in_no_output_of_any_command_even_verbose(

@@ -375,6 +375,7 @@ def test_incomplete_remote_backup_is_never_pruned_and_the_next_pass_completes_it
         for file in {
             f"{first}.tar.gz",
             f"{first}.manifest.json",
+            f"{first}.auth.json",
             *stored_files(third),
             *stored_files(fourth),
         }
