@@ -398,6 +398,7 @@ def write_policy(path: Path, tree: Tree, backup_dir: Path, compression: str) -> 
     """Write a sovbackupd policy for *tree* (sqlite, config and dirs; no Redis)."""
     policy = {
         "backup_dir": str(backup_dir),
+        "authentication": {"key_file": str(path.parent / "auth.key")},
         "name_prefix": "bench",
         "compression": compression,
         "sources": {

@@ -60,6 +60,7 @@ ZSTD_JOB_BYTES = 2 << 20
 SIDECAR_SUFFIX = ".sha256"
 SIDECAR_LIMIT_BYTES = 4096  # "<64 hex digits>  <name>\n"; more is not one of ours
 MANIFEST_SUFFIX = ".manifest.json"
+AUTH_SUFFIX = ".auth.json"
 ProgressCallback = Callable[[int], None]
 UNREADABLE = (tarfile.TarError, EOFError, ValueError, zstandard.ZstdError)
 """What reading a damaged or hostile stream raises; tarfile raises ValueError on some
@@ -652,9 +653,10 @@ class Writer:
         The manifest is *head* plus every recorded entry. The sidecars are written before
         the rename, so an archive under its final name always has them. *read_back* runs
         once they are on disk, before the rename, given the plaintext manifest as it went
-        into the archive: whatever it raises discards the archive and its sidecars, so
-        that no archive takes its name unless its manifest reads back. Return the
-        archive's sha256.
+        into the archive (it reads the manifest back and writes the authentication
+        record): whatever it raises discards the archive, its sidecars and its record, so
+        that no archive takes its name unless its manifest reads back and it is signed.
+        Return the archive's sha256.
         """
         try:
             manifest = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 (closed in the finally below; its creation alone can hit ENOSPC)
@@ -675,9 +677,8 @@ class Writer:
                 self.partial.replace(self.path)
                 fsync_dir(self.path.parent)
             except BaseException as error:
-                sidecar_path(self.path).unlink(missing_ok=True)
-                manifest_path(self.path).unlink(missing_ok=True)
-                encrypted_manifest_path(self.path).unlink(missing_ok=True)
+                for beside in (sidecar_path, manifest_path, encrypted_manifest_path, auth_path):
+                    beside(self.path).unlink(missing_ok=True)
                 if isinstance(error, OSError):
                     raise _disk_error(error, self.partial) from error
                 raise
@@ -771,6 +772,12 @@ def read_encrypted_manifest(archive: Path, encryption: Gpg | None) -> bytes:
         reason = error.strerror if isinstance(error, OSError) else None
         raise ArchiveError(f"{path.name} is unreadable: {reason or error}") from None
     return data
+
+
+def auth_path(archive: Path) -> Path:
+    """Return the authentication record kept beside *archive* (see auth.py)."""
+    base = manifest_path(archive).name.removesuffix(MANIFEST_SUFFIX)
+    return archive.with_name(base + AUTH_SUFFIX)
 
 
 def encrypted(archive: Path) -> bool:

@@ -20,7 +20,17 @@ from typing import IO, Literal
 
 import structlog
 
-from sovbackupd import __version__, archive, crypto, hooks, notify, retention, sources, tierstate
+from sovbackupd import (
+    __version__,
+    archive,
+    auth,
+    crypto,
+    hooks,
+    notify,
+    retention,
+    sources,
+    tierstate,
+)
 from sovbackupd import policy as gfs
 from sovbackupd.config import files, layout
 from sovbackupd.config.models import Policy
@@ -318,6 +328,7 @@ def _run(
     with store.lock():
         tierstate.record_attempt(policy.backup_dir, tiers, datetime.now(UTC))
         _check_layout(policy)
+        key = auth.policy_key(policy)  # a key file that is refused fails before the work
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
         built = sources.build_all(
@@ -386,7 +397,9 @@ def _run(
                 # its bytes rather than failing the backup.
                 writer.add_bytes(INFO_NAME, info.encode("utf-8", "surrogateescape"), time.time())
                 stored = StoredBackup(name, path, created, 0)
-                sha256 = writer.commit(head, lambda written: _read_back(policy, stored, written))
+                sha256 = writer.commit(
+                    head, lambda written: _read_back(policy, stored, written, key)
+                )
             tierstate.record_success(policy.backup_dir, tiers, head.finished)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -406,8 +419,10 @@ def _run(
     )
 
 
-def _read_back(policy: Policy, stored: StoredBackup, written: IO[bytes]) -> None:
-    """Read the manifest of *stored* back from disk as restore does; raise if restore refuses.
+def _read_back(
+    policy: Policy, stored: StoredBackup, written: IO[bytes], key: auth.Key | None
+) -> None:
+    """Read the manifest of *stored* back from disk as restore does, then sign it with *key*.
 
     Restore's own reader parses the manifest beside the archive (decrypting the full one
     of an encrypted backup) and restore's own rules check every entry (a safe name, under
@@ -415,7 +430,9 @@ def _read_back(policy: Policy, stored: StoredBackup, written: IO[bytes]) -> None
     would refuse fails here, before the archive takes its name and before retention
     counts it. A server that holds only public keys cannot decrypt its own backups: it
     checks the head on disk and the plaintext *written* into gpg. Raise ArchiveError
-    naming the backup.
+    naming the backup. Only a manifest that reads back is signed, so the record vouches
+    for what restore reads. Without a *key* the policy's is created here: a backup that
+    fails creates none.
     """
     # restore imports this module (its safety backup is a backup).
     from sovbackupd import restore  # noqa: PLC0415
@@ -434,6 +451,8 @@ def _read_back(policy: Policy, stored: StoredBackup, written: IO[bytes]) -> None
             f"backup {stored.name} was discarded: its manifest does not read back as "
             f"restorable: {reason}"
         ) from error
+    signer = key or auth.ensure_key(policy)
+    auth.write(stored.path, stored.name, manifest.created, manifest.tiers, signer)
 
 
 def _pin(store: Store, name: str, pin: gfs.Pin) -> None:

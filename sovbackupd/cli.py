@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from sovbackupd import __version__, backup, config, replicate, restore, retention, verify
+from sovbackupd import __version__, auth, backup, config, replicate, restore, retention, verify
 from sovbackupd import logging as sovlogging
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import TIER_NAMES, Policy
@@ -373,7 +373,12 @@ def _simulate(arguments: argparse.Namespace, policy: Policy) -> int:
 
 def _verify_remote(arguments: argparse.Namespace, policy: Policy) -> int:
     verdicts = replicate.verify(
-        policy, arguments.remote, arguments.name, every=arguments.all, deep=arguments.deep
+        policy,
+        arguments.remote,
+        arguments.name,
+        every=arguments.all,
+        deep=arguments.deep,
+        trust_unsigned=arguments.trust_unsigned,
     )
     if arguments.json:
         print(json.dumps([asdict(verdict) for verdict in verdicts], indent=1))
@@ -398,13 +403,20 @@ def _verify(arguments: argparse.Namespace, policy: Policy) -> int:
         targets = [store.find(arguments.name)]
     else:
         targets = [store.latest()]
-    verdicts = [verify.check(item, arguments.deep, policy.gpg) for item in targets]
+    key = auth.policy_key(policy)
+    verdicts = [
+        verify.check(
+            item, arguments.deep, policy.gpg, key=key, trust_unsigned=arguments.trust_unsigned
+        )
+        for item in targets
+    ]
     if arguments.json:
         print(json.dumps([asdict(verdict) for verdict in verdicts], indent=1))
     else:
         for verdict in verdicts:
             if verdict.ok:
-                print(f"{verdict.name}: ok{' (deep)' if verdict.deep else ''}")
+                how = ", ".join([*(["deep"] if verdict.deep else []), str(verdict.authentication)])
+                print(f"{verdict.name}: ok ({how})")
             else:
                 print(f"sovbackupd: error: {verdict.problem}", file=sys.stderr)
     return ExitCode.OK if all(verdict.ok for verdict in verdicts) else ExitCode.FAILURE
@@ -449,6 +461,7 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
         to=arguments.to.absolute() if arguments.to else None,
         safety_backup=not arguments.no_safety_backup,
         keep_setuid=arguments.keep_setuid,
+        trust_unsigned=arguments.trust_unsigned,
     )
     if arguments.dry_run:
         print(f"sovbackupd restore {plan.manifest.id} would, changing nothing now:")
@@ -492,7 +505,7 @@ def _restore(arguments: argparse.Namespace, policy: Policy) -> int:
 
 def _test_restore(arguments: argparse.Namespace, policy: Policy) -> int:
     name = _chosen(arguments, policy).name
-    report = restore.drill(policy, name)
+    report = restore.drill(policy, name, trust_unsigned=arguments.trust_unsigned)
     if arguments.json:
         print(json.dumps(asdict(report), indent=1))
     else:
@@ -506,6 +519,28 @@ def _test_restore(arguments: argparse.Namespace, policy: Policy) -> int:
 def _check_config(arguments: argparse.Namespace, policy: Policy) -> int:
     del arguments
     print(config.render(policy), end="")
+    path = auth.key_path(policy)
+    key = auth.load_key(path)
+    # A YAML comment: the output still parses as the policy.
+    if key is None:
+        print(f"# authentication key: {path} (missing: the first backup creates it)")
+    else:
+        print(f"# authentication key: {path} (id {key.id})")
+    return ExitCode.OK
+
+
+def _key(arguments: argparse.Namespace, policy: Policy) -> int:
+    path = auth.key_path(policy)
+    if arguments.key == "init":
+        key = auth.create_key(path)
+        print(f"created authentication key {path} (id {key.id}); {auth.ESCROW}")
+        return ExitCode.OK
+    found = auth.load_key(path)
+    if found is None:
+        raise ConfigError(
+            f"authentication key {path} does not exist: create it with sovbackupd key init"
+        )
+    print(found.id)
     return ExitCode.OK
 
 
@@ -612,6 +647,12 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
         action="store_true",
         help="deprecated, has no effect: every symlink is restored as a link, as tar does",
     )
+    restore_parser.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="accept a backup without authentication record, or signed with another key "
+        "(never one whose record fails): files restored without owners or setuid bits",
+    )
     restore_parser.set_defaults(handler=_restore)
 
     drill_parser = commands.add_parser(
@@ -621,6 +662,11 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
     drilled.add_argument("name", nargs="?", help="the backup to test")
     drilled.add_argument("--latest", action="store_true", help=f"{LATEST_HELP} (default)")
     drill_parser.add_argument("--json", action="store_true", help="print JSON")
+    drill_parser.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="test a backup without authentication record, or signed with another key",
+    )
     drill_parser.set_defaults(handler=_test_restore)
 
 
@@ -650,6 +696,14 @@ def _add_pin_commands(commands: argparse._SubParsersAction[_CommandParser]) -> N
     unpin_parser = commands.add_parser("unpin", help="release a pinned backup to retention")
     unpin_parser.add_argument("name", help="the pinned backup")
     unpin_parser.set_defaults(handler=_unpin)
+
+
+def _add_key_commands(commands: argparse._SubParsersAction[_CommandParser]) -> None:
+    key_parser = commands.add_parser("key", help="the key that authenticates every backup")
+    key_commands = key_parser.add_subparsers(dest="key", required=True)
+    key_commands.add_parser("init", help="create the key file (refuses to replace one)")
+    key_commands.add_parser("id", help="print the key's id (first 16 hex digits of its sha256)")
+    key_parser.set_defaults(handler=_key)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -696,6 +750,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="verify the copies on this remote (--deep downloads them to scratch space)",
     )
+    verify_parser.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="pass a backup without authentication record, or signed with another key",
+    )
     verify_parser.set_defaults(handler=_verify)
 
     _add_restore_commands(commands)
@@ -729,6 +788,7 @@ def _parser() -> argparse.ArgumentParser:
         help="validate the policy and the files it names; print it as it takes effect",
     )
     check_parser.set_defaults(handler=_check_config)
+    _add_key_commands(commands)
 
     demo_parser = commands.add_parser(
         "demo", help="run the daemon with the example policy on a sandbox server"

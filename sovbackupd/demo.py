@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from sovbackupd import daemon, redis_server, restore, verify
+from sovbackupd import auth, daemon, redis_server, restore, verify
 from sovbackupd.config import reference, render
 from sovbackupd.config.models import Policy
 from sovbackupd.errors import SovbackupdError
@@ -128,6 +128,8 @@ def run(root: Path, say: Callable[[str], None], seconds: float | None) -> int:
         if shutil.which("redis-server") is not None:
             port = stack.enter_context(_redis_server(redis_dir))
         policy = _rerooted(root, port)
+        # The key's StateDirectory, as systemd would create it for the service.
+        policy.authentication.key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         policy_path = root / "policy.yaml"
         policy_path.write_text(render(policy))
         say(f"sandbox server under {root} ($SANDBOX in log lines on a terminal)")
@@ -142,8 +144,9 @@ def run(root: Path, say: Callable[[str], None], seconds: float | None) -> int:
             stack.callback(timer.cancel)
         code = daemon.Daemon(policy_path, policy, CollectorRegistry()).serve()
     stored = Store(policy.backup_dir, policy.name_prefix).backups()
+    key = auth.policy_key(policy)
     for item in stored:
-        verdict = verify.check(item, deep=True)
+        verdict = verify.check(item, deep=True, key=key)
         if not verdict.ok:
             raise SovbackupdError(f"demo backup failed verification: {verdict.problem}")
     say(f"{plural(len(stored), 'backup')} in {policy.backup_dir}, each verified member by member")

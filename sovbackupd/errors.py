@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     FAILURE = 1  # a backup, a source or a verification failed
     USAGE = 2  # bad command-line arguments (argparse's own code)
     NOT_STARTED = 69  # EX_UNAVAILABLE: the data is restored, but restore.start failed
+    UNAUTHENTICATED = 65  # EX_DATAERR: a backup's authentication record is missing or fails
     CANT_CREATE = 73  # EX_CANTCREAT: the backup directory cannot take the archive
     TEMPFAIL = 75  # EX_TEMPFAIL: try again later: another writer holds the lock, a remote is down
     CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus keys on this
@@ -79,6 +80,12 @@ class RestoreError(SovbackupdError):
 
 class UnsafePathError(RestoreError):
     """A path restore would write through is a symlink, moved, or open to every user."""
+
+
+class AuthError(ArchiveError):
+    """A backup is not authenticated by our key, or its record does not hold: a forgery."""
+
+    exit_code = ExitCode.UNAUTHENTICATED
 
 
 class NotFoundError(SovbackupdError):

@@ -268,16 +268,16 @@ def _problem(error: ErrorDetails) -> str:
     return f"{shown}: {error['msg'][0].lower()}{error['msg'][1:]}"
 
 
-def describe(error: ValidationError) -> str:
-    """Return the first problem of *error* as one line naming the field and its value."""
+def describe(error: ValidationError, what: str = "manifest") -> str:
+    """Return the first problem of *error* as one line naming *what*'s field and its value."""
     first = error.errors()[0]
     if first["type"] == "details":
         context = first.get("ctx", {})
         where = f"{_location(first['loc'])}.{context.get('where', '')}"
-        return f"manifest field {where}: {context.get('problem', first['msg'])}"
+        return f"{what} field {where}: {context.get('problem', first['msg'])}"
     more = len(error.errors()) - 1
     extra = f" (and {more} more)" if more else ""
-    return f"manifest field {_location(first['loc'])}: {_problem(first)}{extra}"
+    return f"{what} field {_location(first['loc'])}: {_problem(first)}{extra}"
 
 
 FILES_MARKER = b',\n "files": ['

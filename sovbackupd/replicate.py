@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from sovbackupd import archive, fsat, retention, targets
+from sovbackupd import archive, auth, fsat, retention, targets
 from sovbackupd import policy as gfs
 from sovbackupd.config.models import Policy, Remote
 from sovbackupd.errors import (
@@ -374,23 +374,34 @@ class RemoteVerdict:
 
 
 def verify(
-    policy: Policy, remote: str, name: str | None, *, every: bool, deep: bool
+    policy: Policy,
+    remote: str,
+    name: str | None,
+    *,
+    every: bool,
+    deep: bool,
+    trust_unsigned: bool = False,
 ) -> list[RemoteVerdict]:
     """Verify backups on *remote*: complete there, and their recorded sha256 the sidecar's.
 
     With *every*, all of them, newest first as ``list`` shows them. With *deep* each
-    archive is downloaded to scratch space and verified member by member (decrypted first
-    when encrypted), then removed.
+    backup is downloaded to scratch space, its record checked (an unsigned one passes
+    only with *trust_unsigned*) and verified member by member (decrypted first when
+    encrypted), then removed.
     """
     config = remote_config(policy, remote)
     target = targets.build_target(config)
     held = targets.list_backups(target.list(), policy.name_prefix)
     chosen = held[::-1] if every else [_pick(target, held, name)]
-    return [_verify_one(policy, target, backup, deep) for backup in chosen]
+    return [_verify_one(policy, target, backup, deep, trust_unsigned) for backup in chosen]
 
 
 def _verify_one(
-    policy: Policy, target: targets.Target, backup: targets.RemoteBackup, deep: bool
+    policy: Policy,
+    target: targets.Target,
+    backup: targets.RemoteBackup,
+    deep: bool,
+    trust_unsigned: bool,
 ) -> RemoteVerdict:
     if not backup.complete:
         problem = f"{backup.archive.name}: incomplete on {target.name} (no sidecar or manifest)"
@@ -403,15 +414,20 @@ def _verify_one(
         if deep:
             files = _download(target, backup, scratch)
         else:
-            for path in files[-2:]:  # the manifest beside the archive, and the sidecar
-                target.download(path.name, path)
+            target.download(files[-1].name, files[-1])  # the sidecar
         recorded = backup.archive.sha256
         if not deep and recorded is not None and recorded != archive.read_sidecar(files[0]):
             problem = f"{backup.archive.name}: the remote's sha256 differs from its sidecar"
             return RemoteVerdict(backup.name, ok=False, deep=deep, problem=problem)
         if deep:
             stored = StoredBackup(backup.name, files[0], backup.created, backup.archive.size)
-            verdict = check(stored, deep=True, encryption=policy.gpg)
+            verdict = check(
+                stored,
+                deep=True,
+                encryption=policy.gpg,
+                key=auth.policy_key(policy),
+                trust_unsigned=trust_unsigned,
+            )
             return RemoteVerdict(backup.name, verdict.ok, deep, verdict.problem)
     except SovbackupdError as error:
         return RemoteVerdict(backup.name, ok=False, deep=deep, problem=str(error))

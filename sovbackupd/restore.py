@@ -38,7 +38,7 @@ from typing import IO, BinaryIO, Literal
 import structlog
 from pydantic import Field
 
-from sovbackupd import archive, backup, fsat, hooks, redis_server, statefile, tree, untrusted
+from sovbackupd import archive, auth, backup, fsat, hooks, redis_server, statefile, tree, untrusted
 from sovbackupd.config.layout import quoted
 from sovbackupd.config.models import (
     STOP_ORDER,
@@ -53,6 +53,7 @@ from sovbackupd.config.models import (
 from sovbackupd.errors import (
     AbortedError,
     ArchiveError,
+    AuthError,
     RestoreError,
     SovbackupdError,
     UnsafePathError,
@@ -171,7 +172,7 @@ class Plan:
     to: Path | None = None
     """The ``--to`` directory (or a drill's scratch), resolved; None for a live restore."""
     authenticated: bool = True
-    """Whether the backup passed its authentication: owners are restored only then."""
+    """False for a backup trusted with --trust-unsigned: no owners, no setuid from it."""
     keep_setuid: bool = False
     """``--keep-setuid``: files keep the setuid/setgid bits the archive gives them."""
 
@@ -333,6 +334,11 @@ def validated(data: bytes, name: str) -> Manifest:
         # under this name, and retention would keep it for a date it does not hold.
         raise ArchiveError(
             f"backup {name}: manifest field id: {manifest.id!r} is another backup's name"
+        )
+    if not auth.in_second(manifest.created, name):
+        raise ArchiveError(
+            f"backup {name}: manifest field created: {manifest.created.isoformat()} is not "
+            "the time its name holds (a copy of another backup)"
         )
     _groups(manifest)
     return manifest
@@ -762,17 +768,24 @@ def plan(
     safety_backup: bool = True,
     keep_setuid: bool = False,
     scratch: bool = False,
+    trust_unsigned: bool = False,
 ) -> Plan:
     """Decide every step of restoring *stored*; touch nothing.
 
     A restore that must not happen (Redis answers and the policy has no stop commands)
-    gets a ``refusal``, which :func:`run` raises. Raise RestoreError when a destination is
-    one the policy does not back up or lies through another user's symlink, UsageError
-    for a *to* that overlaps live paths (not checked for a drill's own *scratch*), and
-    ArchiveError when the manifest describes something unsafe.
+    gets a ``refusal``, which :func:`run` raises. Raise AuthError when *stored* is not
+    authenticated by the policy's key (unsigned or foreign-key backups pass with
+    *trust_unsigned*, as ``authenticated=False``; a failing record never does),
+    RestoreError when a destination is one the policy does not back up or lies through
+    another user's symlink, UsageError for a *to* that overlaps live paths (not checked
+    for a drill's own *scratch*), and ArchiveError when the manifest describes something
+    unsafe.
     """
     if to is not None:
         to = Path(os.path.realpath(to)) if scratch else check_target_dir(policy, to)
+    status = auth.check(stored.path, stored.name, auth.policy_key(policy))
+    if status is not auth.Status.AUTHENTICATED and not trust_unsigned:
+        raise AuthError(auth.refusal(stored.name, status))
     if archive.encrypted(stored.path) and policy.gpg is None:
         raise RestoreError(
             f"{stored.path.name} is encrypted: set encryption.gpg in the policy "
@@ -841,6 +854,7 @@ def plan(
         notes=(*link_notes, *_link_notes(units), *_setid_notes(units, keep_setuid)),
         to=to,
         keep_setuid=keep_setuid,
+        authenticated=status is auth.Status.AUTHENTICATED,
     )
 
 
@@ -1770,10 +1784,21 @@ def _check_aof(unit: Unit, scratch: Path, persistent: int | None) -> Check:
 
 
 def _drill_checks(
-    policy: Policy, stored: StoredBackup, scratch: Path, cancel: threading.Event | None
+    policy: Policy,
+    stored: StoredBackup,
+    scratch: Path,
+    cancel: threading.Event | None,
+    trust_unsigned: bool,
 ) -> list[Check]:
     try:
-        drill_plan = plan(policy, stored, to=scratch, safety_backup=False, scratch=True)
+        drill_plan = plan(
+            policy,
+            stored,
+            to=scratch,
+            safety_backup=False,
+            scratch=True,
+            trust_unsigned=trust_unsigned,
+        )
         result = run(policy, drill_plan, cancel)
     except AbortedError:
         raise
@@ -1807,11 +1832,15 @@ def drill(
     *,
     metrics: Metrics | None = None,
     cancel: threading.Event | None = None,
+    trust_unsigned: bool = False,
 ) -> DrillReport:
     """Restore backup *name* into scratch space and check it all.
 
     Without *name*, the backup ``--latest`` means: the newest that is not a pre-restore
     safety backup (:meth:`Store.latest`), which is what the daemon's schedule drills.
+
+    A backup that restore would refuse as unauthenticated fails the drill (unsigned and
+    foreign-key ones pass the check with *trust_unsigned*).
 
     Every file is checked against the manifest while it is extracted; each SQLite copy
     passes ``integrity_check`` with the manifest's row counts; the RDB (and AOF) load into
@@ -1823,12 +1852,16 @@ def drill(
     store = Store(policy.backup_dir, policy.name_prefix)
     with store.lock():
         stored = store.find(name) if name else store.latest()
-        checks = _drill_in_scratch(policy, store, stored, cancel)
+        checks = _drill_in_scratch(policy, store, stored, cancel, trust_unsigned)
     return _report(policy, stored.name, checks, started, metrics)
 
 
 def _drill_in_scratch(
-    policy: Policy, store: Store, stored: StoredBackup, cancel: threading.Event | None
+    policy: Policy,
+    store: Store,
+    stored: StoredBackup,
+    cancel: threading.Event | None,
+    trust_unsigned: bool,
 ) -> list[Check]:
     """Run the drill's checks in a fresh scratch directory, removed afterwards.
 
@@ -1843,7 +1876,7 @@ def _drill_in_scratch(
             Check("scratch", ok=False, detail=f"cannot create {error.filename}: {error.strerror}")
         ]
     try:
-        return _drill_checks(policy, stored, scratch, cancel)
+        return _drill_checks(policy, stored, scratch, cancel, trust_unsigned)
     except AbortedError:
         raise
     except Exception as error:  # recorded as the drill's failure, with its type

@@ -13,21 +13,18 @@ import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import structlog
 
+from sovbackupd import auth, targets
 from sovbackupd import policy as gfs
-from sovbackupd import targets
 from sovbackupd.archive import encrypted_manifest_path, sidecar_path
 from sovbackupd.config.models import Policy
+from sovbackupd.errors import ArchiveError
 from sovbackupd.fsat import fsync_dir
 from sovbackupd.manifest import MANUAL_TIER
 from sovbackupd.metrics import Metrics
 from sovbackupd.store import Store, StoredBackup
-
-if TYPE_CHECKING:
-    from sovbackupd.targets import RemoteBackup
 
 log = structlog.get_logger("sovbackupd.retention")
 
@@ -41,6 +38,8 @@ class Plan:
     """Why nothing may be deleted (the size guard), when it holds."""
     pin_problems: dict[str, str] = field(default_factory=dict)
     """Backup name -> why its pin file could not be read (the backup is kept)."""
+    unauthenticated: dict[str, str] = field(default_factory=dict)
+    """Backup name -> why it is taken for a forgery: never counted, never deleted."""
 
     @property
     def doomed(self) -> list[str]:
@@ -56,6 +55,10 @@ class Plan:
             f"pin of {name} unreadable, so it is kept: {why}"
             for name, why in self.pin_problems.items()
         ]
+        lines.extend(
+            f"{name} is not authenticated, so it is kept for the operator and never counted: {why}"
+            for name, why in self.unauthenticated.items()
+        )
         if self.held is not None:
             lines.append(f"retention held, nothing deleted: {self.held}")
         return lines
@@ -81,16 +84,50 @@ class Outcome:
         return self.plan.held
 
 
+def unauthenticated(stored: Sequence[StoredBackup], key: auth.Key | None) -> dict[str, str]:
+    """Return name -> why, for the *stored* backups that retention must take for forgeries.
+
+    A backup whose record fails (a bad MAC, a replay, a changed file) is one. So is an
+    unsigned or foreign-key backup dated after the oldest one *key* authenticates: every
+    backup made since the key exists is signed. Older unsigned backups (made before the
+    upgrade) are not: retention treats them as it always did.
+    """
+    found: dict[str, str] = {}
+    statuses: dict[str, auth.Status] = {}
+    for backup in stored:
+        try:
+            statuses[backup.name] = auth.check(backup.path, backup.name, key)
+        except ArchiveError as error:  # AuthError too
+            found[backup.name] = str(error)
+    signed = [backup for backup in stored if statuses.get(backup.name) is auth.Status.AUTHENTICATED]
+    if not signed:
+        return found
+    oldest = signed[0]  # stored is oldest first
+    for backup in stored:
+        status = statuses.get(backup.name)
+        if (
+            status in (auth.Status.UNSIGNED, auth.Status.FOREIGN)
+            and backup.created > oldest.created
+        ):
+            found[backup.name] = (
+                f"{status.value if status else ''}, yet newer than {oldest.name}, the oldest "
+                "authenticated backup"
+            )
+    return found
+
+
 def candidates(
-    stored: Sequence[StoredBackup], pins: Mapping[str, gfs.Pin] | None = None
+    stored: Sequence[StoredBackup],
+    pins: Mapping[str, gfs.Pin] | None = None,
+    forged: Collection[str] = (),
 ) -> list[gfs.Candidate]:
     """Describe *stored* backups for the decision, with their *pins*.
 
     A backup counts as successful and verified when its checksum sidecar and manifest
     are there and readable (and, beside a head, the encrypted manifest): all are written
-    before the archive takes its final name.
-    Re-hashing every archive on each prune would read the whole history; ``verify
-    --all`` and the test restores do that on their own schedule.
+    before the archive takes its final name. It is not among *forged* (see
+    :func:`unauthenticated`). Re-hashing every archive on each prune would read the whole
+    history; ``verify --all`` and the test restores do that on their own schedule.
     """
     found = []
     pinned = pins or {}
@@ -102,7 +139,8 @@ def candidates(
                 time=backup.created,
                 ok=sidecar_path(backup.path).is_file()
                 and head is not None
-                and (not head.is_head or encrypted_manifest_path(backup.path).is_file()),
+                and (not head.is_head or encrypted_manifest_path(backup.path).is_file())
+                and backup.name not in forged,
                 safety=head is not None and head.safety,
                 manual=head is not None and MANUAL_TIER in head.tiers,
                 pin=pinned.get(backup.name),
@@ -148,14 +186,15 @@ def plan(
     policy: Policy, stored: Sequence[StoredBackup], pins: Mapping[str, gfs.Pin], now: datetime
 ) -> Plan:
     """Decide what retention keeps of the local *stored* backups at *now*, and why."""
-    found = candidates(stored, pins)
+    forged = unauthenticated(stored, auth.policy_key(policy))
+    found = candidates(stored, pins, forged)
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
-    return Plan(decisions, size_guard(policy, stored, found, now), _problems(pins))
+    return Plan(decisions, size_guard(policy, stored, found, now), _problems(pins), forged)
 
 
 def remote_plan(
     policy: Policy,
-    held: Sequence[RemoteBackup],
+    held: Sequence[targets.RemoteBackup],
     local: Sequence[StoredBackup],
     pins: Mapping[str, gfs.Pin],
     now: datetime,
@@ -164,11 +203,18 @@ def remote_plan(
 ) -> Plan:
     """Decide what retention keeps of a remote's *held* backups at *now*.
 
-    Only complete copies count or may be deleted. A copy is manual when its local backup
-    is or it is among *manual_copies* (the remote's manifest says so), and pinned when
-    backup_dir holds a pin by its name; the size guard is the local one, as the copies
-    are of the local backups.
+    Only complete copies count or may be deleted, and none that is taken for a forgery:
+    its local backup is (:func:`unauthenticated`), or it has no record on the remote yet
+    is newer than the oldest copy there that has one. A copy is manual when its local
+    backup is or it is among *manual_copies* (the remote's manifest says so), and pinned
+    when backup_dir holds a pin by its name; the size guard is the local one, as the
+    copies are of the local backups.
     """
+    forged = unauthenticated(local, auth.policy_key(policy))
+    signed = [backup.created for backup in held if backup.auth is not None]
+    for backup in held:
+        if backup.auth is None and signed and backup.created > signed[0]:
+            forged[backup.name] = "no authentication record on the remote, yet newer than one with"
     local_found = candidates(local)
     manual = {candidate.name for candidate in local_found if candidate.manual}
     manual.update(manual_copies)
@@ -176,7 +222,7 @@ def remote_plan(
         gfs.Candidate(
             name=backup.name,
             time=backup.created,
-            ok=backup.complete,
+            ok=backup.complete and backup.name not in forged,
             manual=backup.name in manual,
             pin=pins.get(backup.name),
         )
@@ -185,10 +231,12 @@ def remote_plan(
     decisions = gfs.decide(found, gfs.Rules.from_policy(policy), policy.zone, now=now)
     names = {backup.name for backup in held}
     problems = {name: why for name, why in _problems(pins).items() if name in names}
-    return Plan(decisions, size_guard(policy, local, local_found, now), problems)
+    suspects = {name: why for name, why in forged.items() if name in names}
+    return Plan(decisions, size_guard(policy, local, local_found, now), problems, suspects)
 
 
 def _delete(store: Store, backup: StoredBackup) -> None:
+    # The archive first: a crash after it leaves only orphans, which the next run removes.
     for path in targets.backup_files(backup.path):
         path.unlink(missing_ok=True)
     store.pin_path(backup.name).unlink(missing_ok=True)  # a pin that ran out
@@ -210,6 +258,8 @@ def apply(
     pins = store.pins()
     moment = now or datetime.now(UTC)
     decided = plan(policy, stored, pins, moment)
+    for name, why in decided.unauthenticated.items():
+        log.warning("retention.unauthenticated", backup=name, reason=why)
     if metrics is not None:
         metrics.retention_held.set(1 if decided.held else 0)
     if dry_run:

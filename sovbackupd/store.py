@@ -22,8 +22,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from sovbackupd import crypto, tree
 from sovbackupd import policy as gfs
 from sovbackupd.archive import (
+    AUTH_SUFFIX,
     MANIFEST_SUFFIX,
     SIDECAR_SUFFIX,
+    auth_path,
+    encrypted_manifest_path,
     manifest_path,
     write_atomically,
 )
@@ -121,7 +124,8 @@ class Store:
         )
         self._owned = re.compile(
             rf"^{re.escape(prefix)}_{stamp}(?:{ARCHIVE_SUFFIX_PATTERN}(?:{re.escape(SIDECAR_SUFFIX)})?"
-            rf"|{re.escape(MANIFEST_SUFFIX)}(?:{re.escape(crypto.SUFFIX)})?|{re.escape(PIN_SUFFIX)})"
+            rf"|{re.escape(MANIFEST_SUFFIX)}(?:{re.escape(crypto.SUFFIX)})?|{re.escape(AUTH_SUFFIX)}"
+            rf"|{re.escape(PIN_SUFFIX)})"
             rf"(?:{re.escape(PARTIAL_SUFFIX)})?$"
         )
         self._pin = re.compile(rf"^(?P<name>{re.escape(prefix)}_{stamp}){re.escape(PIN_SUFFIX)}$")
@@ -211,8 +215,11 @@ class Store:
         """
         removed: list[Path] = []
         finals = {backup.path.name for backup in self.backups()}
-        bases = {manifest_path(self.directory / name).name for name in finals}
-        bases |= {f"{base}{crypto.SUFFIX}" for base in bases}
+        bases = {
+            beside(self.directory / name).name
+            for name in finals
+            for beside in (manifest_path, encrypted_manifest_path, auth_path)
+        }
         for entry in self.directory.iterdir():
             if not self._owned.match(entry.name):
                 continue
@@ -220,7 +227,9 @@ class Store:
                 entry.name.removesuffix(SIDECAR_SUFFIX) not in finals
             )
             orphan_manifest = (
-                entry.name.endswith((MANIFEST_SUFFIX, f"{MANIFEST_SUFFIX}{crypto.SUFFIX}"))
+                entry.name.endswith(
+                    (MANIFEST_SUFFIX, f"{MANIFEST_SUFFIX}{crypto.SUFFIX}", AUTH_SUFFIX)
+                )
                 and entry.name not in bases
             )
             leftover = entry.name.endswith(PARTIAL_SUFFIX) or orphan_sidecar or orphan_manifest

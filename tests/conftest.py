@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -9,13 +10,14 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from sovbackupd import fsat, tierstate
+from sovbackupd import archive, auth, fsat, tierstate
 from sovbackupd import redis_server as redis_process
 from sovbackupd.errors import SovbackupdError
 
@@ -124,6 +126,24 @@ def sandbox(tmp_path: Path) -> Sandbox:
     return Sandbox(tmp_path, app, backup_dir, database)
 
 
+def key_file(root: Path) -> Path:
+    """Return the authentication key file of a test's policy: in its temp dir, never /var/lib."""
+    return root / "auth.key"
+
+
+def resign(archive_path: Path, root: Path) -> None:
+    """Sign the backup at *archive_path* again with the key of the test under *root*.
+
+    For tests that rewrite a backup as the key's holder could, to reach the checks that
+    stand behind authentication (a tampered stream, a hostile member).
+    """
+    record = json.loads(archive.auth_path(archive_path).read_text())
+    key = auth.load_key(key_file(root))
+    assert key is not None, "the test's first backup creates the key"
+    created = datetime.fromisoformat(record["created"])
+    auth.write(archive_path, record["backup"], created, record["tiers"], key)
+
+
 def policy_data(
     sandbox: Sandbox, redis_server: RedisServer | None, **overrides: Any
 ) -> dict[str, Any]:
@@ -140,6 +160,7 @@ def policy_data(
         "backup_dir": str(sandbox.backup_dir),
         "sources": sources,
         "tiers": {"daily": {"schedule": "0 2 * * *", "keep": 30}},
+        "authentication": {"key_file": str(key_file(sandbox.root))},
     }
     data.update(overrides)
     return data
@@ -193,7 +214,12 @@ def run_cli(
 
 def stored_files(name: str) -> set[str]:
     """Return the files one committed gzip backup *name* consists of."""
-    return {f"{name}.tar.gz", f"{name}.tar.gz.sha256", f"{name}.manifest.json"}
+    return {
+        f"{name}.tar.gz",
+        f"{name}.tar.gz.sha256",
+        f"{name}.manifest.json",
+        f"{name}.auth.json",
+    }
 
 
 def backup_files(backup_dir: Path) -> set[str]:

@@ -575,6 +575,23 @@ class Gpg(_Model):
         return self
 
 
+DEFAULT_KEY_FILE = Path("/var/lib/sovbackupd/auth.key")
+"""In the service's StateDirectory: only the service user and root can read it."""
+
+
+class Authentication(_Model):
+    """The key that authenticates every backup (HMAC-SHA256), held outside backup_dir."""
+
+    key_file: AbsolutePath = Field(
+        default=DEFAULT_KEY_FILE,
+        description="File holding the 32-byte key as 64 hex digits; the first backup "
+        "creates it (0400). Owned by the reading user or root, no access for group or "
+        "other. $CREDENTIALS_DIRECTORY/auth-key (systemd LoadCredential=) is used instead "
+        "when it exists. Keep a copy beside the passphrase: without it, restores need "
+        "--trust-unsigned and keep no owners.",
+    )
+
+
 class Encryption(_Model):
     """How archives are encrypted before they are stored: <name>.tar.gz.gpg."""
 
@@ -725,6 +742,11 @@ class Policy(_Model):
         default=None,
         description="Encrypt archives with gpg before they are stored or copied; none "
         "stores them unencrypted.",
+    )
+    authentication: Authentication = Field(
+        default_factory=Authentication,
+        description="The key that signs every backup; verify, restore, test restores and "
+        "retention check it.",
     )
     remotes: list[Remote] = Field(
         default_factory=list,

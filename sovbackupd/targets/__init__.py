@@ -2,9 +2,10 @@
 
 A backup on a remote is the files it has locally (:func:`backup_files`): the archive,
 its manifest (for an encrypted backup, the encrypted full manifest and the plaintext
-head) and its ``.sha256`` sidecar. The sidecar goes up last and comes down first, so a remote
-backup whose sidecar is there was uploaded whole and verified: :func:`list_backups`
-calls only those complete.
+head), its authentication record and its ``.sha256`` sidecar. The sidecar goes up last
+and comes down first, so a remote backup whose sidecar is there was uploaded whole and
+verified: :func:`list_backups` calls only those complete. A backup uploaded before
+authentication existed has no record: it is complete, but unsigned.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def build_target(config: Remote, *, backoff: Backoff | None = DEFAULT_BACKOFF) -
 
 
 def backup_files(archive_path: Path) -> tuple[Path, ...]:
-    """Return the backup's files in upload order: archive, manifest(s), sidecar last.
+    """Return the backup's files in upload order: archive, manifest(s), auth record, sidecar.
 
-    An encrypted archive's full manifest, ``<name>.manifest.json.gpg``, comes before the
-    head beside it; backups made before heads existed lack it (their manifest is whole).
+    The one list of what a backup consists of: upload, download, delete and retention
+    all read it. An encrypted archive's full manifest, ``<name>.manifest.json.gpg``, comes
+    before the head beside it; backups made before heads existed lack it (their manifest
+    is whole), and those made before authentication lack the record: the files that may
+    be missing are skipped by those that copy them. Only the sidecar is last.
     """
     extra = (
         (archive.encrypted_manifest_path(archive_path),) if archive.encrypted(archive_path) else ()
@@ -63,6 +67,7 @@ def backup_files(archive_path: Path) -> tuple[Path, ...]:
         archive_path,
         *extra,
         archive.manifest_path(archive_path),
+        archive.auth_path(archive_path),
         archive.sidecar_path(archive_path),
     )
 
@@ -70,10 +75,14 @@ def backup_files(archive_path: Path) -> tuple[Path, ...]:
 def _present(archive_path: Path) -> list[Path]:
     """Return the local files of the backup of *archive_path*, in upload order.
 
-    Raise ArchiveError when its head says the manifest is encrypted and that file is
-    missing: such a backup cannot be restored, here or from a copy.
+    A record missing is an unsigned backup's (made before authentication). Raise
+    ArchiveError when its head says the manifest is encrypted and that file is missing:
+    such a backup cannot be restored, here or from a copy.
     """
     files = list(backup_files(archive_path))
+    record = archive.auth_path(archive_path)
+    if not os.path.lexists(record):
+        files.remove(record)
     encrypted_copy = archive.encrypted_manifest_path(archive_path)
     if encrypted_copy in files and not os.path.lexists(encrypted_copy):
         try:
@@ -90,18 +99,19 @@ def _present(archive_path: Path) -> list[Path]:
 
 
 def upload_backup(target: Target, archive_path: Path) -> list[RemoteObject]:
-    """Copy the backup of *archive_path* to *target*: archive, manifests, then sidecar.
+    """Copy the backup of *archive_path* to *target*: every file it has, the sidecar last.
 
     The archive is verified against the digest its sidecar records. The remote sidecar
     is removed first, so that a backup being uploaded again is incomplete on the remote
-    until every file is verified there once more.
+    until every file is verified there once more. A file that a backup made before
+    authentication does not have (its record) is skipped.
     """
-    archive_file, *manifests, sidecar = _present(archive_path)
+    archive_file, *between, sidecar = _present(archive_path)
     digest = archive.read_sidecar(archive_file)
     target.delete(sidecar.name)
     return [
         target.upload(archive_file, archive_file.name, sha256=digest),
-        *(target.upload(manifest, manifest.name) for manifest in manifests),
+        *(target.upload(path, path.name) for path in between),
         target.upload(sidecar, sidecar.name),
     ]
 
@@ -124,6 +134,8 @@ class RemoteBackup:
     sidecar: RemoteObject | None
     encrypted_manifest: RemoteObject | None = None
     """The full manifest of an encrypted backup; None for one made before heads existed."""
+    auth: RemoteObject | None = None
+    """Its authentication record; None for a backup uploaded before authentication."""
 
     @property
     def complete(self) -> bool:
@@ -132,7 +144,7 @@ class RemoteBackup:
 
     def holds(self, path: Path) -> bool:
         """Tell whether the remote holds the file of this backup named as *path* is."""
-        held = (self.archive, self.encrypted_manifest, self.manifest, self.sidecar)
+        held = (self.archive, self.encrypted_manifest, self.manifest, self.auth, self.sidecar)
         return any(item is not None and item.name == path.name for item in held)
 
 
@@ -158,6 +170,7 @@ def list_backups(listing: Listing, prefix: str) -> list[RemoteBackup]:
                 encrypted_manifest=by_name.get(archive.encrypted_manifest_path(path).name)
                 if archive.encrypted(path)
                 else None,
+                auth=by_name.get(archive.auth_path(path).name),
             )
         )
     return sorted(found, key=lambda backup: (backup.created, backup.name))

@@ -89,7 +89,7 @@ class GoodBackup:
         assert snapshot(self.backup_dir) == self.contents
         verified = run_cli("verify", "--deep", "--all", config=self.policy)
         assert verified.returncode == ExitCode.OK, verified.stderr
-        assert verified.stdout.splitlines() == [f"{self.name}: ok (deep)"]
+        assert verified.stdout.splitlines() == [f"{self.name}: ok (deep, authenticated)"]
 
 
 def make_good_backup(sandbox: Sandbox) -> GoodBackup:

@@ -93,4 +93,4 @@ def test_backup_killed_mid_archive_leaves_temp_files_that_the_next_backup_remove
     assert backup_files(sandbox.backup_dir) == stored_files(name)
     verified = run_cli("verify", "--deep", name, config=policy)
     assert verified.returncode == ExitCode.OK, verified.stderr
-    assert verified.stdout.strip() == f"{name}: ok (deep)"
+    assert verified.stdout.strip() == f"{name}: ok (deep, authenticated)"

@@ -282,7 +282,10 @@ def test_verify_all_reports_newest_first_as_list_does(tmp_path: Path, sandbox: S
 
     assert listed == [second, first]
     assert [row["name"] for row in json.loads(verified.stdout)] == listed
-    assert text.stdout.splitlines() == [f"{second}: ok", f"{first}: ok"]
+    assert text.stdout.splitlines() == [
+        f"{second}: ok (authenticated)",
+        f"{first}: ok (authenticated)",
+    ]
 
 
 def test_verify_all_reports_the_damaged_backup_and_fails(tmp_path: Path, sandbox: Sandbox) -> None:

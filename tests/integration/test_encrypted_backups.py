@@ -27,6 +27,7 @@ from tests.conftest import (
     backup_files,
     policy_data,
     require_tool,
+    resign,
     run_cli,
     write_policy,
 )
@@ -163,7 +164,9 @@ def test_passphrase_backup_opens_with_plain_gpg_and_round_trips_through_the_cli(
     assert (entry["name"], entry["path"]) == (name, str(stored))
     assert name in run_cli("list", config=config).stdout
     deep = run_cli("verify", "--deep", name, config=config)
-    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep)"), deep.stderr
+    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep, authenticated)"), (
+        deep.stderr
+    )
 
     dry = run_cli("restore", name, "--dry-run", config=config)
     assert dry.returncode == 0, dry.stderr
@@ -218,7 +221,9 @@ def test_wrong_passphrase_fails_restore_and_deep_verify_but_not_the_checksum(
     deep = run_cli("verify", "--deep", name, config=config)
     assert_one_error(deep, "wrong passphrase", f"{name}.manifest.json.gpg")
     shallow = run_cli("verify", name, config=config)
-    assert (shallow.returncode, shallow.stdout.strip()) == (0, f"{name}: ok"), shallow.stderr
+    assert (shallow.returncode, shallow.stdout.strip()) == (0, f"{name}: ok (authenticated)"), (
+        shallow.stderr
+    )
 
 
 def test_passphrase_appears_in_no_output_of_any_command_even_verbose(
@@ -372,8 +377,8 @@ def test_unencrypted_backups_made_before_encryption_stay_listable_and_restorable
     verified = run_cli("verify", "--all", "--deep", config=config)
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.splitlines() == [
-        f"{new}: ok (deep)",
-        f"{old}: ok (deep)",
+        f"{new}: ok (deep, authenticated)",
+        f"{old}: ok (deep, authenticated)",
     ]  # newest first
 
     damage(sandbox, None)
@@ -404,6 +409,7 @@ def test_tampered_archive_whose_tar_is_intact_fails_restore_before_anything_is_r
     stored.write_bytes(bytes(tampered))
     digest = hashlib.sha256(bytes(tampered)).hexdigest()
     (sandbox.backup_dir / f"{stored.name}.sha256").write_text(f"{digest}  {stored.name}\n")
+    resign(stored, sandbox.root)  # by the key's holder: gpg's own check must refuse it
     by_hand = subprocess.run(
         plain_gpg(
             operator_home, "--passphrase-file", str(passphrase_file), "--decrypt", str(stored)

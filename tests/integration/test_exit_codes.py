@@ -75,6 +75,13 @@ def usage(case: Case) -> CliResult:
     return run_cli("restore", config=case.policy())
 
 
+def unauthenticated(case: Case) -> CliResult:
+    config = case.policy()
+    name = case.backup(config)
+    (case.sandbox.backup_dir / f"{name}.auth.json").unlink()
+    return run_cli("restore", name, "--yes", "--no-safety-backup", config=config)
+
+
 def restored_not_started(case: Case) -> CliResult:
     config = case.policy(restore={"start": [[sys.executable, "-c", "raise SystemExit(1)"]]})
     name = case.backup(config)
@@ -162,6 +169,7 @@ SCENARIOS: dict[int, tuple[Callable[[Case], CliResult], ...]] = {
     ExitCode.OK: (success,),
     ExitCode.FAILURE: (failure,),
     ExitCode.USAGE: (usage,),
+    ExitCode.UNAUTHENTICATED: (unauthenticated,),
     ExitCode.NOT_STARTED: (restored_not_started,),
     ExitCode.CANT_CREATE: (disk_full,),
     ExitCode.TEMPFAIL: (lock_held, remote_unreachable),

@@ -208,7 +208,7 @@ def assert_local_backup_intact(config: Path, sandbox: Sandbox, name: str) -> Non
     """The backup *name* is in backup_dir whole and passes `verify --deep`."""
     assert stored_files(name) <= backup_files(sandbox.backup_dir)
     verified = cli_ok("verify", name, "--deep", config=config)
-    assert verified.stdout.strip() == f"{name}: ok (deep)"
+    assert verified.stdout.strip() == f"{name}: ok (deep, authenticated)"
 
 
 def s3_behind_proxy(
@@ -382,6 +382,7 @@ def test_incomplete_remote_backup_is_never_pruned_and_the_next_pass_completes_it
         for file in {
             f"{first}.tar.gz",
             f"{first}.manifest.json",
+            f"{first}.auth.json",
             *stored_files(third),
             *stored_files(fourth),
         }

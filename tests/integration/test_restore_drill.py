@@ -62,10 +62,10 @@ def write_config(
 
 
 def backup_now(config_path: Path, sandbox: Sandbox) -> ArchiveEditor:
-    """Back up with the CLI; return the new archive opened for rewriting."""
+    """Back up with the CLI; return the new archive opened for rewriting, signed when saved."""
     result = run_cli("backup", config=config_path)
     assert result.returncode == 0, result.stderr
-    return ArchiveEditor(sandbox.backup_dir / f"{result.stdout.strip()}.tar.gz")
+    return ArchiveEditor(sandbox.backup_dir / f"{result.stdout.strip()}.tar.gz", sandbox.root)
 
 
 def redis_servers_under(root: Path) -> set[int]:
@@ -388,7 +388,7 @@ def test_scheduled_drill_of_a_forged_manifest_sets_the_result_to_0(
     )
     daily = run_cli("backup", "--tier", "daily", config=policy)  # no catch-up at start
     assert daily.returncode == 0, daily.stderr
-    editor = ArchiveEditor(sandbox.backup_dir / f"{daily.stdout.strip()}.tar.gz")
+    editor = ArchiveEditor(sandbox.backup_dir / f"{daily.stdout.strip()}.tar.gz", sandbox.root)
     forge(editor)
     editor.save()
     rewrite(policy, test_restore={"schedule": EVERY_2_SECONDS})

@@ -2,7 +2,10 @@
 
 Every archive here starts as a real backup of the sandbox, rewritten with one hostile
 member added or altered, then made consistent again (manifests, sidecar) so that restore
-has to refuse it for the hostile member itself, not for a stale checksum.
+has to refuse it for the hostile member itself, not for a stale checksum. Most are signed
+again with the test's key, as if its holder had gone rogue: the checks behind
+authentication must hold on their own. The forgers without the key come last, in every
+encryption mode, and the replays.
 """
 
 from __future__ import annotations
@@ -16,27 +19,36 @@ import json
 import math
 import os
 import stat
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
+from sovbackupd import archive, auth, restore
 from sovbackupd import config as policy_config
-from sovbackupd import restore
+from sovbackupd.errors import AuthError
 from sovbackupd.manifest import MANIFEST_NAME
 from sovbackupd.store import Store
 from tests.conftest import (
     RedisServer,
     Sandbox,
     backup_files,
+    key_file,
     policy_data,
+    resign,
     run_cli,
     write_policy,
 )
+from tests.integration.test_crypto import GpgKey
+from tests.integration.test_encrypted_backups import operator_home, plain_gpg, recipient_key
+
+__all__ = ["operator_home", "recipient_key"]  # fixtures of test_encrypted_backups.py
 
 MemberKind = Literal["file", "dir", "symlink", "hardlink", "chardev", "fifo"]
 _TAR_TYPES: dict[MemberKind, bytes] = {
@@ -79,11 +91,13 @@ class ArchiveEditor:
 
     Change ``members`` and ``manifest`` (the one inside), then :meth:`save`: the archive is
     written again under the same name, the manifest inside and the one beside it both
-    from ``manifest`` (unless ``beside`` is set), and the sidecar recomputed.
+    from ``manifest`` (unless ``beside`` is set), and the sidecar recomputed. With
+    *signer* (the test's temp dir, which holds its key) the backup is signed again.
     """
 
-    def __init__(self, archive_path: Path) -> None:
+    def __init__(self, archive_path: Path, signer: Path | None = None) -> None:
         self.path = archive_path
+        self.signer = signer
         self.top = archive_path.name.removesuffix(".tar.gz")
         self.members: list[Member] = []
         with tarfile.open(archive_path, "r:gz") as tar:
@@ -185,8 +199,14 @@ class ArchiveEditor:
         self.path.write_bytes(buffer.getvalue())
         beside = self.manifest if self.beside is None else self.beside
         self.manifest_path.write_bytes(json.dumps(beside, indent=1).encode())
+        self.seal(sidecar=sidecar)
+
+    def seal(self, *, sidecar: bool = True) -> None:
+        """Write the sidecar (with *sidecar*) from the archive's bytes; sign again if set to."""
         if sidecar:
             write_sidecar(self.path)
+        if self.signer is not None:
+            resign(self.path, self.signer)
 
 
 # --- the hostile edits: each leaves the archive consistent but for the hostile part -----
@@ -250,7 +270,7 @@ def truncated_archive(editor: ArchiveEditor) -> None:
     editor.save()
     data = editor.path.read_bytes()
     editor.path.write_bytes(data[: len(data) // 2])
-    write_sidecar(editor.path)
+    editor.seal()
 
 
 def manifest_inside_differs(editor: ArchiveEditor) -> None:
@@ -263,7 +283,7 @@ def truncated_tar_in_sound_gzip(editor: ArchiveEditor) -> None:
     editor.save()
     tar_bytes = gzip.decompress(editor.path.read_bytes())
     editor.path.write_bytes(gzip.compress(tar_bytes[: len(tar_bytes) // 2]))
-    write_sidecar(editor.path)
+    editor.seal()
 
 
 def manifest_member_left_out(editor: ArchiveEditor) -> None:
@@ -423,7 +443,7 @@ def backup_sandbox(config: Path, sandbox: Sandbox) -> ArchiveEditor:
     result = run_cli("backup", config=config)
     assert result.returncode == 0, result.stderr
     name = result.stdout.strip()
-    return ArchiveEditor(sandbox.backup_dir / f"{name}.tar.gz")
+    return ArchiveEditor(sandbox.backup_dir / f"{name}.tar.gz", signer=sandbox.root)
 
 
 def staging_leftovers(tmp_path: Path) -> list[Path]:
@@ -716,7 +736,8 @@ def test_an_archive_renamed_as_another_backup_is_refused_naming_the_id(
     """A backup copied under a newer name (sidecar and manifest too) restores as nothing.
 
     Its members and manifest say they are the older backup: restored, verified or drilled
-    under the new name, it would pass off the older data as the newer.
+    under the new name, it would pass off the older data as the newer. Without its record
+    it is unsigned; trusted as such, the manifest's id still refuses it.
     """
     config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
     editor = backup_sandbox(config, sandbox)
@@ -727,9 +748,10 @@ def test_an_archive_renamed_as_another_backup_is_refused_naming_the_id(
     copy_path.with_name(f"{renamed}.manifest.json").write_bytes(editor.manifest_path.read_bytes())
     destination = tmp_path / "restored"
 
-    restored = run_cli("restore", renamed, "--to", str(destination), config=config)
-    drill = run_cli("test-restore", renamed, config=config)
-    deep = run_cli("verify", renamed, "--deep", config=config)
+    trust = "--trust-unsigned"
+    restored = run_cli("restore", renamed, "--to", str(destination), trust, config=config)
+    drill = run_cli("test-restore", renamed, trust, config=config)
+    deep = run_cli("verify", renamed, "--deep", trust, config=config)
 
     for result in (restored, drill, deep):
         assert result.returncode == 1, result.stdout + result.stderr
@@ -1047,3 +1069,244 @@ def test_refused_restore_to_a_new_dir_removes_every_dir_it_made(
     assert result.returncode == 1, result.stdout
     assert "checksum mismatch" in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+# --- forgers without the key: a consistent rewrite, in every encryption mode ------------
+
+EncryptionMode = Literal["plaintext", "passphrase", "public-key"]
+Forger = Literal["record-kept", "record-removed", "own-key"]
+
+
+@dataclass
+class Modes:
+    """The policies of one encryption mode: the server's, and the one that can decrypt."""
+
+    config: Path
+    reader: Path
+    decrypt: list[str]
+    encrypt: list[str]
+    suffix: str
+
+
+def encryption_modes(
+    tmp_path: Path, sandbox: Sandbox, mode: EncryptionMode, key: GpgKey, home: Path
+) -> Modes:
+    """Write the policies of *mode*; return them with the gpg argv a forger would run."""
+    if mode == "plaintext":
+        config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+        return Modes(config, config, [], [], ".tar.gz")
+    if mode == "passphrase":
+        passphrase = tmp_path / "passphrase"
+        passphrase.write_text("a forger who read the passphrase\n")
+        passphrase.chmod(0o600)
+        gpg = {"gpg": {"passphrase_file": str(passphrase)}}
+        config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, encryption=gpg))
+        with_passphrase = plain_gpg(home, "--passphrase-file", str(passphrase))
+        return Modes(
+            config,
+            config,
+            [*with_passphrase, "--decrypt"],
+            [*with_passphrase, "--symmetric", "--cipher-algo", "AES256", "--output", "-"],
+            ".tar.gz.gpg",
+        )
+    server = {"recipients": [key.fingerprint], "public_keys_file": str(key.public_file)}
+    config = write_policy(
+        tmp_path / "policy.yaml", policy_data(sandbox, None, encryption={"gpg": server})
+    )
+    reader = write_policy(
+        tmp_path / "reader.yaml",
+        policy_data(
+            sandbox,
+            None,
+            encryption={"gpg": {**server, "secret_keys_file": str(key.secret_file)}},
+        ),
+    )
+    # The forger needs only the public key; the test decrypts the real archive to save
+    # building one from the plaintext manifest, which anyone could.
+    for exported in (key.public_file, key.secret_file):
+        subprocess.run(plain_gpg(home, "--import", str(exported)), capture_output=True, check=True)
+    encrypt = ["--trust-model", "always", "--encrypt", "--recipient", key.fingerprint]
+    return Modes(
+        config,
+        reader,
+        plain_gpg(home, "--decrypt"),
+        plain_gpg(home, *encrypt, "--output", "-"),
+        ".tar.gz.gpg",
+    )
+
+
+def forge_setuid_shell(stored: Path, modes: Modes, work: Path) -> None:
+    """Rewrite *stored* with data/suidsh (06755, root's) and data 0777: both manifests, sidecar."""
+    name = stored.name.split(".tar")[0]
+    plain = work / f"{name}.tar.gz"
+    if modes.decrypt:
+        decrypted = subprocess.run([*modes.decrypt, str(stored)], capture_output=True, check=True)
+        plain.write_bytes(decrypted.stdout)
+    else:
+        plain.write_bytes(stored.read_bytes())
+    editor = ArchiveEditor(plain)
+    editor.add("data/suidsh", "file", b"#!/bin/sh\nexec /bin/sh -p\n")
+    shell = editor.members[-2].info
+    shell.mode, shell.uid, shell.gid = 0o6755, 0, 0
+    editor.entry("data/suidsh").update(mode=0o6755, uid=0, gid=0)
+    editor._member("data").info.mode = 0o777
+    editor.entry("data")["mode"] = 0o777
+    editor.save(sidecar=False)
+    if modes.encrypt:
+        encrypted = subprocess.run([*modes.encrypt, str(plain)], capture_output=True, check=True)
+        stored.write_bytes(encrypted.stdout)
+    else:
+        stored.write_bytes(plain.read_bytes())
+    write_sidecar(stored)
+    archive.manifest_path(stored).write_bytes(editor.manifest_path.read_bytes())
+
+
+FORGER_REFUSALS: dict[Forger, str] = {
+    "record-kept": "is not what",
+    "record-removed": "has no authentication record",
+    "own-key": "signed with a key this host does not hold",
+}
+
+
+FORGERIES: list[tuple[EncryptionMode, Forger]] = [
+    (mode, forger)
+    for mode in ("plaintext", "passphrase", "public-key")
+    for forger in sorted(FORGER_REFUSALS)
+]
+
+
+@pytest.mark.parametrize("forgery", FORGERIES, ids=["-".join(case) for case in FORGERIES])
+def test_consistent_forgery_without_the_key_is_refused_by_verify_and_restore(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    recipient_key: GpgKey,
+    operator_home: Path,
+    forgery: tuple[EncryptionMode, Forger],
+) -> None:
+    """A forged setuid shell, sidecar and both manifests consistent, never passes or lands.
+
+    verify --deep does not call it ok and restore --only data refuses it (exit 65) with
+    one line, whether the forger kept the old record, removed it, or signed with a key
+    of their own; the live data dir is left as it was.
+    """
+    mode, forger = forgery
+    modes = encryption_modes(tmp_path, sandbox, mode, recipient_key, operator_home)
+    name = run_cli("backup", config=modes.config).stdout.strip()
+    stored = sandbox.backup_dir / f"{name}{modes.suffix}"
+    work = tmp_path / "forger"
+    work.mkdir()
+    forge_setuid_shell(stored, modes, work)
+    record = archive.auth_path(stored)
+    if forger == "record-removed":
+        record.unlink()
+    elif forger == "own-key":
+        created = datetime.fromisoformat(json.loads(record.read_text())["created"])
+        auth.write(stored, name, created, ["manual"], auth.Key(os.urandom(32), work / "key"))
+    live_before = tree_state(sandbox.app)
+
+    deep = run_cli("verify", name, "--deep", config=modes.reader)
+    restored = run_cli("restore", name, "--only", "data", "--yes", config=modes.reader)
+
+    assert deep.returncode == 1, deep.stdout
+    assert "ok" not in deep.stdout
+    assert len(deep.stderr_lines) == 1, deep.stderr
+    assert FORGER_REFUSALS[forger] in deep.stderr_lines[0]
+    assert restored.returncode == 65, restored.stdout + restored.stderr
+    assert len(restored.stderr_lines) == 1, restored.stderr
+    assert restored.stderr_lines[0].startswith(f"sovbackupd: error: backup {name}")
+    assert FORGER_REFUSALS[forger] in restored.stderr_lines[0]
+    assert tree_state(sandbox.app) == live_before
+    assert not (sandbox.app / "data" / "suidsh").exists()
+
+
+def replay_newest(sandbox: Sandbox, old: str, record: bool) -> str:
+    """Copy backup *old* under a name of now, rewritten to say so; return that name.
+
+    The top directory, both manifests' id and created time, and the sidecar all name the
+    copy; with *record* the old authentication record is copied beside it too.
+    """
+    time.sleep(1)  # a name of its own second, after every real backup's
+    now = datetime.now(UTC)
+    new = f"{old.rsplit('_', 2)[0]}_{now:%Y%m%d_%H%M%S}"
+    copy_path = sandbox.backup_dir / f"{new}.tar.gz"
+    editor = ArchiveEditor(sandbox.backup_dir / f"{old}.tar.gz")
+    editor.path, editor.top = copy_path, new
+    for member in editor.members:
+        member.info.name = new + member.info.name.removeprefix(old)
+    editor.manifest.update(id=new, created=now.isoformat())
+    editor.save()
+    if record:
+        old_record = sandbox.backup_dir / f"{old}.auth.json"
+        archive.auth_path(copy_path).write_bytes(old_record.read_bytes())
+    return new
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["record-copied", "record-dropped"])
+def test_replayed_old_backup_is_refused_by_list_test_restore_and_restore_latest(
+    tmp_path: Path, sandbox: Sandbox, record: bool
+) -> None:
+    """An old backup passed off as the newest is flagged by list and refused by the rest.
+
+    restore --latest would otherwise put the old content back over the newer.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    old = run_cli("backup", config=config).stdout.strip()
+    (sandbox.app / "data" / "notes.txt").write_text("written after the first backup\n")
+    run_cli("backup", config=config)
+    replayed = replay_newest(sandbox, old, record)
+    live_before = tree_state(sandbox.app)
+
+    listed = run_cli("list", config=config)
+    drill = run_cli("test-restore", "--latest", config=config)
+    restored = run_cli("restore", "--latest", "--yes", config=config)
+
+    assert listed.returncode == 0, listed.stderr
+    assert f"{replayed} is not authenticated" in listed.stderr
+    assert drill.returncode == 1, drill.stdout + drill.stderr
+    assert f"test restore of {replayed} FAILED" in drill.stdout
+    assert restored.returncode == 65, restored.stdout + restored.stderr
+    assert len(restored.stderr_lines) == 1, restored.stderr
+    assert f"backup {replayed}" in restored.stderr_lines[0]
+    assert tree_state(sandbox.app) == live_before
+
+
+def test_retention_neither_counts_nor_deletes_a_forged_newest_backup(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """A forged newest backup is kept for the operator and the real newest survives prune."""
+    tiers = {"daily": {"schedule": "0 2 * * *", "keep": 1}}
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, tiers=tiers))
+    real = run_cli("backup", "--tier", "daily", config=config).stdout.strip()
+    forged = replay_newest(sandbox, real, record=False)
+
+    pruned = run_cli("prune", config=config)
+
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"{forged} is not authenticated" in pruned.stderr
+    left = {path.name.split(".")[0] for path in sandbox.backup_dir.glob("*.tar.gz")}
+    assert left == {real, forged}
+
+
+def test_first_backup_creates_the_key_once_and_plan_reports_authentication(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The key appears 0400 at the first backup and stays; plan() says what the check found."""
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    key_path = key_file(sandbox.root)
+    first = run_cli("backup", "-v", config=config)
+    key_bytes = key_path.read_bytes()
+    second = run_cli("backup", "-v", config=config)
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "auth.key_created" in first.stderr
+    assert "auth.key_created" not in second.stderr
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o400
+    assert key_path.read_bytes() == key_bytes
+    policy = policy_config.load(config)
+    stored = Store(policy.backup_dir, policy.name_prefix).find(second.stdout.strip())
+    assert restore.plan(policy, stored, to=tmp_path / "to").authenticated is True
+    archive.auth_path(stored.path).unlink()
+    with pytest.raises(AuthError, match="no authentication record"):
+        restore.plan(policy, stored, to=tmp_path / "to")
+    trusted = restore.plan(policy, stored, to=tmp_path / "to", trust_unsigned=True)
+    assert trusted.authenticated is False

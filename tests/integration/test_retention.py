@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sovbackupd import __version__, archive, retention
+from sovbackupd import __version__, archive, auth, retention
 from sovbackupd import policy as gfs
 from sovbackupd.config import parse
 from sovbackupd.manifest import Manifest
@@ -22,6 +22,7 @@ from sovbackupd.store import Store, backup_name
 from tests.conftest import (
     Sandbox,
     backup_files,
+    key_file,
     policy_data,
     run_cli,
     stored_files,
@@ -60,6 +61,10 @@ def write_backup(backup_dir: Path, moment: datetime, payload: bytes) -> str:
             file_bytes=writer.file_bytes,
         )
         writer.commit(head)
+    # Signed as the daemon signs, with the key of the test's policy (see key_file).
+    key_path = key_file(backup_dir.parent)
+    key = auth.load_key(key_path) or auth.create_key(key_path)
+    auth.write(path, name, moment, ["daily"], key)
     source.unlink()
     return name
 

@@ -23,7 +23,7 @@ from sovbackupd import backup, config, restore
 from sovbackupd.errors import SovbackupdError
 from sovbackupd.sources import files
 from sovbackupd.store import STAGING_NAME, Store
-from tests.conftest import require_tool, write_policy
+from tests.conftest import key_file, require_tool, write_policy
 from tests.property.trees import Node, snapshot
 
 PATH_BUDGET = files.RESTORABLE_PATH_BYTES - 200
@@ -250,6 +250,7 @@ def _policy(workdir: Path, data: Path) -> Path:
         workdir / "policy.yaml",
         {
             "backup_dir": str(workdir / "backups"),
+            "authentication": {"key_file": str(key_file(workdir))},
             "sources": {"sqlite": [str(database)], "dirs": [str(data)]},
             "tiers": {"daily": {"schedule": "0 2 * * *", "keep": 3}},
         },

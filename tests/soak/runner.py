@@ -117,6 +117,7 @@ def base_policy(layout: Layout, redis: RedisService, listen: str) -> dict[str, A
     """Return the soak's policy: tiers every few seconds, small keeps, a drill every 20 s."""
     return {
         "backup_dir": str(layout.backup_dir),
+        "authentication": {"key_file": str(layout.root / "auth.key")},
         "name_prefix": PREFIX,
         "sources": {
             "redis": {

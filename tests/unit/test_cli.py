@@ -25,8 +25,12 @@ COMMANDS = (
     ("prune",),
     ("retention", "simulate"),
     ("check-config",),
+    ("key", "init"),
+    ("key", "id"),
     ("demo",),
 )
+GROUPS = ("retention", "key")
+"""Commands whose first word only groups subcommands: no option goes between the two."""
 
 
 def command_paths(parser: argparse.ArgumentParser) -> set[tuple[str, ...]]:
@@ -66,8 +70,8 @@ def test_global_options_mean_the_same_before_or_after_the_command(
 ) -> None:
     """Invariant: --config, -v and --log-format mean the same wherever they stand."""
     words = [*command]
-    # Options may go before the command or after any of its words (not inside "retention").
-    places = [0, *range(len(command) if command[0] == "retention" else 1, len(command) + 1)]
+    # Options may go before the command or after any of its words (not inside a group).
+    places = [0, *range(len(command) if command[0] in GROUPS else 1, len(command) + 1)]
     words.insert(places[config_at % len(places)], f"--config={config}")
     if verbose:
         words.insert(places[verbose_at % len(places)], "-v")
