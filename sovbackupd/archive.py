@@ -34,7 +34,13 @@ import zstandard
 from sovbackupd import crypto, untrusted
 from sovbackupd.config.layout import shown
 from sovbackupd.config.models import Gpg
-from sovbackupd.errors import AbortedError, ArchiveError, DiskSpaceError, SovbackupdError
+from sovbackupd.errors import (
+    AbortedError,
+    ArchiveError,
+    AuthError,
+    DiskSpaceError,
+    SovbackupdError,
+)
 from sovbackupd.fsat import PARTIAL_SUFFIX, fsync_dir
 from sovbackupd.manifest import (
     FULL_LIMIT_BYTES,
@@ -742,22 +748,30 @@ def encryption_needed(archive: Path) -> ArchiveError:
     )
 
 
-def read_encrypted_manifest(archive: Path, encryption: Gpg | None) -> bytes:
+def read_encrypted_manifest(
+    archive: Path, encryption: Gpg | None, signed_sha256: str | None = None
+) -> bytes:
     """Return the full manifest of the encrypted *archive*, decrypted into memory.
 
     The plaintext never touches the disk, and reading stops (gpg stopped) past
     FULL_LIMIT_BYTES, so a small file that decompresses to gigabytes cannot fill memory.
-    Raise ArchiveError when it is missing, unreadable or too large, CryptoError when gpg
-    cannot decrypt it or finds it damaged.
+    The encrypted bytes are read once, and when *signed_sha256* is given (what the
+    backup's record vouched for) they must hash to it: what is decrypted is what was
+    authenticated, even if the file is swapped meanwhile. Raise ArchiveError when it is
+    missing, unreadable or too large, AuthError when it is not what was signed,
+    CryptoError when gpg cannot decrypt it or finds it damaged.
     """
     path = encrypted_manifest_path(archive)
     if encryption is None:
         raise encryption_needed(archive)
     try:
-        with (
-            untrusted.open_regular(path) as handle,
-            crypto.decrypting(handle, encryption, name=path.name) as plain,
-        ):
+        with untrusted.open_regular(path) as handle:
+            sealed = handle.read(FULL_LIMIT_BYTES + 1)
+        if len(sealed) > FULL_LIMIT_BYTES:
+            raise ArchiveError(f"{path.name} is larger than {FULL_LIMIT_BYTES >> 20} MiB")
+        if signed_sha256 is not None and hashlib.sha256(sealed).hexdigest() != signed_sha256:
+            raise AuthError(f"{path.name} changed after its authentication was checked")
+        with crypto.decrypting(io.BytesIO(sealed), encryption, name=path.name) as plain:
             data = plain.read(FULL_LIMIT_BYTES + 1)
             if len(data) > FULL_LIMIT_BYTES:
                 raise ArchiveError(

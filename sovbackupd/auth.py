@@ -279,7 +279,16 @@ def in_second(moment: datetime, name: str) -> bool:
 
 
 def check(archive_path: Path, name: str, key: Key | None) -> Status:
+    """Check the record of backup *name* at *archive_path* against *key* (see :func:`vouched`)."""
+    return vouched(archive_path, name, key)[0]
+
+
+def vouched(archive_path: Path, name: str, key: Key | None) -> tuple[Status, dict[str, str]]:
     """Check the record of backup *name* at *archive_path* against *key*.
+
+    Return the status and, when AUTHENTICATED, each signed file's sha256 by file name
+    (the archive's as its sidecar gave it): a reader that parses the same bytes it
+    compares with these is safe from a file swapped after this check.
 
     Return UNSIGNED without a record and FOREIGN for a record of another key (or when
     *key* is None). Raise AuthError, one line naming the backup, the file and the
@@ -289,7 +298,7 @@ def check(archive_path: Path, name: str, key: Key | None) -> Status:
     """
     path = archive.auth_path(archive_path)
     if not os.path.lexists(path):
-        return Status.UNSIGNED
+        return Status.UNSIGNED, {}
     raw, record = _read(path, name)
     if record.backup != name or not in_second(record.created, name):
         raise AuthError(
@@ -297,7 +306,7 @@ def check(archive_path: Path, name: str, key: Key | None) -> Status:
             f"{record.created.isoformat()}: a copy under another name (replay)"
         )
     if key is None or record.key_id != key.id:
-        return Status.FOREIGN
+        return Status.FOREIGN, {}
     body = {field_name: value for field_name, value in raw.items() if field_name != "mac"}
     if not hmac.compare_digest(_mac(key, body), record.mac):
         raise AuthError(f"backup {name}: {path.name}: the MAC does not match (forged or damaged)")
@@ -317,7 +326,7 @@ def check(archive_path: Path, name: str, key: Key | None) -> Status:
                 raise AuthError(f"backup {name}: {signed} cannot be read: {error}") from None
         if not hmac.compare_digest(actual, digest):
             raise AuthError(f"backup {name}: {signed} is not what {path.name} signed")
-    return Status.AUTHENTICATED
+    return Status.AUTHENTICATED, dict(record.files)
 
 
 def refusal(name: str, status: Status) -> str:

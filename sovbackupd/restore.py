@@ -29,7 +29,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +151,8 @@ class Plan:
     manifest: Manifest
     manifest_sha256: str
     """Of the full manifest as read (beside, or decrypted): the one inside must match it."""
+    archive_sha256: str
+    """What the archive must hash to: as its record vouched for it, else its sidecar."""
     units: list[Unit]
     live: bool
     """False with ``--to``: nothing outside that directory is touched."""
@@ -263,8 +265,14 @@ def load_manifest(stored: StoredBackup, encryption: Gpg | None = None) -> Manife
     return read_manifest(stored, encryption)[0]
 
 
-def read_manifest(stored: StoredBackup, encryption: Gpg | None = None) -> tuple[Manifest, str]:
+def read_manifest(
+    stored: StoredBackup, encryption: Gpg | None = None, signed: Mapping[str, str] | None = None
+) -> tuple[Manifest, str]:
     """Return the full manifest of backup *stored* and the sha256 of its bytes.
+
+    *signed* is what the backup's record vouched for (:func:`auth.vouched`): each file is
+    read once and parsed from the bytes compared with it, so a file swapped after the
+    check is refused (AuthError) rather than trusted.
 
     It is the copy beside the archive, or, when that is the head of an encrypted backup,
     the encrypted copy decrypted (into memory) with *encryption*. Every field is checked
@@ -275,7 +283,12 @@ def read_manifest(stored: StoredBackup, encryption: Gpg | None = None) -> tuple[
     encrypted copy does not decrypt).
     """
     path = archive.manifest_path(stored.path)
+    signed = signed or {}
     beside, data = _beside(stored)
+    if path.name in signed and hashlib.sha256(data).hexdigest() != signed[path.name]:
+        raise AuthError(
+            f"backup {stored.name}: {path.name} changed after its authentication was checked"
+        )
     if not beside.is_head:
         return beside, hashlib.sha256(data).hexdigest()
     if not archive.encrypted(stored.path):
@@ -283,7 +296,11 @@ def read_manifest(stored: StoredBackup, encryption: Gpg | None = None) -> tuple[
             f"backup {stored.name}: {path.name} is the head of an encrypted backup, "
             f"but {stored.path.name} is not encrypted"
         )
-    data = archive.read_encrypted_manifest(stored.path, encryption)
+    sealed = archive.encrypted_manifest_path(stored.path).name
+    try:
+        data = archive.read_encrypted_manifest(stored.path, encryption, signed.get(sealed))
+    except AuthError as error:
+        raise AuthError(f"backup {stored.name}: {error}") from None
     full = validated(data, stored.name)
     if full.is_head or full.head() != beside:
         # The head must be this manifest's: an old head beside a newer archive would list
@@ -783,7 +800,7 @@ def plan(
     """
     if to is not None:
         to = Path(os.path.realpath(to)) if scratch else check_target_dir(policy, to)
-    status = auth.check(stored.path, stored.name, auth.policy_key(policy))
+    status, signed = auth.vouched(stored.path, stored.name, auth.policy_key(policy))
     if status is not auth.Status.AUTHENTICATED and not trust_unsigned:
         raise AuthError(auth.refusal(stored.name, status))
     if archive.encrypted(stored.path) and policy.gpg is None:
@@ -791,7 +808,7 @@ def plan(
             f"{stored.path.name} is encrypted: set encryption.gpg in the policy "
             "(passphrase_file, or secret_keys_file on the recovery machine)"
         )
-    manifest, manifest_sha256 = read_manifest(stored, policy.gpg)
+    manifest, manifest_sha256 = read_manifest(stored, policy.gpg, signed)
     selected = only or set(COMPONENTS)
     units = _units(manifest, selected, to, policy)
     if not units:
@@ -838,6 +855,7 @@ def plan(
         backup=stored,
         manifest=manifest,
         manifest_sha256=manifest_sha256,
+        archive_sha256=signed.get(stored.path.name) or archive.read_sidecar(stored.path),
         units=units,
         live=live,
         safety_sources=safety_sources,
@@ -1102,8 +1120,8 @@ def _opened(stored: StoredBackup) -> Iterator[BinaryIO]:
         raise ArchiveError(f"{stored.path} has vanished") from None
 
 
-def _check_sidecar(handle: BinaryIO, stored: StoredBackup) -> None:
-    expected = archive.read_sidecar(stored.path)
+def _check_digest(handle: BinaryIO, stored: StoredBackup, expected: str) -> None:
+    """Hash the archive in *handle* and rewind it; raise ArchiveError unless it is *expected*."""
     digest = hashlib.sha256()
     while chunk := handle.read(archive.CHUNK_BYTES):
         digest.update(chunk)
@@ -1138,7 +1156,7 @@ def extract(plan: Plan, cancel: threading.Event | None = None) -> tuple[int, int
     _open_anchors(plan)
     try:
         with _opened(plan.backup) as handle:
-            _check_sidecar(handle, plan.backup)
+            _check_digest(handle, plan.backup, plan.archive_sha256)
             extraction = _stream(plan, handle, cancel)
         _check_inside_manifest(plan, extraction.inside)
         _synthesize_aof(plan)
@@ -1275,6 +1293,7 @@ def verify_members(stored: StoredBackup, encryption: Gpg | None = None) -> Manif
         backup=stored,
         manifest=manifest,
         manifest_sha256=manifest_sha256,
+        archive_sha256=archive.read_sidecar(stored.path),
         units=[],
         live=False,
         safety_sources=None,

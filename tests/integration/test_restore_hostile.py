@@ -32,7 +32,7 @@ import pytest
 
 from sovbackupd import archive, auth, restore
 from sovbackupd import config as policy_config
-from sovbackupd.errors import AuthError
+from sovbackupd.errors import ArchiveError, AuthError
 from sovbackupd.manifest import MANIFEST_NAME
 from sovbackupd.store import Store
 from tests.conftest import (
@@ -1310,3 +1310,46 @@ def test_first_backup_creates_the_key_once_and_plan_reports_authentication(
         restore.plan(policy, stored, to=tmp_path / "to")
     trusted = restore.plan(policy, stored, to=tmp_path / "to", trust_unsigned=True)
     assert trusted.authenticated is False
+
+
+@pytest.mark.parametrize("when", ["after-check", "after-plan"])
+def test_files_swapped_after_the_authentication_check_are_refused(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A forgery swapped in once the record was checked is not what the restore uses.
+
+    Invariant: restore plans from, and extracts, only bytes that hash to what the record
+    vouched for. The race is simulated by forging the files (setuid shell, consistent
+    sidecar and manifest, old record kept) right after ``auth.vouched`` returns, or
+    between plan and run (the confirmation prompt's window).
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    name = run_cli("backup", config=config).stdout.strip()
+    policy = policy_config.load(config, {})
+    stored = Store(policy.backup_dir, policy.name_prefix).find(name)
+    work = tmp_path / "forger"
+    work.mkdir()
+    plaintext = Modes(config, config, [], [], ".tar.gz")
+    live_before = tree_state(sandbox.app)
+
+    if when == "after-check":
+        checked = auth.vouched
+
+        def vouched_then_swapped(
+            archive_path: Path, backup: str, key: auth.Key | None
+        ) -> tuple[auth.Status, dict[str, str]]:
+            verdict = checked(archive_path, backup, key)
+            forge_setuid_shell(stored.path, plaintext, work)
+            return verdict
+
+        monkeypatch.setattr(auth, "vouched", vouched_then_swapped)
+        with pytest.raises(AuthError, match="changed after its authentication was checked"):
+            restore.plan(policy, stored, only={"data"})
+    else:
+        planned = restore.plan(policy, stored, only={"data"})
+        forge_setuid_shell(stored.path, plaintext, work)
+        with pytest.raises(ArchiveError, match="checksum mismatch"):
+            restore.run(policy, dataclasses.replace(planned, safety_sources=None))
+
+    assert tree_state(sandbox.app) == live_before
+    assert not (sandbox.app / "data" / "suidsh").exists()

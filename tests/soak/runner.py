@@ -195,6 +195,14 @@ class SoakRun:
         return Store(self.layout.backup_dir, PREFIX)
 
 
+# What a backup keeps beside its archive under its own name (see targets.backup_files).
+BESIDE_FILES = (
+    (".manifest.json", "manifest"),
+    (".manifest.json.gpg", "encrypted manifest"),
+    (".auth.json", "authentication record"),
+)
+
+
 def leftovers(layout: Layout) -> list[str]:
     """Return what a clean stop must not leave: partial files, staging, orphans, ballast."""
     found = []
@@ -205,10 +213,12 @@ def leftovers(layout: Layout) -> list[str]:
             found.append(name)
         elif name.endswith(".sha256") and name.removesuffix(".sha256") not in finals:
             found.append(f"{name} (orphaned sidecar)")
-        elif name.endswith(".manifest.json") and not any(
-            final.startswith(name.removesuffix(".manifest.json") + ".tar") for final in finals
-        ):
-            found.append(f"{name} (orphaned manifest)")
+        else:
+            for suffix, what in BESIDE_FILES:
+                if name.endswith(suffix) and not any(
+                    final.startswith(name.removesuffix(suffix) + ".tar") for final in finals
+                ):
+                    found.append(f"{name} (orphaned {what})")
     found.extend(
         f"{entry.name} (beside backup_dir)"
         for entry in layout.disk.iterdir()
