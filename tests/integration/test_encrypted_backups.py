@@ -577,9 +577,12 @@ def test_no_file_of_an_encrypted_backup_holds_its_file_list_in_plaintext(
     assert listed.returncode == 0, listed.stderr
     [row] = json.loads(listed.stdout)
     assert (row["name"], row["files"], row["warnings"]) == (name, head["file_count"], None)
-    assert run_cli("verify", name, config=config).stdout.strip() == f"{name}: ok"
+    assert run_cli("verify", name, config=config).stdout.strip() == f"{name}: ok (authenticated)"
     deep = run_cli("verify", "--deep", name, config=recovered)
-    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep)"), deep.stderr
+    assert (deep.returncode, deep.stdout.strip()) == (
+        0,
+        f"{name}: ok (deep, authenticated)",
+    ), deep.stderr
     drill = run_cli("test-restore", name, config=recovered)
     assert drill.returncode == 0, drill.stdout + drill.stderr
     assert leaks(files_under(sandbox.backup_dir), plaintext_secrets(sandbox)) == []
@@ -622,6 +625,8 @@ def test_a_head_whose_encrypted_manifest_is_missing_damaged_or_not_its_own_is_re
         flip_last_byte(encrypted_copy)
     else:
         edit_head(sandbox.backup_dir / f"{name}.manifest.json")
+    # By the key's holder: the checks behind authentication must refuse it.
+    resign(sandbox.backup_dir / f"{name}.tar.gz.gpg", sandbox.root)
     damage(sandbox, None)
     damaged = component_states(sandbox, None)
 
@@ -669,18 +674,21 @@ def test_an_encrypted_backup_made_before_heads_still_lists_verifies_and_restores
     ).stdout
     (sandbox.backup_dir / f"{name}.manifest.json").write_bytes(whole)
     encrypted_copy.unlink()
+    (sandbox.backup_dir / f"{name}.auth.json").unlink()  # that code signed nothing either
 
     listed = run_cli("list", "--json", config=config)
     assert [row["name"] for row in json.loads(listed.stdout)] == [name]
-    deep = run_cli("verify", "--deep", name, config=config)
-    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep)"), deep.stderr
+    deep = run_cli("verify", "--deep", "--trust-unsigned", name, config=config)
+    assert (deep.returncode, deep.stdout.strip()) == (0, f"{name}: ok (deep, unsigned)"), (
+        deep.stderr
+    )
     damage(sandbox, None)
-    restored = run_cli("restore", name, "--yes", config=config)
+    restored = run_cli("restore", name, "--yes", "--trust-unsigned", config=config)
 
     assert restored.returncode == 0, restored.stderr
     assert_same_tree(tree_state(sandbox.root, live_paths(sandbox)), before)
     assert rows(sandbox.database) == {"entries": 500, "odd name": 1}
-    drill = run_cli("test-restore", name, config=config)
+    drill = run_cli("test-restore", "--trust-unsigned", name, config=config)
     assert drill.returncode == 0, drill.stdout + drill.stderr
 
 
@@ -712,6 +720,7 @@ def test_retention_deletes_the_encrypted_manifest_with_its_backup(
         f"{new}.tar.gz.gpg.sha256",
         f"{new}.manifest.json",
         f"{new}.manifest.json.gpg",
+        f"{new}.auth.json",
     }
 
 

@@ -53,7 +53,7 @@ def test_after_a_data_only_restore_latest_still_means_the_newest_real_backup(
     assert f"test restore of {name} passed" in drilled.stdout
     state = json.loads((sandbox.backup_dir / restore.DRILL_STATE_NAME).read_text())
     assert state["backup"] == name
-    assert verified.stdout.splitlines() == [f"{name}: ok"]
+    assert verified.stdout.splitlines() == [f"{name}: ok (authenticated)"]
     assert f"test restore of {name} passed" in by_default.stdout
 
 
