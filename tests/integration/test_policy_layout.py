@@ -256,11 +256,12 @@ def test_a_reload_refuses_a_backup_dir_made_shared_or_linked_into_a_data_dir(
     data = yaml.safe_load(policy.read_text())
     data["sources"]["dirs"].append(str(linked))
     policy.write_text(yaml.safe_dump(data))
+    line = policy.read_text().splitlines().index(f"backup_dir: {sandbox.backup_dir}") + 1
     mark = daemon.mark()
     daemon.send(signal.SIGHUP)
     failed = daemon.wait_for("config.reload_failed", mark)
     assert failed["problems"] == [
-        f"{policy}:1: backup_dir: backup_dir {sandbox.backup_dir} is the same path as "
+        f"{policy}:{line}: backup_dir: backup_dir {sandbox.backup_dir} is the same path as "
         f"sources.dirs[3] {linked} (resolved: {sandbox.backup_dir}): every backup would "
         "archive the earlier ones, and restoring it would delete the newer ones"
     ]
