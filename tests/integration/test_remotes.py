@@ -694,6 +694,7 @@ def test_remotes_of_an_encrypted_backup_hold_no_plaintext_file_list_and_restore_
         f"{name}.tar.gz.gpg.sha256",
         f"{name}.manifest.json",
         f"{name}.manifest.json.gpg",
+        f"{name}.auth.json",
     }
 
     assert backup_files(far_dir) == expected
