@@ -76,7 +76,13 @@ class HookResult:
 
 
 class _TailReader:
-    """Read a pipe to its end on a thread, keeping only the last bytes."""
+    """Read a pipe to its end on a thread, keeping only the last bytes.
+
+    The thread reads the raw descriptor and never closes the stream: a daemon thread that
+    holds a buffered stream's lock when the interpreter exits (a Ctrl-C unwinding past the
+    hook) makes the exit abort with "could not acquire lock ... at interpreter shutdown".
+    :meth:`wait` closes it, once the thread has let go of it.
+    """
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._stream = stream
@@ -87,17 +93,20 @@ class _TailReader:
 
     def _drain(self) -> None:
         descriptor = self._stream.fileno()
-        try:
-            while chunk := os.read(descriptor, _READ_BYTES):
-                with self._lock:
-                    self._tail += chunk
-                    del self._tail[:-_TAIL_BYTES]
-        finally:
-            self._stream.close()
+        while chunk := os.read(descriptor, _READ_BYTES):
+            with self._lock:
+                self._tail += chunk
+                del self._tail[:-_TAIL_BYTES]
 
     def wait(self, timeout: float) -> None:
-        """Wait up to *timeout* seconds for the end of the output."""
+        """Wait up to *timeout* seconds for the end of the output; close the pipe if it came.
+
+        A pipe still held open by a process that left the hook's group stays open (its
+        reader is blocked on it) until the interpreter exits.
+        """
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._stream.close()
 
     def text(self) -> str:
         """Return the output kept so far, decoded, at most OUTPUT_TAIL_CHARS long."""
@@ -266,6 +275,7 @@ def _run_one(
     except BaseException:
         held.release()
         raise
+    output: _TailReader | None = None
     try:
         held.release()  # a Ctrl-C during the start is raised here, where the group is known
         assert process.stdout is not None  # noqa: S101 (stdout=PIPE above)
@@ -273,6 +283,8 @@ def _run_one(
         returncode, stopped = _wait(process, timeout, cancel)
     except BaseException:
         _stop_group(process)
+        if output is not None:
+            output.wait(OUTPUT_DRAIN_SECONDS)
         raise
     if stopped is not None:
         _stop_group(process)  # a Ctrl-C during the grace must not leave the group running
