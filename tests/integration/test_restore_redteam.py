@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -227,3 +230,59 @@ def test_root_restores_with_the_key_the_service_user_created(
     assert verified.returncode == 0, verified.stderr
     assert restored.returncode == 0, restored.stderr
     assert (destination / str(sandbox.app).lstrip("/") / ".env").exists()
+
+
+# --- --to DIR: a directory that is the live tree under another name -------------------
+
+
+def in_private_mounts(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run the shell *script* (with *arguments* as $1...) in a mount namespace of its own.
+
+    The bind mount it makes is seen by no other process and vanishes with it; the test
+    is skipped where this system lets no one make one (no CAP_SYS_ADMIN, no unshare).
+    """
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to make a private bind mount")
+    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare -m is refused here: {probe.stderr.decode().strip()}")
+    return subprocess.run(
+        [unshare, "-m", "sh", "-c", script, "sh", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="red team: --to a bind mount of / is a live restore")
+def test_restore_to_a_bind_mount_of_the_root_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
+    """--to DIR where DIR is / under another name (a bind mount) must be refused as / is.
+
+    check_target_dir compares path strings (with realpath), so it refuses --to / and
+    --to /tmp/.. but not a directory that is the same directory as / by identity: a
+    rescue or container host's ``/mnt/host`` bind mount, say. Such a --to restore
+    replaces the live files and deletes what is live only, with no confirmation, no
+    safety backup and no restore.stop, which is what issue 14 case 4 was about.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    since = sandbox.app / "data" / "since-backup.txt"
+    since.write_text("written after the backup\n")
+    live_before = tree_state(sandbox.app)
+    alias = tmp_path / "alias"
+    alias.mkdir()
+
+    ran = in_private_mounts(
+        'mount --rbind / "$1" && exec "$2" -m sovbackupd --config "$3" restore "$4" --to "$1"',
+        str(alias),
+        sys.executable,
+        str(config),
+        editor.top,
+    )
+
+    assert since.exists(), "the live file written after the backup is gone"
+    assert tree_state(sandbox.app) == live_before
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert "--to" in ran.stderr
