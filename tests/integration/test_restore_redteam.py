@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sovbackupd import archive, restore
+from sovbackupd import archive, auth, restore, verify
 from sovbackupd import config as policy_config
 from sovbackupd.errors import SovbackupdError
 from sovbackupd.sources.base import Component
@@ -286,3 +286,58 @@ def test_restore_to_a_bind_mount_of_the_root_is_refused(tmp_path: Path, sandbox:
     assert tree_state(sandbox.app) == live_before
     assert ran.returncode == 2, ran.stdout + ran.stderr
     assert "--to" in ran.stderr
+
+
+# --- verify --deep checks other bytes than the ones the record vouched for ------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="red team: verify --deep re-reads files after the record check"
+)
+def test_verify_deep_never_calls_a_forgery_swapped_in_after_the_check_authenticated(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consistent forgery swapped in once the record was checked is not "ok (authenticated)".
+
+    Restore reads only the bytes the record vouched for (test_restore_hostile's
+    test_files_swapped_after_the_authentication_check_are_refused), but verify checks
+    the record with ``auth.check`` and then reads the sidecar, the manifest and every
+    member again from their names. Whoever writes backup_dir swaps in the forgery (a
+    setuid shell, sidecar and both manifests consistent) right after the record's files
+    were hashed, which inotify shows them, and verify --deep says "authenticated" of it.
+    The race is simulated by forging when the record check returns (whichever of
+    ``auth.check`` and ``auth.vouched`` verify calls).
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    name = run_cli("backup", config=config).stdout.strip()
+    policy = policy_config.load(config, {})
+    stored = Store(policy.backup_dir, policy.name_prefix).find(name)
+    work = tmp_path / "forger"
+    work.mkdir()
+    forged: list[str] = []
+    checked, vouched = auth.check, auth.vouched
+
+    def forge_once() -> None:
+        if not forged:
+            forge_setuid_shell(stored.path, Modes(config, config, [], [], ".tar.gz"), work)
+            forged.append(stored.name)
+
+    def check_then_swapped(archive_path: Path, backup: str, key: auth.Key | None) -> auth.Status:
+        status = checked(archive_path, backup, key)
+        forge_once()
+        return status
+
+    def vouched_then_swapped(
+        archive_path: Path, backup: str, key: auth.Key | None
+    ) -> tuple[auth.Status, dict[str, str]]:
+        found = vouched(archive_path, backup, key)
+        forge_once()
+        return found
+
+    monkeypatch.setattr(auth, "check", check_then_swapped)
+    monkeypatch.setattr(auth, "vouched", vouched_then_swapped)
+
+    verdict = verify.check(stored, True, key=auth.policy_key(policy))
+
+    assert forged, "the forgery was swapped in"
+    assert not verdict.ok, verdict
