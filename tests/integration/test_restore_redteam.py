@@ -341,3 +341,32 @@ def test_verify_deep_never_calls_a_forgery_swapped_in_after_the_check_authentica
 
     assert forged, "the forgery was swapped in"
     assert not verdict.ok, verdict
+
+
+@pytest.mark.xfail(
+    strict=True, reason="red team: a lost key is silently replaced by a new one at the next backup"
+)
+def test_a_backup_creates_no_new_key_once_backups_signed_with_one_exist(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """The first backup creates the key; a later one finding it gone must not make another.
+
+    docs/restore.md: "The first backup creates it". ``ensure_key`` creates a key whenever
+    the file is missing, so a key deleted, lost with a disk, or moved by a key_file typo
+    in the policy is replaced without a word but a log line: every earlier backup turns
+    "foreign key", verify and restore refuse them until --trust-unsigned (which keeps no
+    owners, and under which a forgery reads like them), and the escrowed copy no longer
+    signs what is made from then on. Refusing, with the key_file and "sovbackupd key
+    init" in the message, keeps the operator in the loop.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    first = run_cli("backup", config=config)
+    assert first.returncode == 0, first.stderr
+    key = tmp_path / "auth.key"
+    key.rename(tmp_path / "auth.key.lost")
+
+    second = run_cli("backup", config=config)
+
+    assert not key.exists(), "a new key was created in place of the lost one"
+    assert second.returncode != 0, second.stdout
+    assert str(key) in second.stderr
