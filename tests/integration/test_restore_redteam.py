@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,15 @@ from sovbackupd.errors import SovbackupdError
 from sovbackupd.sources.base import Component
 from sovbackupd.store import Store
 from tests.conftest import Sandbox, policy_data, run_cli, write_policy
+from tests.integration.test_remotes import keep_last, local_names, remote_backups, s3_remote
+from tests.integration.test_restore import backup_now
 from tests.integration.test_restore_hostile import (
     Modes,
     backup_sandbox,
     forge_setuid_shell,
     tree_state,
 )
+from tests.remotes import MotoServer, s3_bucket
 
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY-----\nroot only\n"
 
@@ -370,3 +374,48 @@ def test_a_backup_creates_no_new_key_once_backups_signed_with_one_exist(
     assert not key.exists(), "a new key was created in place of the lost one"
     assert second.returncode != 0, second.stdout
     assert str(key) in second.stderr
+
+
+# --- remote retention counts copies by the presence of a record, not by its check -----
+
+
+@pytest.mark.usefixtures("aws_environment")
+@pytest.mark.xfail(
+    strict=True, reason="red team: remote retention counts and prunes by another key's copies"
+)
+def test_remote_retention_never_prunes_for_copies_signed_with_another_key(
+    tmp_path: Path, sandbox: Sandbox, moto_server: MotoServer
+) -> None:
+    """Copies a bucket holds of another key's backups neither count nor get ours deleted.
+
+    docs/restore.md: "Retention never counts or deletes a backup whose record fails, nor
+    an unsigned or foreign-key one dated after the oldest authenticated backup". On a
+    remote, ``retention.remote_plan`` only asks whether a copy *has* a record
+    (``backup.auth is not None``), never whether it checks. Two servers left with the
+    default name_prefix and one bucket (or a bucket holder uploading copies with any
+    ``.auth.json``) make each server's retention count the other's newer copies: with
+    keep_last 2, our only off-site copy is deleted while backup_dir still keeps it.
+    """
+    bucket = s3_bucket(moto_server.endpoint_url)
+    entry, target = s3_remote(moto_server.endpoint_url, bucket)
+    config = write_policy(
+        tmp_path / "policy.yaml", policy_data(sandbox, None, remotes=[entry], **keep_last(2))
+    )
+    elsewhere = tmp_path / "other-server"
+    elsewhere.mkdir()
+    other = policy_data(sandbox, None, remotes=[entry], **keep_last(2))
+    other.update(
+        backup_dir=str(elsewhere / "backups"),
+        authentication={"key_file": str(elsewhere / "auth.key")},
+    )
+    other_config = write_policy(elsewhere / "policy.yaml", other)
+
+    ours = backup_now(config)
+    theirs = []
+    for _ in range(2):
+        time.sleep(1)  # a name of its own second: both servers name by the clock
+        theirs.append(backup_now(other_config))
+
+    assert len({ours, *theirs}) == 3
+    assert local_names(sandbox) == [ours]
+    assert ours in remote_backups(target), "the other server's retention deleted our copy"
