@@ -393,8 +393,10 @@ def test_remote_retention_never_prunes_for_copies_signed_with_another_key(
     remote, ``retention.remote_plan`` only asks whether a copy *has* a record
     (``backup.auth is not None``), never whether it checks. Two servers left with the
     default name_prefix and one bucket (or a bucket holder uploading copies with any
-    ``.auth.json``) make each server's retention count the other's newer copies: with
-    keep_last 2, our only off-site copy is deleted while backup_dir still keeps it.
+    ``.auth.json``): the other's copies, newer than our oldest, count for our keep_last
+    2, so our next backup's retention deletes our older off-site copy (backup_dir still
+    keeps it) and one of theirs. The other server keeps everything here (keep_last 10):
+    only our own retention decides.
     """
     bucket = s3_bucket(moto_server.endpoint_url)
     entry, target = s3_remote(moto_server.endpoint_url, bucket)
@@ -403,19 +405,21 @@ def test_remote_retention_never_prunes_for_copies_signed_with_another_key(
     )
     elsewhere = tmp_path / "other-server"
     elsewhere.mkdir()
-    other = policy_data(sandbox, None, remotes=[entry], **keep_last(2))
+    other = policy_data(sandbox, None, remotes=[entry], **keep_last(10))
     other.update(
         backup_dir=str(elsewhere / "backups"),
         authentication={"key_file": str(elsewhere / "auth.key")},
     )
     other_config = write_policy(elsewhere / "policy.yaml", other)
 
-    ours = backup_now(config)
-    theirs = []
-    for _ in range(2):
+    made = [backup_now(config)]
+    for policy_file in (other_config, other_config, config):
         time.sleep(1)  # a name of its own second: both servers name by the clock
-        theirs.append(backup_now(other_config))
+        made.append(backup_now(policy_file))
 
-    assert len({ours, *theirs}) == 3
-    assert local_names(sandbox) == [ours]
-    assert ours in remote_backups(target), "the other server's retention deleted our copy"
+    ours, theirs, newest = made[0], made[1:3], made[3]
+    assert len(set(made)) == len(made)
+    assert local_names(sandbox) == [ours, newest]
+    held = remote_backups(target)
+    assert ours in held, "our retention deleted our copy for the other server's"
+    assert set(theirs) <= set(held), "our retention deleted a copy it cannot authenticate"
