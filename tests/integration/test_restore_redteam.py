@@ -4,7 +4,9 @@ Each test is a break found by attacking the merged code as an adversary or a car
 operator would; each is marked xfail(strict) until it is fixed, so that the fix turns
 it green (and a strict xfail that starts passing tells whoever fixed it to unmark it).
 Every backup is made and restored through the CLI or restore's public plan/run, with
-real files, gzip, tar and the policy's real key; nothing is mocked.
+real files, gzip, tar, the policy's real key and (for S3) the moto server the remote
+tests use. Races are simulated, never timed: a change made between ``restore.plan``
+and ``restore.run``, or when the real record check returns (wrapped, not replaced).
 """
 
 from __future__ import annotations
