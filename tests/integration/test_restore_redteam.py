@@ -121,8 +121,10 @@ def test_safety_backup_reads_nothing_through_a_link_planted_after_the_plan(
     prompt and the whole extraction: a long window, which inotify on the staging dir
     makes easy to hit) and captures the policy's paths by name, following the link as
     root. The swap then refuses (data) or replaces the link (.env), yet the safety
-    backup, signed with the key, already holds root's file: readable by the service
-    user in backup_dir, and replicated.
+    backup, signed with the key, already holds the root-only file the app dir's owner
+    chose: kept in backup_dir as an authenticated backup, and put into the app's tree
+    with its own mode by the undo command restore prints (``restore <safety> --yes``).
+    docs/restore.md: "a link planted after the plan leads nowhere".
     Simulated between the public ``restore.plan`` and ``restore.run``, as the window of
     the confirmation prompt is in test_restore_hostile.
     """
