@@ -10,7 +10,9 @@ a replay, refused like a bad MAC.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import glob
 import hashlib
 import hmac
 import json
@@ -107,7 +109,7 @@ def load_key(path: Path) -> Key | None:
         raise ConfigError(
             f"authentication key {path} cannot be read: {error.strerror or error}"
         ) from None
-    if status.st_uid not in (os.geteuid(), 0):
+    if status.st_uid not in _key_owners(path):
         raise ConfigError(
             f"authentication key {path} is owned by uid {status.st_uid}: it must belong "
             "to the user sovbackupd runs as, or root"
@@ -129,6 +131,20 @@ def load_key(path: Path) -> Key | None:
             f"authentication key {path} must hold {2 * KEY_BYTES} hex digits and a newline"
         )
     return Key(secret, path)
+
+
+def _key_owners(path: Path) -> set[int]:
+    """Return the uids a key at *path* may belong to: this user's and root's.
+
+    As root, also the owner of the key's directory: :func:`create_key` gives it the key
+    (the service user of ``User=``, in its StateDirectory), and whoever owns the
+    directory can replace the file there anyway.
+    """
+    owners = {os.geteuid(), 0}
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError):
+            owners.add(os.lstat(path.parent).st_uid)
+    return owners
 
 
 def create_key(path: Path) -> Key:
@@ -170,10 +186,46 @@ def create_key(path: Path) -> Key:
     return key
 
 
+def signing_key(policy: Policy) -> Key | None:
+    """Return the key backups are signed with; None when the first backup is to create it.
+
+    A key that is gone while backup_dir holds backups signed with one (deleted, lost
+    with a disk, a key_file typo) is never replaced behind the operator's back: every
+    earlier backup would turn "foreign key". Raise ConfigError naming the key file and
+    the key those backups need.
+    """
+    path = key_path(policy)
+    key = load_key(path)
+    if key is None and (signed := _newest_record(policy.backup_dir, policy.name_prefix)):
+        name, key_id = signed
+        raise ConfigError(
+            f"authentication key {path} is missing, yet backup {name} in "
+            f"{policy.backup_dir} is signed with key {key_id}: put that key back (from "
+            "escrow), or start a new key with 'sovbackupd key init' (backups signed with "
+            "the old one then verify only with --trust-unsigned)"
+        )
+    return key
+
+
+def _newest_record(backup_dir: Path, prefix: str) -> tuple[str, str] | None:
+    """Return the name and key id of the newest signed backup in *backup_dir*, if any.
+
+    A record that does not parse still says that a key signed backups here: its key id
+    is then given as unknown.
+    """
+    records = sorted(backup_dir.glob(f"{glob.escape(prefix)}_*{archive.AUTH_SUFFIX}"))
+    if not records:
+        return None
+    name = records[-1].name.removesuffix(archive.AUTH_SUFFIX)
+    try:
+        return name, _read(records[-1], name)[1].key_id
+    except AuthError:
+        return name, "(unknown: its record does not parse)"
+
+
 def ensure_key(policy: Policy) -> Key:
     """Return the policy's key, creating it when there is none yet (backups only)."""
-    path = key_path(policy)
-    return load_key(path) or create_key(path)
+    return signing_key(policy) or create_key(key_path(policy))
 
 
 def policy_key(policy: Policy) -> Key | None:
@@ -291,10 +343,10 @@ def vouched(archive_path: Path, name: str, key: Key | None) -> tuple[Status, dic
     compares with these is safe from a file swapped after this check.
 
     Return UNSIGNED without a record and FOREIGN for a record of another key (or when
-    *key* is None). Raise AuthError, one line naming the backup, the file and the
-    field, when the record fails: unreadable or out of bounds, a MAC that our key did
-    not make, a file that is not what was signed, or a record of another name or time
-    (a replay).
+    *key* is None) whose files are what it lists. Raise AuthError, one line naming the
+    backup, the file and the field, when the record fails: unreadable or out of bounds,
+    a MAC that our key did not make, a file that is not what was signed (under any
+    key), or a record of another name or time (a replay).
     """
     path = archive.auth_path(archive_path)
     if not os.path.lexists(path):
@@ -305,16 +357,26 @@ def vouched(archive_path: Path, name: str, key: Key | None) -> tuple[Status, dic
             f"backup {name}: {path.name} signs backup {record.backup} of "
             f"{record.created.isoformat()}: a copy under another name (replay)"
         )
-    if key is None or record.key_id != key.id:
-        return Status.FOREIGN, {}
-    body = {field_name: value for field_name, value in raw.items() if field_name != "mac"}
-    if not hmac.compare_digest(_mac(key, body), record.mac):
-        raise AuthError(f"backup {name}: {path.name}: the MAC does not match (forged or damaged)")
+    ours = key if key is not None and record.key_id == key.id else None
+    if ours is not None:
+        body = {field_name: value for field_name, value in raw.items() if field_name != "mac"}
+        if not hmac.compare_digest(_mac(ours, body), record.mac):
+            raise AuthError(
+                f"backup {name}: {path.name}: the MAC does not match (forged or damaged)"
+            )
+    # A foreign key's record vouches for nothing, but files that are not what it lists
+    # are a changed backup: refused even under --trust-unsigned.
+    _check_files(archive_path, name, path.name, record)
+    return (Status.AUTHENTICATED, dict(record.files)) if ours is not None else (Status.FOREIGN, {})
+
+
+def _check_files(archive_path: Path, name: str, record_name: str, record: Record) -> None:
+    """Raise AuthError unless the backup's files are exactly those *record* lists, as listed."""
     expected = {path.name for path in signed_files(archive_path) if path.exists()}
     expected.add(archive_path.name)
     if set(record.files) != expected:
         missing = sorted(expected.symmetric_difference(record.files))[0]
-        raise AuthError(f"backup {name}: {missing} is not what {path.name} signed")
+        raise AuthError(f"backup {name}: {missing} is not what {record_name} signed")
     for signed, digest in record.files.items():
         where = archive_path.with_name(signed)
         if where == archive_path:
@@ -325,8 +387,7 @@ def vouched(archive_path: Path, name: str, key: Key | None) -> tuple[Status, dic
             except (OSError, ValueError) as error:
                 raise AuthError(f"backup {name}: {signed} cannot be read: {error}") from None
         if not hmac.compare_digest(actual, digest):
-            raise AuthError(f"backup {name}: {signed} is not what {path.name} signed")
-    return Status.AUTHENTICATED, dict(record.files)
+            raise AuthError(f"backup {name}: {signed} is not what {record_name} signed")
 
 
 def refusal(name: str, status: Status) -> str:

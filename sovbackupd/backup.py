@@ -328,7 +328,7 @@ def _run(
     with store.lock():
         tierstate.record_attempt(policy.backup_dir, tiers, datetime.now(UTC))
         _check_layout(policy)
-        key = auth.policy_key(policy)  # a key file that is refused fails before the work
+        key = auth.signing_key(policy)  # a key file refused or lost fails before the work
         for leftover in store.clean_leftovers():
             log.info("store.leftover_removed", path=str(leftover))
         built = sources.build_all(

@@ -157,10 +157,6 @@ def test_safety_backup_reads_nothing_through_a_link_planted_after_the_plan(
 # --- --trust-unsigned must not let a mismatched record through -------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: a foreign key_id skips the digests: a mismatched record passes",
-)
 def test_trust_unsigned_refuses_a_record_whose_files_do_not_match_under_a_foreign_key_id(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
@@ -201,10 +197,6 @@ def test_trust_unsigned_refuses_a_record_whose_files_do_not_match_under_a_foreig
 # --- the key file of the documented deployment ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: root refuses the key create_key gave to the service user (exit 78)",
-)
 def test_root_restores_with_the_key_the_service_user_created(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
@@ -351,9 +343,6 @@ def test_verify_deep_never_calls_a_forgery_swapped_in_after_the_check_authentica
     assert not verdict.ok, verdict
 
 
-@pytest.mark.xfail(
-    strict=True, reason="red team: a lost key is silently replaced by a new one at the next backup"
-)
 def test_a_backup_creates_no_new_key_once_backups_signed_with_one_exist(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:

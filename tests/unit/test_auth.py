@@ -163,15 +163,21 @@ def test_signed_backup_is_authenticated_and_other_keys_are_foreign(tmp_path: Pat
     assert auth.check(archive_path, NAME, key) is auth.Status.UNSIGNED
 
 
-def test_changed_file_of_a_signed_backup_fails_naming_it(tmp_path: Path) -> None:
-    """A manifest rewritten after signing, or an archive with a new sidecar, is refused."""
+@pytest.mark.parametrize("reader", ["our key", "another key", "no key"])
+def test_changed_file_of_a_signed_backup_fails_naming_it(tmp_path: Path, reader: str) -> None:
+    """A manifest rewritten after signing, or an archive with a new sidecar, is refused.
+
+    Whatever key reads it: a record of a key this host lacks proves nothing, yet files
+    that are not what it lists are a changed backup, never a foreign one.
+    """
     key = make_key(tmp_path)
+    checking = {"our key": key, "another key": auth.Key(b"\x01" * 32, tmp_path), "no key": None}
     archive_path = make_backup(tmp_path, key)
     manifest = archive.manifest_path(archive_path)
     manifest.write_text(json.dumps({"id": NAME, "forged": True}))
 
     with pytest.raises(AuthError, match=f"{manifest.name} is not what") as raised:
-        auth.check(archive_path, NAME, key)
+        auth.check(archive_path, NAME, checking[reader])
     assert raised.value.exit_code == ExitCode.UNAUTHENTICATED
 
     archive_path = make_backup(tmp_path, key)
@@ -179,7 +185,40 @@ def test_changed_file_of_a_signed_backup_fails_naming_it(tmp_path: Path) -> None
     digest = archive.file_sha256(archive_path)
     archive.sidecar_path(archive_path).write_text(f"{digest}  {archive_path.name}\n")
     with pytest.raises(AuthError, match=f"{archive_path.name} is not what"):
-        auth.check(archive_path, NAME, key)
+        auth.check(archive_path, NAME, checking[reader])
+
+
+def test_a_lost_key_is_not_replaced_while_backups_signed_with_it_exist(tmp_path: Path) -> None:
+    """No key, yet signed backups: refused naming the key file and the key id they need.
+
+    A new key made silently would turn every earlier backup "foreign key"; `key init`
+    (create_key) is how the operator starts a new one on purpose.
+    """
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    key_file = tmp_path / "auth.key"
+    policy = Policy.model_validate(
+        {
+            "sources": {"dirs": ["/srv/data"]},
+            "backup_dir": str(backups),
+            "authentication": {"key_file": str(key_file)},
+        }
+    )
+    assert auth.signing_key(policy) is None  # the first backup creates it
+    key = auth.ensure_key(policy)
+    make_backup(backups, key)
+    key_file.unlink()
+
+    for lookup in (auth.signing_key, auth.ensure_key):
+        with pytest.raises(ConfigError) as raised:
+            lookup(policy)
+        assert str(key_file) in str(raised.value)
+        assert key.id in str(raised.value)
+        assert "key init" in str(raised.value)
+        assert not key_file.exists()
+
+    started = auth.create_key(key_file)  # sovbackupd key init
+    assert auth.signing_key(policy) == started
 
 
 def test_record_copied_under_another_name_is_a_replay(tmp_path: Path) -> None:
