@@ -306,18 +306,56 @@ def _read(path: Path, name: str) -> tuple[dict[str, object], Record]:
     except (OSError, untrusted.NotRegularError) as error:
         reason = error.strerror if isinstance(error, OSError) else None
         raise AuthError(f"backup {name}: {path.name} is unreadable: {reason or error}") from None
+    return _parse(data, path.name, name)
+
+
+def _parse(data: bytes, file_name: str, name: str) -> tuple[dict[str, object], Record]:
+    """Return the raw JSON and the validated record in *data*; raise AuthError naming it."""
     if len(data) > RECORD_LIMIT_BYTES:
-        raise AuthError(f"backup {name}: {path.name} is over {RECORD_LIMIT_BYTES} bytes")
+        raise AuthError(f"backup {name}: {file_name} is over {RECORD_LIMIT_BYTES} bytes")
     try:
         raw = parse_json(data)
     except ValueError as error:
-        raise AuthError(f"backup {name}: {path.name} is not JSON: {error}") from None
+        raise AuthError(f"backup {name}: {file_name} is not JSON: {error}") from None
     try:
         record = Record.model_validate(raw)
     except ValidationError as error:
-        raise AuthError(f"backup {name}: {path.name}: {describe(error, 'record')}") from None
+        raise AuthError(f"backup {name}: {file_name}: {describe(error, 'record')}") from None
     assert isinstance(raw, dict)  # noqa: S101 (the model accepted it: a JSON object)
     return raw, record
+
+
+def _signer(
+    raw: dict[str, object], record: Record, file_name: str, name: str, key: Key | None
+) -> Key | None:
+    """Return *key* when it made *record*, None for another key's; raise AuthError on a forgery.
+
+    A record of another name or second is a replay; one that names our key but whose
+    MAC our key did not make is forged or damaged.
+    """
+    if record.backup != name or not in_second(record.created, name):
+        raise AuthError(
+            f"backup {name}: {file_name} signs backup {record.backup} of "
+            f"{record.created.isoformat()}: a copy under another name (replay)"
+        )
+    if key is None or record.key_id != key.id:
+        return None
+    body = {field_name: value for field_name, value in raw.items() if field_name != "mac"}
+    if not hmac.compare_digest(_mac(key, body), record.mac):
+        raise AuthError(f"backup {name}: {file_name}: the MAC does not match (forged or damaged)")
+    return key
+
+
+def check_record(data: bytes, file_name: str, name: str, key: Key | None) -> Status:
+    """Check the record *data* of backup *name* (a remote's copy) without its files.
+
+    What a remote listing can afford: the files stay remote, so only the record is
+    checked, as :func:`vouched` checks it (bounds, replay, MAC). Return AUTHENTICATED
+    or FOREIGN; raise AuthError when it fails.
+    """
+    raw, record = _parse(data, file_name, name)
+    signer = _signer(raw, record, file_name, name, key)
+    return Status.FOREIGN if signer is None else Status.AUTHENTICATED
 
 
 def in_second(moment: datetime, name: str) -> bool:
@@ -352,18 +390,7 @@ def vouched(archive_path: Path, name: str, key: Key | None) -> tuple[Status, dic
     if not os.path.lexists(path):
         return Status.UNSIGNED, {}
     raw, record = _read(path, name)
-    if record.backup != name or not in_second(record.created, name):
-        raise AuthError(
-            f"backup {name}: {path.name} signs backup {record.backup} of "
-            f"{record.created.isoformat()}: a copy under another name (replay)"
-        )
-    ours = key if key is not None and record.key_id == key.id else None
-    if ours is not None:
-        body = {field_name: value for field_name, value in raw.items() if field_name != "mac"}
-        if not hmac.compare_digest(_mac(ours, body), record.mac):
-            raise AuthError(
-                f"backup {name}: {path.name}: the MAC does not match (forged or damaged)"
-            )
+    ours = _signer(raw, record, path.name, name, key)
     # A foreign key's record vouches for nothing, but files that are not what it lists
     # are a changed backup: refused even under --trust-unsigned.
     _check_files(archive_path, name, path.name, record)

@@ -25,6 +25,7 @@ from sovbackupd.config.models import Policy, Remote
 from sovbackupd.errors import (
     AbortedError,
     ArchiveError,
+    AuthError,
     NotFoundError,
     SovbackupdError,
     TransientTargetError,
@@ -182,6 +183,8 @@ def sync(
         _upload_missing(target, local, complete, report, metrics=metrics, cancel=cancel)
         listed = targets.list_backups(target.list(), policy.name_prefix)
         decided = _plan(policy, target, listed, datetime.now(UTC))
+        for name, why in decided.unauthenticated.items():
+            log.warning("retention.unauthenticated", remote=config.name, backup=name, reason=why)
         report.held = decided.held
         report.deleted = prune(target, decided, listed)
         listed = [backup for backup in listed if backup.name not in report.deleted]
@@ -229,7 +232,41 @@ def _plan(
     store = Store(policy.backup_dir, policy.name_prefix)
     local = store.backups()
     manual = _manual_copies(policy, target, held, {backup.name for backup in local}, now)
-    return retention.remote_plan(policy, held, local, store.pins(), now, manual_copies=manual)
+    records = _records(target, held, auth.policy_key(policy))
+    return retention.remote_plan(
+        policy, held, local, store.pins(), now, records=records, manual_copies=manual
+    )
+
+
+def _records(
+    target: targets.Target, held: list[targets.RemoteBackup], key: auth.Key | None
+) -> dict[str, auth.Status | str]:
+    """Check the record of each complete copy on *target*: its status, or why it fails.
+
+    Only the record is read (a few hundred bytes each), never the files it lists: what
+    retention needs to tell our copies from another key's and from forgeries. A copy
+    without a record is left out (unsigned).
+    """
+    checked: dict[str, auth.Status | str] = {}
+    with tempfile.TemporaryDirectory(prefix="sovbackupd-records-") as scratch:
+        path = Path(scratch) / "record.json"
+        for backup in held:
+            if backup.auth is None or not backup.complete:
+                continue
+            if backup.auth.size > auth.RECORD_LIMIT_BYTES:
+                checked[backup.name] = (
+                    f"backup {backup.name}: {backup.auth.name} is over "
+                    f"{auth.RECORD_LIMIT_BYTES} bytes"
+                )
+                continue
+            target.download(backup.auth.name, path)
+            with path.open("rb") as handle:  # bounded: the remote may serve more than it listed
+                data = handle.read(auth.RECORD_LIMIT_BYTES + 1)
+            try:
+                checked[backup.name] = auth.check_record(data, backup.auth.name, backup.name, key)
+            except AuthError as error:
+                checked[backup.name] = str(error)
+    return checked
 
 
 def _manual_copies(

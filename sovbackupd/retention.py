@@ -92,26 +92,37 @@ def unauthenticated(stored: Sequence[StoredBackup], key: auth.Key | None) -> dic
     backup made since the key exists is signed. Older unsigned backups (made before the
     upgrade) are not: retention treats them as it always did.
     """
-    found: dict[str, str] = {}
-    statuses: dict[str, auth.Status] = {}
+    checked: dict[str, auth.Status | str] = {}
     for backup in stored:
         try:
-            statuses[backup.name] = auth.check(backup.path, backup.name, key)
+            checked[backup.name] = auth.check(backup.path, backup.name, key)
         except ArchiveError as error:  # AuthError too
-            found[backup.name] = str(error)
-    signed = [backup for backup in stored if statuses.get(backup.name) is auth.Status.AUTHENTICATED]
+            checked[backup.name] = str(error)
+    return suspected([(backup.name, backup.created) for backup in stored], checked)
+
+
+def suspected(
+    dated: Sequence[tuple[str, datetime]], checked: Mapping[str, auth.Status | str]
+) -> dict[str, str]:
+    """Return name -> why, for the backups (name, created; oldest first) to take for forgeries.
+
+    *checked* holds what each record's check found, or why it failed: a failure is a
+    suspect, and so is an unsigned or foreign-key backup newer than the oldest
+    authenticated one (see :func:`unauthenticated`).
+    """
+    found = {name: why for name, why in checked.items() if isinstance(why, str)}
+    signed = [
+        (name, created) for name, created in dated if checked.get(name) is auth.Status.AUTHENTICATED
+    ]
     if not signed:
         return found
-    oldest = signed[0]  # stored is oldest first
-    for backup in stored:
-        status = statuses.get(backup.name)
-        if (
-            status in (auth.Status.UNSIGNED, auth.Status.FOREIGN)
-            and backup.created > oldest.created
-        ):
-            found[backup.name] = (
-                f"{status.value if status else ''}, yet newer than {oldest.name}, the oldest "
-                "authenticated backup"
+    oldest, since = signed[0]
+    for name, created in dated:
+        status = checked.get(name, auth.Status.UNSIGNED)
+        if status in (auth.Status.UNSIGNED, auth.Status.FOREIGN) and created > since:
+            assert isinstance(status, auth.Status)  # noqa: S101 (a failure is a str)
+            found[name] = (
+                f"{status.value}, yet newer than {oldest}, the oldest authenticated backup"
             )
     return found
 
@@ -199,22 +210,21 @@ def remote_plan(
     pins: Mapping[str, gfs.Pin],
     now: datetime,
     *,
+    records: Mapping[str, auth.Status | str],
     manual_copies: Collection[str] = (),
 ) -> Plan:
     """Decide what retention keeps of a remote's *held* backups at *now*.
 
     Only complete copies count or may be deleted, and none that is taken for a forgery:
-    its local backup is (:func:`unauthenticated`), or it has no record on the remote yet
-    is newer than the oldest copy there that has one. A copy is manual when its local
-    backup is or it is among *manual_copies* (the remote's manifest says so), and pinned
-    when backup_dir holds a pin by its name; the size guard is the local one, as the
-    copies are of the local backups.
+    its local backup is (:func:`unauthenticated`), or its record on the remote, as
+    *records* found it (a copy without one is unsigned), is (:func:`suspected`): another
+    server's copies in a shared bucket neither count for our rules nor get deleted. A
+    copy is manual when its local backup is or it is among *manual_copies* (the remote's
+    manifest says so), and pinned when backup_dir holds a pin by its name; the size
+    guard is the local one, as the copies are of the local backups.
     """
     forged = unauthenticated(local, auth.policy_key(policy))
-    signed = [backup.created for backup in held if backup.auth is not None]
-    for backup in held:
-        if backup.auth is None and signed and backup.created > signed[0]:
-            forged[backup.name] = "no authentication record on the remote, yet newer than one with"
+    forged.update(suspected([(backup.name, backup.created) for backup in held], records))
     local_found = candidates(local)
     manual = {candidate.name for candidate in local_found if candidate.manual}
     manual.update(manual_copies)

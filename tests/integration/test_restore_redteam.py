@@ -373,9 +373,6 @@ def test_a_backup_creates_no_new_key_once_backups_signed_with_one_exist(
 
 
 @pytest.mark.usefixtures("aws_environment")
-@pytest.mark.xfail(
-    strict=True, reason="red team: remote retention counts and prunes by another key's copies"
-)
 def test_remote_retention_never_prunes_for_copies_signed_with_another_key(
     tmp_path: Path, sandbox: Sandbox, moto_server: MotoServer
 ) -> None:
@@ -416,3 +413,9 @@ def test_remote_retention_never_prunes_for_copies_signed_with_another_key(
     held = remote_backups(target)
     assert ours in held, "our retention deleted our copy for the other server's"
     assert set(theirs) <= set(held), "our retention deleted a copy it cannot authenticate"
+    listed = run_cli("list", "--remote", entry["name"], config=config)
+    assert listed.returncode == 0, listed.stderr
+    for name in theirs:
+        [warning] = [line for line in listed.stderr_lines if name in line]
+        assert "is not authenticated" in warning
+        assert "foreign key, yet newer than" in warning
