@@ -344,9 +344,10 @@ def _pick(
 def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
     """Download backup *name* (by default ``--latest``'s) from *remote* into the backup dir.
 
-    Its files land in staging first and are checked against the sidecar; the
-    archive takes its final name last, as a backup made here would. A backup already
-    here whose checksum holds is not downloaded again.
+    Its files land in staging first and are checked against the sidecar and its
+    record (a forgery raises AuthError there and never reaches backup_dir, nor replaces
+    a damaged local copy); the archive takes its final name last, as a backup made here
+    would. A backup already here whose checksum holds is not downloaded again.
     """
     config = remote_config(policy, remote)
     target = targets.build_target(config)
@@ -365,6 +366,7 @@ def fetch(policy: Policy, remote: str, name: str | None) -> StoredBackup:
         try:
             files = _download(target, chosen, staging)
             archive.verify_checksum(files[0])
+            auth.check(files[0], chosen.name, auth.policy_key(policy))
             for path in (*files[1:], files[0]):
                 path.replace(policy.backup_dir / path.name)
             fsat.fsync_dir(policy.backup_dir)

@@ -419,3 +419,44 @@ def test_remote_retention_never_prunes_for_copies_signed_with_another_key(
         [warning] = [line for line in listed.stderr_lines if name in line]
         assert "is not authenticated" in warning
         assert "foreign key, yet newer than" in warning
+
+
+# --- restore --from: a forged copy on the remote -----------------------------------------
+
+
+@pytest.mark.usefixtures("aws_environment")
+def test_a_forged_copy_on_the_remote_is_refused_by_restore_from_and_lands_nowhere(
+    tmp_path: Path, sandbox: Sandbox, moto_server: MotoServer
+) -> None:
+    """A bucket holder's consistent rewrite (setuid shell) is refused before it is kept.
+
+    The server's disk is gone: `restore --from s3` fetches the copy. The forged archive,
+    manifest and sidecar agree with each other but not with the record (the forger has
+    no key): one line, exit 65, nothing restored, and no file of the forgery left in
+    backup_dir, where retention and the next restore would meet it again.
+    """
+    bucket = s3_bucket(moto_server.endpoint_url)
+    entry, target = s3_remote(moto_server.endpoint_url, bucket)
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None, remotes=[entry]))
+    name = backup_now(config)
+    work = tmp_path / "forger"
+    work.mkdir()
+    stored = work / f"{name}.tar.gz"
+    for suffix in (".tar.gz", ".manifest.json", ".tar.gz.sha256"):
+        target.download(f"{name}{suffix}", work / f"{name}{suffix}")
+    (work / "edit").mkdir()
+    forge_setuid_shell(stored, Modes(config, config, [], [], ".tar.gz"), work / "edit")
+    for suffix in (".tar.gz", ".manifest.json", ".tar.gz.sha256"):
+        target.upload(work / f"{name}{suffix}", f"{name}{suffix}")
+    for path in sandbox.backup_dir.glob(f"{name}*"):
+        path.unlink()  # the disaster: only the remote copy is left
+    destination = tmp_path / "restored"
+
+    result = run_cli("restore", name, "--from", "s3", "--to", str(destination), config=config)
+
+    assert result.returncode == 65, result.stdout
+    [line] = result.stderr_lines
+    assert name in line
+    assert "is not what" in line
+    assert not destination.exists() or not any(destination.rglob("suidsh"))
+    assert list(sandbox.backup_dir.glob(f"{name}*")) == []
