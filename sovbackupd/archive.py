@@ -882,9 +882,9 @@ def file_sha256(path: Path) -> str:
         return stream_sha256(handle)
 
 
-def verify_checksum(archive: Path) -> None:
-    """Compare *archive* with its sidecar; raise ArchiveError when they differ."""
-    expected = read_sidecar(archive)
+def verify_checksum(archive: Path, expected: str | None = None) -> None:
+    """Compare *archive* with *expected* or else its sidecar; raise ArchiveError if they differ."""
+    expected = expected or read_sidecar(archive)
     if file_sha256(archive) != expected:
         raise ArchiveError(f"{archive.name}: checksum mismatch, the archive is damaged")
 

@@ -640,7 +640,10 @@ def _add_restore_commands(commands: argparse._SubParsersAction[_CommandParser]) 
     restore_parser.add_argument(
         "--keep-setuid",
         action="store_true",
-        help="give files the setuid/setgid bits the archive names (dropped by default)",
+        help=(
+            "give files the setuid/setgid bits an authenticated archive names "
+            "(dropped by default, and always from an unsigned one)"
+        ),
     )
     restore_parser.add_argument(
         "--allow-outside-symlinks",

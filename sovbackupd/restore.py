@@ -38,7 +38,18 @@ from typing import IO, BinaryIO, Literal
 import structlog
 from pydantic import Field
 
-from sovbackupd import archive, auth, backup, fsat, hooks, redis_server, statefile, tree, untrusted
+from sovbackupd import (
+    archive,
+    auth,
+    backup,
+    fsat,
+    hooks,
+    redis_server,
+    statefile,
+    targets,
+    tree,
+    untrusted,
+)
 from sovbackupd.config.layout import quoted
 from sovbackupd.config.models import (
     STOP_ORDER,
@@ -120,7 +131,7 @@ class Unit:
     anchor: _Anchor | None = field(default=None, repr=False, compare=False)
     """The open parent and staging directories, from extraction to cleanup."""
     seen: tuple[str, tuple[int, int] | None] = ("absent", None)
-    """What *destination* was when its parent was opened: its kind and its identity."""
+    """What *destination* was when the plan was made: its kind and its identity."""
     tree: tuple[int, int] | None = None
     """The identity of the staged directory, once swapped into place."""
 
@@ -284,11 +295,7 @@ def read_manifest(
     """
     path = archive.manifest_path(stored.path)
     signed = signed or {}
-    beside, data = _beside(stored)
-    if path.name in signed and hashlib.sha256(data).hexdigest() != signed[path.name]:
-        raise AuthError(
-            f"backup {stored.name}: {path.name} changed after its authentication was checked"
-        )
+    beside, data = _beside(stored, signed)
     if not beside.is_head:
         return beside, hashlib.sha256(data).hexdigest()
     if not archive.encrypted(stored.path):
@@ -312,10 +319,11 @@ def read_manifest(
     return full, hashlib.sha256(data).hexdigest()
 
 
-def _beside(stored: StoredBackup) -> tuple[Manifest, bytes]:
+def _beside(stored: StoredBackup, signed: Mapping[str, str]) -> tuple[Manifest, bytes]:
     """Return the manifest beside *stored*, validated, and its bytes (FULL_LIMIT_BYTES at most).
 
-    Raise ArchiveError, one line naming the backup, when it is missing or unusable.
+    Raise ArchiveError, one line naming the backup, when it is missing or unusable, and
+    AuthError when its bytes are not the ones *signed* lists (see :func:`read_manifest`).
     """
     path = archive.manifest_path(stored.path)
     try:
@@ -333,6 +341,10 @@ def _beside(stored: StoredBackup) -> tuple[Manifest, bytes]:
         raise ArchiveError(
             f"backup {stored.name}: {path.name} is unusable: larger than "
             f"{FULL_LIMIT_BYTES >> 20} MiB"
+        )
+    if path.name in signed and hashlib.sha256(data).hexdigest() != signed[path.name]:
+        raise AuthError(
+            f"backup {stored.name}: {path.name} changed after its authentication was checked"
         )
     return validated(data, stored.name), data
 
@@ -361,13 +373,14 @@ def validated(data: bytes, name: str) -> Manifest:
     return manifest
 
 
-def load_head(stored: StoredBackup) -> Manifest:
+def load_head(stored: StoredBackup, signed: Mapping[str, str] | None = None) -> Manifest:
     """Return the manifest beside *stored* as restore would read it, without decrypting.
 
     For an encrypted backup's head, the encrypted full manifest must be there too (a
-    regular file); what it holds is checked only by what decrypts it. Raise ArchiveError.
+    regular file); what it holds is checked only by what decrypts it. Raise ArchiveError,
+    or AuthError when the bytes read are not those *signed* lists (:func:`read_manifest`).
     """
-    beside, _ = _beside(stored)
+    beside, _ = _beside(stored, signed or {})
     if beside.is_head:
         encrypted_copy = archive.encrypted_manifest_path(stored.path)
         try:
@@ -695,24 +708,46 @@ def _live_paths(policy: Policy) -> list[Path]:
     return paths
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Return the identity of what *path* leads to, None when there is nothing."""
+    try:
+        return fsat.identity(path.stat())
+    except OSError:
+        return None
+
+
+def _identities(path: Path) -> set[tuple[int, int]]:
+    """Return the identities of *path* and of every directory above it that exists."""
+    return {found for found in map(_identity, (path, *path.parents)) if found is not None}
+
+
 def check_target_dir(policy: Policy, to: Path) -> Path:
     """Return ``--to`` *to* resolved; refuse one that would make the restore a live one.
 
     ``/`` (or what resolves to it) puts every file back where it came from, and a DIR
     that contains, equals or lies inside a live path replaces or mixes with live data,
-    with no confirmation, no safety backup and no ``restore.stop``. Raise UsageError.
+    with no confirmation, no safety backup and no ``restore.stop``. Directories are
+    compared by name and by identity (device and inode): a bind mount of ``/`` or of a
+    live path is the same directory under another name. Raise UsageError.
     """
     resolved = Path(os.path.realpath(to))
-    if resolved == Path("/"):
+    itself = _identity(resolved)
+    if resolved == Path("/") or (itself is not None and itself == _identity(Path("/"))):
         raise UsageError(
             f"--to {to} is the root directory: that is a live restore; run restore "
             "without --to (it asks, stops the services and takes a safety backup)"
         )
+    above = _identities(resolved)
     for live in _live_paths(policy):
+        live_itself, live_above = _identity(live), _identities(live)
         for candidate in dict.fromkeys((live, Path(os.path.realpath(live)))):
-            if candidate == resolved or resolved in candidate.parents:
-                how = "is" if candidate == resolved else "contains"
-            elif candidate in resolved.parents:
+            if candidate == resolved or (itself is not None and itself == live_itself):
+                how = "is"
+            elif resolved in candidate.parents or (itself is not None and itself in live_above):
+                how = "contains"
+            elif candidate in resolved.parents or (
+                live_itself is not None and live_itself in above
+            ):
                 how = "lies inside"
             else:
                 continue
@@ -721,6 +756,14 @@ def check_target_dir(policy: Policy, to: Path) -> Path:
                 "the policy's sources and backup_dir"
             )
     return resolved
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    """Return the lstat of *path*, None when nothing (or no directory on its way) is there."""
+    try:
+        return path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _owner_of(path: Path) -> int:
@@ -759,7 +802,7 @@ def _check_links(units: list[Unit]) -> list[str]:
     return notes
 
 
-def _setid_notes(units: list[Unit], keep_setuid: bool) -> list[str]:
+def _setid_notes(units: list[Unit], keep_setuid: bool, authenticated: bool) -> list[str]:
     """Say which files carry setuid/setgid bits in the archive, and what becomes of them."""
     marked = [
         entry.path
@@ -771,6 +814,11 @@ def _setid_notes(units: list[Unit], keep_setuid: bool) -> list[str]:
         return []
     shown = ", ".join(quoted(path) for path in marked[:NOTES_SHOWN])
     more = f" and {len(marked) - NOTES_SHOWN} more" if len(marked) > NOTES_SHOWN else ""
+    if keep_setuid and not authenticated:
+        return [
+            f"setuid/setgid bits dropped, --keep-setuid notwithstanding: the backup is not "
+            f"authenticated: {shown}{more}"
+        ]
     if keep_setuid:
         return [f"setuid/setgid bits kept (--keep-setuid): {shown}{more}"]
     return [f"setuid/setgid bits dropped (--keep-setuid keeps them): {shown}{more}"]
@@ -808,6 +856,7 @@ def plan(
             f"{stored.path.name} is encrypted: set encryption.gpg in the policy "
             "(passphrase_file, or secret_keys_file on the recovery machine)"
         )
+    authenticated = status is auth.Status.AUTHENTICATED
     manifest, manifest_sha256 = read_manifest(stored, policy.gpg, signed)
     selected = only or set(COMPONENTS)
     units = _units(manifest, selected, to, policy)
@@ -838,6 +887,9 @@ def plan(
                 f"set {keys[0]} and {keys[1]} in the policy (e.g. [systemctl, stop, "
                 "redis-server]) so that restore stops and starts it"
             )
+    for unit in units:
+        found = _lstat(unit.destination)
+        unit.seen = (fsat.kind(found), fsat.identity(found) if found is not None else None)
     restored = {unit.component for unit in units}
     safety_sources = None
     if not live:
@@ -869,10 +921,10 @@ def plan(
         exclude=tuple(policy.sources.exclude),
         refusal=refusal,
         encryption=policy.gpg,
-        notes=(*link_notes, *_link_notes(units), *_setid_notes(units, keep_setuid)),
+        notes=(*link_notes, *_link_notes(units), *_setid_notes(units, keep_setuid, authenticated)),
         to=to,
         keep_setuid=keep_setuid,
-        authenticated=status is auth.Status.AUTHENTICATED,
+        authenticated=authenticated,
     )
 
 
@@ -1094,9 +1146,11 @@ def _owner(entry: FileEntry, unit: Unit, plan: Plan) -> tuple[int, int] | None:
 def _mode(entry: FileEntry, plan: Plan) -> int:
     """Return the mode *entry* gets: a file's setuid/setgid bits only with --keep-setuid.
 
-    A directory keeps its setgid bit: it makes new files inherit the group, no privilege.
+    Only an authenticated archive keeps them: an unsigned one (--trust-unsigned) could
+    come from anyone. A directory keeps its setgid bit: it makes new files inherit the
+    group, no privilege.
     """
-    if entry.type == "file" and not plan.keep_setuid:
+    if entry.type == "file" and not (plan.keep_setuid and plan.authenticated):
         return entry.mode & ~SETID_BITS
     return entry.mode
 
@@ -1232,8 +1286,10 @@ def _anchor(plan: Plan, directory: Path) -> _Anchor:
 def _open_anchors(plan: Plan) -> None:
     """Open every staging directory's parent and make the staging directory in it.
 
-    Record what each destination is at this moment: the swap refuses anything else.
-    Raise UnsafePathError for a link on the way, RestoreError for what cannot be made.
+    Each destination must still be what the plan saw: a link or another directory put
+    in its place meanwhile (during the confirmation prompt, say) is refused here, before
+    the safety backup reads anything. Raise UnsafePathError for that or for a link on the
+    way, RestoreError for what cannot be made.
     """
     anchors: dict[Path, _Anchor] = {}
     try:
@@ -1245,10 +1301,13 @@ def _open_anchors(plan: Plan) -> None:
     except BaseException:
         _close_anchors(list(anchors.values()), removed=True)
         raise
-    for unit in plan.units:
-        unit.anchor = anchors[unit.staged.parent]
-        found = fsat.lstat_at(unit.anchor.parent.descriptor, unit.destination.name)
-        unit.seen = (fsat.kind(found), fsat.identity(found) if found is not None else None)
+    try:
+        for unit in plan.units:
+            unit.anchor = anchors[unit.staged.parent]
+            _check_unchanged(unit)
+    except BaseException:
+        _close_anchors(list(anchors.values()), removed=True)
+        raise
 
 
 def _stream(plan: Plan, handle: BinaryIO, cancel: threading.Event | None) -> _Extraction:
@@ -1278,22 +1337,27 @@ def _stream(plan: Plan, handle: BinaryIO, cancel: threading.Event | None) -> _Ex
     return extraction
 
 
-def verify_members(stored: StoredBackup, encryption: Gpg | None = None) -> Manifest:
+def verify_members(
+    stored: StoredBackup, encryption: Gpg | None = None, signed: Mapping[str, str] | None = None
+) -> Manifest:
     """Check every member of *stored* exactly as a restore of all of it would; write nothing.
 
     The full manifest is read as restore reads it (decrypted, for an encrypted backup
     whose head lies beside it), each member checked
     against it (names, types, symlinks above it, duplicates, mtimes, sha256), and the
     manifest inside compared with it byte for byte: ``verify --deep`` passes no archive
-    that restore or test-restore would refuse. Return the manifest; raise ArchiveError
-    (CryptoError for an archive that does not decrypt) at the first problem.
+    that restore or test-restore would refuse. With *signed* (:func:`auth.vouched`), the
+    bytes read are those the record vouched for (AuthError otherwise). Return the
+    manifest; raise ArchiveError (CryptoError for an archive that does not decrypt) at
+    the first problem.
     """
-    manifest, manifest_sha256 = read_manifest(stored, encryption)
+    manifest, manifest_sha256 = read_manifest(stored, encryption, signed)
+    vouched = (signed or {}).get(stored.path.name)
     checking = Plan(
         backup=stored,
         manifest=manifest,
         manifest_sha256=manifest_sha256,
-        archive_sha256=archive.read_sidecar(stored.path),
+        archive_sha256=vouched or archive.read_sidecar(stored.path),
         units=[],
         live=False,
         safety_sources=None,
@@ -1390,7 +1454,7 @@ class _Swapped:
 
 
 def _check_unchanged(unit: Unit) -> None:
-    """Refuse when the destination or the staging directory is not what was opened.
+    """Refuse when the destination or the staging directory is not what was planned and opened.
 
     Between the plan and the swap the stop commands ran, and whoever can write the
     destination's directory had time too: a directory swapped for a symlink (or another
@@ -1585,19 +1649,52 @@ def _real_parents(new: Path, old: Path, relative: str) -> bool:
     return True
 
 
+def _check_ways(plan: Plan) -> None:
+    """Refuse when a policy path no longer leads where the plan resolved it, or its end changed.
+
+    The safety backup reads the policy's paths by name, following their links: a link
+    planted (or redirected) after the plan would have it archive, as root, whatever the
+    link's maker chose. Raise UnsafePathError.
+    """
+    for unit in plan.units:
+        origin = unit.entries[0].origin if unit.entries else None
+        if origin is not None:
+            destination, links = fsat.resolve(Path(origin))
+            if destination != unit.destination or links != unit.links:
+                raise UnsafePathError(
+                    f"{origin} leads to {destination} now, not to {unit.destination} as "
+                    "when the restore was planned: nothing was replaced"
+                )
+        _check_unchanged(unit)
+
+
 def _safety_backup(policy: Policy, plan: Plan) -> str | None:
-    """Back up what the restore replaces; return the backup's name."""
+    """Back up what the restore replaces; return the backup's name.
+
+    The way to every destination is checked before and after: a safety backup taken
+    while one changed could hold anything, and is deleted.
+    """
     if plan.safety_sources is None:
         return None
     safety_policy = policy.model_copy(
         update={"sources": plan.safety_sources, "hooks": Hooks(), "notify": []}
     )
+    _check_ways(plan)
     try:
         result = backup.run(safety_policy, [SAFETY_TIER], redis_offline=not plan.redis_running)
     except SovbackupdError as error:
         raise RestoreError(
             f"the pre-restore safety backup failed, nothing was replaced: {error} "
             "(--no-safety-backup restores without one)"
+        ) from error
+    try:
+        _check_ways(plan)
+    except UnsafePathError as error:
+        for path in targets.backup_files(result.path):
+            path.unlink(missing_ok=True)
+        log.warning("restore.safety_backup_discarded", safety_backup=result.name)
+        raise UnsafePathError(
+            f"{error}; the safety backup {result.name} taken meanwhile was deleted"
         ) from error
     return result.name
 

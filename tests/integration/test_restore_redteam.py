@@ -1,8 +1,8 @@
 """Red team of issue 14 (a restore cannot be turned against the server), as merged.
 
 Each test is a break found by attacking the merged code as an adversary or a careless
-operator would; each is marked xfail(strict) until it is fixed, so that the fix turns
-it green (and a strict xfail that starts passing tells whoever fixed it to unmark it).
+operator would; each failed on the code it attacked (as a strict xfail until its fix),
+and each fix brought the siblings of its break along as tests of their own.
 Every backup is made and restored through the CLI or restore's public plan/run, with
 real files, gzip, tar, the policy's real key and (for S3) the moto server the remote
 tests use. Races are simulated, never timed: a change made between ``restore.plan``
@@ -21,12 +21,13 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sovbackupd import archive, auth, restore, verify
+from sovbackupd import archive, auth, backup, restore, verify
 from sovbackupd import config as policy_config
-from sovbackupd.errors import SovbackupdError
+from sovbackupd.errors import SovbackupdError, UnsafePathError
 from sovbackupd.sources.base import Component
 from sovbackupd.store import Store
 from tests.conftest import Sandbox, policy_data, run_cli, write_policy
@@ -41,6 +42,11 @@ from tests.integration.test_restore_hostile import (
 from tests.remotes import MotoServer, s3_bucket
 
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY-----\nroot only\n"
+
+
+def content(path: Path) -> object:
+    """Return what *path* holds: its tree's state for a directory, else its bytes."""
+    return tree_state(path) if path.is_dir() else path.read_bytes()
 
 
 def archived_bytes(backup_dir: Path) -> list[bytes]:
@@ -58,10 +64,6 @@ def archived_bytes(backup_dir: Path) -> list[bytes]:
 # --- --trust-unsigned must keep its promise: no owners and no setuid from the archive ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: --trust-unsigned --keep-setuid installs a forged root setuid shell",
-)
 def test_trust_unsigned_with_keep_setuid_restores_no_root_setuid_shell(
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
@@ -95,6 +97,7 @@ def test_trust_unsigned_with_keep_setuid_restores_no_root_setuid_shell(
     )
 
     shell = sandbox.app / "data" / "suidsh"
+    assert "--keep-setuid notwithstanding: the backup is not authenticated" in result.stdout
     if result.returncode == 0:
         mode = stat.S_IMODE(shell.stat().st_mode)
         assert not mode & (stat.S_ISUID | stat.S_ISGID), f"{oct(mode)} uid {shell.stat().st_uid}"
@@ -106,10 +109,6 @@ def test_trust_unsigned_with_keep_setuid_restores_no_root_setuid_shell(
 # --- the safety backup reads through a link planted after the plan ---------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: the safety backup archives root's files through a link planted late",
-)
 @pytest.mark.parametrize("planted", ["data", ".env"])
 def test_safety_backup_reads_nothing_through_a_link_planted_after_the_plan(
     tmp_path: Path, sandbox: Sandbox, planted: str
@@ -152,6 +151,52 @@ def test_safety_backup_reads_nothing_through_a_link_planted_after_the_plan(
 
     assert all(SECRET not in content for content in archived_bytes(sandbox.backup_dir))
     assert tree_state(victim) == victim_before
+
+
+@pytest.mark.parametrize("planted", ["data", ".env"])
+def test_a_link_planted_while_the_safety_backup_reads_gets_that_safety_backup_deleted(
+    tmp_path: Path, sandbox: Sandbox, planted: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link planted while the safety backup runs: that backup is deleted, nothing replaced.
+
+    The check before the safety backup cannot see a link made while it reads; the one
+    after it can, and a safety backup that may hold what the link led to is not kept.
+    Simulated by planting the link when the real safety backup returns.
+    """
+    config = write_policy(tmp_path / "policy.yaml", policy_data(sandbox, None))
+    editor = backup_sandbox(config, sandbox)
+    victim = tmp_path / "root-only"
+    victim.mkdir(mode=0o700)
+    (victim / "id_rsa").write_bytes(SECRET)
+    policy = policy_config.load(config, {})
+    store = Store(policy.backup_dir, policy.name_prefix)
+    component: Component = "data" if planted == "data" else "config"
+    planned = restore.plan(policy, store.find(editor.top), only={component})
+    live = sandbox.app / planted
+    moved = sandbox.app / f"{planted}.moved"
+    real_run = backup.run
+    taken: list[str] = []
+
+    def run_then_plant(*arguments: Any, **options: Any) -> backup.BackupResult:
+        result = real_run(*arguments, **options)
+        taken.append(result.name)
+        live.rename(moved)
+        live.symlink_to(victim if planted == "data" else victim / "id_rsa")
+        return result
+
+    monkeypatch.setattr(backup, "run", run_then_plant)
+    before = content(live)
+
+    with pytest.raises(UnsafePathError) as refused:
+        restore.run(policy, planned)
+
+    assert taken, "the safety backup ran"
+    assert f"the safety backup {taken[0]} taken meanwhile was deleted" in str(refused.value)
+    assert taken[0] not in {stored.name for stored in store.backups()}
+    assert not list(sandbox.backup_dir.glob(f"{taken[0]}*"))
+    assert live.is_symlink()  # the restore replaced nothing: the link is as planted
+    assert content(moved) == before
+    assert (victim / "id_rsa").read_bytes() == SECRET
 
 
 # --- --trust-unsigned must not let a mismatched record through -------------------------
@@ -256,13 +301,16 @@ def in_private_mounts(script: str, *arguments: str) -> subprocess.CompletedProce
     )
 
 
-@pytest.mark.xfail(strict=True, reason="red team: --to a bind mount of / is a live restore")
-def test_restore_to_a_bind_mount_of_the_root_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("bound", ["root", "app"])
+def test_restore_to_a_bind_mount_of_the_root_is_refused(
+    tmp_path: Path, sandbox: Sandbox, bound: str
+) -> None:
     """--to DIR where DIR is / under another name (a bind mount) must be refused as / is.
 
     check_target_dir compares path strings (with realpath), so it refuses --to / and
     --to /tmp/.. but not a directory that is the same directory as / by identity: a
-    rescue or container host's ``/mnt/host`` bind mount, say. Such a --to restore
+    rescue or container host's ``/mnt/host`` bind mount, say (or of the app dir, which
+    holds the live paths: *bound*). Such a --to restore
     replaces the live files and deletes what is live only, with no confirmation, no
     safety backup and no restore.stop, which is what issue 14 case 4 was about.
     """
@@ -275,11 +323,12 @@ def test_restore_to_a_bind_mount_of_the_root_is_refused(tmp_path: Path, sandbox:
     alias.mkdir()
 
     ran = in_private_mounts(
-        'mount --rbind / "$1" && exec "$2" -m sovbackupd --config "$3" restore "$4" --to "$1"',
+        'mount --rbind "$5" "$1" && exec "$2" -m sovbackupd --config "$3" restore "$4" --to "$1"',
         str(alias),
         sys.executable,
         str(config),
         editor.top,
+        "/" if bound == "root" else str(sandbox.app),
     )
 
     assert since.exists(), "the live file written after the backup is gone"
@@ -291,9 +340,6 @@ def test_restore_to_a_bind_mount_of_the_root_is_refused(tmp_path: Path, sandbox:
 # --- verify --deep checks other bytes than the ones the record vouched for ------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="red team: verify --deep re-reads files after the record check"
-)
 def test_verify_deep_never_calls_a_forgery_swapped_in_after_the_check_authenticated(
     tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
